@@ -1,1 +1,216 @@
-fn main(){}
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `vmm-reference` command line: `run`, `acpi-tables`, `demo`.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use vmm_reference::acpi::{self, AcpiConfig};
+use vmm_reference::config::{parse_cpus, parse_memory, parse_serial, KernelSource, VmConfig};
+use vmm_reference::console::GuestConsole;
+use vmm_reference::vm::{Vm, VmOutcome, VmmError};
+
+#[derive(Parser)]
+#[command(name = "vmm-reference", version, about = "Reference VMM for KVM CPU hotplug, LAPIC state and migration")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a VM (the built-in test guest unless --kernel is given).
+    Run {
+        /// Kernel: Linux bzImage or ELF (vmlinux, test-guest). Default: the built-in test guest.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Initramfs for a Linux kernel.
+        #[arg(long)]
+        initramfs: Option<PathBuf>,
+        /// Kernel command line.
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// vCPUs: boot=N,max=M.
+        #[arg(long, default_value = "boot=1,max=1")]
+        cpus: String,
+        /// Guest memory, e.g. 256M or 1G.
+        #[arg(long, default_value = "256M")]
+        memory: String,
+        /// REST API socket (not implemented yet).
+        #[arg(long)]
+        api_socket: Option<PathBuf>,
+        /// Serial console: stdout | file=PATH | socket=PATH.
+        #[arg(long, default_value = "stdout")]
+        serial: String,
+    },
+    /// Write the ACPI tables a VM would get, one DIR/<SIG>.dat file per table.
+    AcpiTables {
+        /// vCPUs: boot=N,max=M.
+        #[arg(long)]
+        cpus: String,
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Boot the test guest with 2 of 8 CPUs, show its status, power it off.
+    Demo,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::FAILURE
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line: clap's first line without its "error: " prefix.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            return fail(first.trim_start_matches("error: "));
+        }
+    };
+    match cli.cmd {
+        Cmd::Run { kernel, initramfs, cmdline, cpus, memory, api_socket, serial } => {
+            let config = match build_config(kernel, initramfs, cmdline, &cpus, &memory, &serial) {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            if api_socket.is_some() {
+                return fail("--api-socket: the REST API is not implemented yet");
+            }
+            run(&config)
+        }
+        Cmd::AcpiTables { cpus, out } => acpi_tables(&cpus, &out),
+        Cmd::Demo => demo(),
+    }
+}
+
+fn build_config(
+    kernel: Option<PathBuf>,
+    initramfs: Option<PathBuf>,
+    cmdline: Option<String>,
+    cpus: &str,
+    memory: &str,
+    serial: &str,
+) -> Result<VmConfig, VmmError> {
+    Ok(VmConfig {
+        kernel: kernel.map_or(KernelSource::Embedded, KernelSource::Path),
+        initramfs,
+        cmdline,
+        cpus: parse_cpus(cpus)?,
+        memory: parse_memory(memory)?,
+        serial: parse_serial(serial)?,
+    })
+}
+
+fn run(config: &VmConfig) -> ExitCode {
+    let vm = match Vm::start(config) {
+        Ok(vm) => vm,
+        Err(e) => return fail(e),
+    };
+    let outcome = vm.wait(None);
+    vm.shutdown();
+    match outcome {
+        Some(VmOutcome::PowerOff) => {
+            log::info!("guest powered off");
+            ExitCode::SUCCESS
+        }
+        Some(VmOutcome::GuestError(e)) => fail(format!("guest failed: {e}")),
+        None => fail("VM event channel closed"),
+    }
+}
+
+fn acpi_tables(cpus: &str, out: &std::path::Path) -> ExitCode {
+    let cpus = match parse_cpus(cpus) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let cfg = AcpiConfig {
+        topology: vcpu_manager::Topology::new(cpus.max),
+        boot_cpus: cpus.boot,
+        pm: acpi_cpu_hotplug::PmLayout::default(),
+    };
+    let tables = match acpi::build(&cfg) {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = std::fs::create_dir_all(out) {
+        return fail(format!("--out {}: {e}", out.display()));
+    }
+    for t in tables {
+        let path = out.join(format!("{}.dat", t.name));
+        if let Err(e) = std::fs::write(&path, &t.bytes) {
+            return fail(format!("writing {}: {e}", path.display()));
+        }
+        println!("{} {:#07x} {:>6} bytes  {}", t.name, t.addr, t.bytes.len(), path.display());
+    }
+    ExitCode::SUCCESS
+}
+
+fn demo() -> ExitCode {
+    match demo_inner() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("demo: {e}")),
+    }
+}
+
+fn demo_inner() -> Result<(), Box<dyn std::error::Error>> {
+    let exe = std::env::current_exe()?;
+    let dir = std::env::temp_dir().join(format!("vmm-reference-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("console.sock");
+    println!("== booting the built-in test guest: --cpus boot=2,max=8 --memory 256M");
+    let start = Instant::now();
+    let mut child = Command::new(&exe)
+        .args(["run", "--cpus", "boot=2,max=8", "--memory", "256M"])
+        .arg("--serial")
+        .arg(format!("socket={}", sock.display()))
+        .stdin(Stdio::null())
+        .spawn()?;
+    let result = (|| -> Result<(), Box<dyn std::error::Error>> {
+        let mut con = GuestConsole::connect(&sock, Duration::from_secs(10))?;
+        let ready = con.wait_for("READY", Duration::from_secs(30))?;
+        println!("guest: {ready}   ({} ms after process start)", start.elapsed().as_millis());
+        let s1 = con.status(Duration::from_secs(10))?;
+        println!("== guest `status`:\n{}", s1.table());
+        std::thread::sleep(Duration::from_millis(500));
+        let s2 = con.status(Duration::from_secs(10))?;
+        println!("== guest `status` 0.5 s later (timer ticks advance on online CPUs):\n{}", s2.table());
+        println!("== guest `poweroff` (ACPI S5 through PM1a_CNT)");
+        let reply = con.command("poweroff", Duration::from_secs(10))?;
+        println!("guest: {}", reply.join(" | "));
+        Ok(())
+    })();
+    let status = wait_child(&mut child, Duration::from_secs(10))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    println!("== VMM exited with {status}");
+    if !status.success() {
+        return Err("the VMM did not exit cleanly".into());
+    }
+    Ok(())
+}
+
+fn wait_child(child: &mut std::process::Child, timeout: Duration) -> std::io::Result<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(s);
+        }
+        if start.elapsed() > timeout {
+            child.kill()?;
+            return child.wait();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+

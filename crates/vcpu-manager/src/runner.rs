@@ -1,0 +1,246 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! One thread per vCPU, and a kick that cannot be lost.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::{Error, Result};
+
+/// Receives a vCPU's port and MMIO exits. Implementations lock only what the access needs
+/// (no global lock), since every vCPU thread calls in concurrently.
+pub trait ExitHandler: Send + Sync {
+    /// Guest `in` from `port`; fill `data`.
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    /// Guest `out` to `port`.
+    fn pio_write(&self, port: u16, data: &[u8]);
+    /// Guest MMIO read at `addr`; fill `data`.
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    /// Guest MMIO write at `addr`.
+    fn mmio_write(&self, addr: u64, data: &[u8]);
+    /// The vCPU's run loop ended for the given reason (called from the vCPU thread).
+    fn vcpu_stopped(&self, index: u32, reason: &VcpuExitReason);
+}
+
+/// Why a vCPU's run loop ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuExitReason {
+    /// The VMM asked it to stop.
+    Stopped,
+    /// `KVM_EXIT_SHUTDOWN`: the guest triple-faulted (or otherwise reset the CPU).
+    Shutdown,
+    /// `KVM_EXIT_INTERNAL_ERROR`, e.g. an instruction KVM's emulator cannot handle.
+    InternalError {
+        /// KVM suberror (1 = emulation failure).
+        suberror: u32,
+        /// Guest RIP at the failure, if it could be read.
+        rip: Option<u64>,
+    },
+    /// `KVM_EXIT_FAIL_ENTRY` with the hardware reason.
+    FailEntry(u64),
+    /// `KVM_EXIT_SYSTEM_EVENT` of the given type (shutdown, reset, crash).
+    SystemEvent(u32),
+    /// `KVM_EXIT_HLT` (only without an in-kernel LAPIC).
+    Hlt,
+    /// An exit this runner does not handle, with its KVM exit reason.
+    Unsupported(u32),
+    /// `KVM_RUN` failed with this errno.
+    RunError(i32),
+}
+
+impl std::fmt::Display for VcpuExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VcpuExitReason::Stopped => write!(f, "stopped by the VMM"),
+            VcpuExitReason::Shutdown => write!(f, "guest triple fault (KVM_EXIT_SHUTDOWN)"),
+            VcpuExitReason::InternalError { suberror, rip } => {
+                write!(f, "KVM internal error, suberror {suberror}")?;
+                if let Some(rip) = rip {
+                    write!(f, " at guest RIP {rip:#x}")?;
+                }
+                Ok(())
+            }
+            VcpuExitReason::FailEntry(r) => write!(f, "VM entry failed, hardware reason {r:#x}"),
+            VcpuExitReason::SystemEvent(t) => write!(f, "system event {t}"),
+            VcpuExitReason::Hlt => write!(f, "guest halted"),
+            VcpuExitReason::Unsupported(r) => write!(f, "unhandled KVM exit {r}"),
+            VcpuExitReason::RunError(e) => write!(f, "KVM_RUN failed: errno {e}"),
+        }
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: the signal exists only to make KVM_RUN return EINTR.
+}
+
+static REGISTER: Once = Once::new();
+
+/// Signal used to kick vCPU threads out of `KVM_RUN` (SIGRTMIN + 0).
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn ensure_signal_handler() -> Result<()> {
+    let mut res = Ok(());
+    REGISTER.call_once(|| {
+        res = register_signal_handler(kick_signal(), kick_handler).map_err(Error::Signal);
+    });
+    res
+}
+
+type Request = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
+/// A running vCPU thread.
+pub struct VcpuRunner {
+    index: u32,
+    handle: Option<JoinHandle<VcpuFd>>,
+    /// Address of `kvm_run.immediate_exit` in the vCPU's mmap'ed run area.
+    immediate_exit: usize,
+    stop: Arc<AtomicBool>,
+    requests: Arc<Mutex<Vec<Request>>>,
+}
+
+impl std::fmt::Debug for VcpuRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuRunner").field("index", &self.index).finish()
+    }
+}
+
+impl VcpuRunner {
+    /// Start a thread that runs `fd` until it stops; exits go to `handler`.
+    pub fn spawn(index: u32, mut fd: VcpuFd, handler: Arc<dyn ExitHandler>) -> Result<Self> {
+        ensure_signal_handler()?;
+        let immediate_exit = &mut fd.get_kvm_run().immediate_exit as *mut u8 as usize;
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests: Arc<Mutex<Vec<Request>>> = Arc::default();
+        let (stop2, req2) = (stop.clone(), requests.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                let reason = run_loop(&mut fd, &*handler, &stop2, &req2);
+                handler.vcpu_stopped(index, &reason);
+                fd
+            })
+            .map_err(|source| Error::Spawn { index, source })?;
+        Ok(VcpuRunner { index, handle: Some(handle), immediate_exit, stop, requests })
+    }
+
+    /// Run `f` on the vCPU thread while the vCPU is outside `KVM_RUN`, and return its result.
+    ///
+    /// vCPU ioctls from another thread would block on KVM's per-vCPU mutex for as long as the
+    /// vCPU sits in `KVM_RUN` (forever for a halted CPU with interrupts off), so the request
+    /// is queued, the vCPU kicked, and the closure runs between two `KVM_RUN`s. Returns `None`
+    /// if the vCPU thread has ended or did not answer within `timeout`.
+    pub fn with_vcpu<R: Send + 'static>(
+        &self,
+        timeout: Duration,
+        f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    ) -> Option<R> {
+        if self.is_finished() {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel();
+        self.requests.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(move |fd| {
+            let _ = tx.send(f(fd));
+        }));
+        self.kick();
+        rx.recv_timeout(timeout).ok()
+    }
+
+    /// CPU index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Force the vCPU out of `KVM_RUN` once: set `immediate_exit`, then signal the thread.
+    /// If the thread is about to enter `KVM_RUN`, the flag makes it return at once; if it is
+    /// inside, the signal interrupts it. Either way KVM_RUN returns EINTR, no retry loop.
+    pub fn kick(&self) {
+        // SAFETY: the address points into the vCPU's kvm_run mapping, which lives as long as
+        // the VcpuFd; the fd is owned by the thread or its join result, both outlive `self`'s
+        // JoinHandle, and we only kick while holding it.
+        unsafe { std::ptr::write_volatile(self.immediate_exit as *mut u8, 1) };
+        if let Some(h) = &self.handle {
+            // SAFETY: the pthread_t is valid until the thread is joined, which needs `self`.
+            unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+        }
+    }
+
+    /// Whether the run loop has ended.
+    pub fn is_finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Stop the vCPU, join its thread and give the fd back (KVM cannot destroy a vCPU;
+    /// callers park the fd for reuse). `None` if the thread panicked.
+    pub fn stop_and_join(mut self) -> Option<VcpuFd> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.kick();
+        self.handle.take().and_then(|h| h.join().ok())
+    }
+}
+
+impl Drop for VcpuRunner {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            self.stop.store(true, Ordering::SeqCst);
+            // SAFETY: as in kick(): the handle (and so the fd) is still alive here.
+            unsafe { std::ptr::write_volatile(self.immediate_exit as *mut u8, 1) };
+            // SAFETY: the thread has not been joined yet.
+            unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+            let _ = h.join();
+        }
+    }
+}
+
+fn run_loop(
+    fd: &mut VcpuFd,
+    handler: &dyn ExitHandler,
+    stop: &AtomicBool,
+    requests: &Mutex<Vec<Request>>,
+) -> VcpuExitReason {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return VcpuExitReason::Stopped;
+        }
+        let pending: Vec<Request> = std::mem::take(&mut *requests.lock().unwrap_or_else(|e| e.into_inner()));
+        for r in pending {
+            r(fd);
+        }
+        match fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => handler.pio_read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => handler.pio_write(port, data),
+            Ok(VcpuExit::MmioRead(addr, data)) => handler.mmio_read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => handler.mmio_write(addr, data),
+            Ok(VcpuExit::Shutdown) => return VcpuExitReason::Shutdown,
+            Ok(VcpuExit::Hlt) => return VcpuExitReason::Hlt,
+            Ok(VcpuExit::FailEntry(reason, _)) => return VcpuExitReason::FailEntry(reason),
+            Ok(VcpuExit::SystemEvent(t, _)) => return VcpuExitReason::SystemEvent(t),
+            Ok(VcpuExit::InternalError) => {
+                // SAFETY: reading the `internal` member of the union is what KVM filled in
+                // for KVM_EXIT_INTERNAL_ERROR.
+                let suberror = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                let rip = fd.get_regs().ok().map(|r| r.rip);
+                return VcpuExitReason::InternalError { suberror, rip };
+            }
+            Ok(VcpuExit::Intr) => {}
+            Ok(other) => {
+                log::warn!("unhandled vCPU exit: {other:?}");
+                return VcpuExitReason::Unsupported(fd.get_kvm_run().exit_reason);
+            }
+            Err(e) if e.errno() == libc::EINTR => {
+                // A kick: clear the flag so the next KVM_RUN really runs, then re-check stop.
+                fd.set_kvm_immediate_exit(0);
+            }
+            // An AP returns EAGAIN once after INIT while it waits for SIPI: just run again.
+            Err(e) if e.errno() == libc::EAGAIN => {}
+            Err(e) => return VcpuExitReason::RunError(e.errno()),
+        }
+    }
+}
