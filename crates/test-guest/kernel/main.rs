@@ -503,8 +503,9 @@ fn execute(line: &[u8]) {
             None => err("usage: online|offline <cpu index>"),
         },
         b"poweroff" => poweroff(),
+        b"triple-fault" => triple_fault(),
         b"help" => {
-            puts("commands: status | online N | offline N | poweroff | help\nOK\n");
+            puts("commands: status | online N | offline N | poweroff | triple-fault | help\nOK\n");
         }
         _ => err("unknown command"),
     }
@@ -590,3 +591,17 @@ fn poweroff() {
 /// never called because nothing unwinds.
 #[no_mangle]
 extern "C" fn rust_eh_personality() {}
+
+/// Test hook: load an empty IDT and raise #UD. #UD cannot be delivered (#GP), nor can #GP
+/// (#DF), nor #DF: the CPU shuts down (a triple fault), which the VMM must report.
+fn triple_fault() {
+    puts("OK triple-fault\n");
+    #[repr(C, packed)]
+    struct Idtr {
+        limit: u16,
+        base: u64,
+    }
+    let idtr = Idtr { limit: 0, base: 0 };
+    // SAFETY: deliberately makes this CPU unusable; that is the point of the command.
+    unsafe { core::arch::asm!("cli", "lidt [{}]", "ud2", in(reg) &idtr, options(noreturn)) }
+}
