@@ -33,7 +33,10 @@ fn main() {
         // The CPL0 emulator of this project's KVM backend cannot execute SSE/AVX arithmetic
         // (pxor, xorps...). rustc warns once that disabling sse2 is being phased out
         // (rust-lang/rust#116344); that warning is expected and shows up here only.
-        .args(["-C", "target-feature=-sse,-sse2,-sse3,-ssse3,-sse4.1,-sse4.2,-avx,-avx2,-fma"])
+        .args([
+            "-C",
+            "target-feature=-sse,-sse2,-sse3,-ssse3,-sse4.1,-sse4.2,-avx,-avx2,-fma",
+        ])
         .args(["-C", "link-arg=-nostartfiles"])
         .args(["-C", "link-arg=-nostdlib"])
         .args(["-C", "link-arg=-static"])

@@ -8,9 +8,9 @@
 //! its generic `Sdt` (header and checksum handling stay the crate's).
 
 use acpi_cpu_hotplug::{PmLayout, SLP_TYP_S5};
-use acpi_tables::{aml, Aml};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::{aml, Aml};
 use acpi_tables::{facs::FACS, rsdp::Rsdp, sdt::Sdt, xsdt::XSDT};
 use vcpu_manager::Topology;
 
@@ -127,8 +127,11 @@ pub fn madt(cfg: &AcpiConfig) -> Vec<u8> {
 pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut body = Vec::new();
     let s5 = [SLP_TYP_S5, SLP_TYP_S5, 0u8, 0u8];
-    aml::Name::new("_S5_".into(), &aml::Package::new(vec![&s5[0], &s5[1], &s5[2], &s5[3]]))
-        .to_aml_bytes(&mut body);
+    aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&s5[0], &s5[1], &s5[2], &s5[3]]),
+    )
+    .to_aml_bytes(&mut body);
 
     // Each device is serialized in one expression: acpi_tables' builders borrow their
     // children, so temporaries must live until the bytes are written.
@@ -190,9 +193,27 @@ pub fn fadt(cfg: &AcpiConfig, dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
     f.pm1_cnt_len = PmLayout::PM1_CNT_LEN;
     // IA-PC boot architecture: no VGA (bit 2), no CMOS RTC (bit 5). No 8042 (bit 1 clear).
     f.iapc_boot_arch = ((1u16 << 2) | (1u16 << 5)).into();
-    f.x_pm1a_evt_blk = GAS::new(AddressSpace::SystemIo, 32, 0, AccessSize::WordAccess, pm.pm1a_evt.into());
-    f.x_pm1a_cnt_blk = GAS::new(AddressSpace::SystemIo, 16, 0, AccessSize::WordAccess, pm.pm1a_cnt.into());
-    f.x_gpe0_blk = GAS::new(AddressSpace::SystemIo, pm.gpe0_len * 8, 0, AccessSize::ByteAccess, pm.gpe0.into());
+    f.x_pm1a_evt_blk = GAS::new(
+        AddressSpace::SystemIo,
+        32,
+        0,
+        AccessSize::WordAccess,
+        pm.pm1a_evt.into(),
+    );
+    f.x_pm1a_cnt_blk = GAS::new(
+        AddressSpace::SystemIo,
+        16,
+        0,
+        AccessSize::WordAccess,
+        pm.pm1a_cnt.into(),
+    );
+    f.x_gpe0_blk = GAS::new(
+        AddressSpace::SystemIo,
+        pm.gpe0_len * 8,
+        0,
+        AccessSize::ByteAccess,
+        pm.gpe0.into(),
+    );
     aml_bytes(&f.finalize())
 }
 
@@ -225,12 +246,36 @@ pub fn build(cfg: &AcpiConfig) -> Result<Vec<Table>, AcpiError> {
     let xsdt = aml_bytes(&xsdt);
     let rsdp = aml_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
     let mut out = vec![
-        Table { name: "RSDP".into(), addr: RSDP_ADDR, bytes: rsdp },
-        Table { name: "XSDT".into(), addr: xsdt_addr, bytes: xsdt },
-        Table { name: "FACS".into(), addr: facs_addr, bytes: facs },
-        Table { name: "FACP".into(), addr: fadt_addr, bytes: fadt },
-        Table { name: "APIC".into(), addr: madt_addr, bytes: madt },
-        Table { name: "DSDT".into(), addr: dsdt_addr, bytes: dsdt },
+        Table {
+            name: "RSDP".into(),
+            addr: RSDP_ADDR,
+            bytes: rsdp,
+        },
+        Table {
+            name: "XSDT".into(),
+            addr: xsdt_addr,
+            bytes: xsdt,
+        },
+        Table {
+            name: "FACS".into(),
+            addr: facs_addr,
+            bytes: facs,
+        },
+        Table {
+            name: "FACP".into(),
+            addr: fadt_addr,
+            bytes: fadt,
+        },
+        Table {
+            name: "APIC".into(),
+            addr: madt_addr,
+            bytes: madt,
+        },
+        Table {
+            name: "DSDT".into(),
+            addr: dsdt_addr,
+            bytes: dsdt,
+        },
     ];
     for t in out.iter_mut() {
         if t.name != "RSDP" && t.name != "FACS" {
@@ -249,7 +294,11 @@ mod tests {
     use super::*;
 
     fn cfg(boot: u32, max: u32) -> AcpiConfig {
-        AcpiConfig { topology: Topology::new(max), boot_cpus: boot, pm: PmLayout::default() }
+        AcpiConfig {
+            topology: Topology::new(max),
+            boot_cpus: boot,
+            pm: PmLayout::default(),
+        }
     }
 
     fn sum(b: &[u8]) -> u8 {
@@ -284,7 +333,11 @@ mod tests {
         while p < m.len() {
             let (t, l) = (m[p], m[p + 1] as usize);
             match t {
-                0 => v.push((0, u32::from(m[p + 3]), u32::from_le_bytes(m[p + 4..p + 8].try_into().unwrap()))),
+                0 => v.push((
+                    0,
+                    u32::from(m[p + 3]),
+                    u32::from_le_bytes(m[p + 4..p + 8].try_into().unwrap()),
+                )),
                 9 => v.push((
                     9,
                     u32::from_le_bytes(m[p + 4..p + 8].try_into().unwrap()),

@@ -18,7 +18,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::{self, elf::Elf, bzimage::BzImage, Cmdline, KernelLoader};
+use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, Cmdline, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile};
 
 use crate::config::KernelSource;
@@ -110,8 +110,12 @@ fn load_image<F: Read + ReadVolatile + Seek>(
     image: &mut F,
 ) -> Result<(u64, u64, Option<linux_loader::loader::bootparam::setup_header>), BootError> {
     let mut magic = [0u8; 4];
-    image.read_exact(&mut magic).map_err(|e| BootError::KernelRead(name.into(), e))?;
-    image.rewind().map_err(|e| BootError::KernelRead(name.into(), e))?;
+    image
+        .read_exact(&mut magic)
+        .map_err(|e| BootError::KernelRead(name.into(), e))?;
+    image
+        .rewind()
+        .map_err(|e| BootError::KernelRead(name.into(), e))?;
     if &magic == b"\x7fELF" {
         // ELF: the 64-bit entry point (test guest `_start64`, Linux `startup_64`).
         let r = Elf::load(mem, None, image, Some(GuestAddress(HIMEM_START)))
@@ -155,7 +159,8 @@ pub fn load_kernel(
     params.acpi_rsdp_addr = rsdp;
 
     let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
-    cl.insert_str(cmdline.unwrap_or(DEFAULT_CMDLINE)).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    cl.insert_str(cmdline.unwrap_or(DEFAULT_CMDLINE))
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
     loader::load_cmdline(mem, GuestAddress(CMDLINE), &cl).map_err(|e| BootError::Cmdline(e.to_string()))?;
     let cl_len = cl.as_cstring().map(|c| c.as_bytes().len()).unwrap_or(0);
     params.hdr.cmd_line_ptr = CMDLINE as u32;
@@ -176,14 +181,21 @@ pub fn load_kernel(
         params.hdr.ramdisk_size = data.len() as u32;
     }
 
-    let mut e820 = vec![(0, EBDA_START, E820_RAM), (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED)];
+    let mut e820 = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
+    ];
     let low_end = mem_size.min(MMIO_GAP_START);
     e820.push((HIMEM_START, low_end - HIMEM_START, E820_RAM));
     if mem_size > MMIO_GAP_START {
         e820.push((MMIO_GAP_END, mem_size - MMIO_GAP_START, E820_RAM));
     }
     for (i, (addr, size, typ)) in e820.iter().enumerate() {
-        params.e820_table[i] = boot_e820_entry { addr: *addr, size: *size, r#type: *typ };
+        params.e820_table[i] = boot_e820_entry {
+            addr: *addr,
+            size: *size,
+            r#type: *typ,
+        };
     }
     params.e820_entries = e820.len() as u8;
 
@@ -207,19 +219,23 @@ const GDT: [u64; 4] = [
 fn write_gdt_and_page_tables(mem: &GuestMemory) -> Result<(), BootError> {
     let w = |e: vm_memory::GuestMemoryError| BootError::Write(e.to_string());
     for (i, d) in GDT.iter().enumerate() {
-        mem.write_obj(*d, GuestAddress(BOOT_GDT + 8 * i as u64)).map_err(w)?;
+        mem.write_obj(*d, GuestAddress(BOOT_GDT + 8 * i as u64))
+            .map_err(w)?;
     }
     // TSS descriptor high half.
-    mem.write_obj(0u64, GuestAddress(BOOT_GDT + 8 * GDT.len() as u64)).map_err(w)?;
+    mem.write_obj(0u64, GuestAddress(BOOT_GDT + 8 * GDT.len() as u64))
+        .map_err(w)?;
     // PML4[0] -> PDPT; PDPT[0..4] -> PD0..PD3; each PD maps 1 GiB with 2 MiB pages.
     let pdpt = PML4 + 0x1000;
     let pd = PML4 + 0x2000;
     mem.write_obj(pdpt | 0x3, GuestAddress(PML4)).map_err(w)?;
     for i in 0..4u64 {
-        mem.write_obj((pd + i * 0x1000) | 0x3, GuestAddress(pdpt + i * 8)).map_err(w)?;
+        mem.write_obj((pd + i * 0x1000) | 0x3, GuestAddress(pdpt + i * 8))
+            .map_err(w)?;
     }
     for i in 0..2048u64 {
-        mem.write_obj((i << 21) | 0x83, GuestAddress(pd + i * 8)).map_err(w)?;
+        mem.write_obj((i << 21) | 0x83, GuestAddress(pd + i * 8))
+            .map_err(w)?;
     }
     Ok(())
 }
@@ -279,7 +295,11 @@ pub fn bsp_regs(entry: EntryPoint) -> kvm_regs {
 
 /// FPU state at entry (x87 control word and MXCSR at their reset values).
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
+    kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]

@@ -169,7 +169,10 @@ pub fn parse_serial(s: &str) -> Result<SerialMode, ConfigError> {
 /// anything, so the error names the file and the problem.
 pub fn check_kernel_file(path: &std::path::Path) -> Result<(), ConfigError> {
     use std::io::Read;
-    let err = |reason: String| ConfigError::Kernel { path: path.display().to_string(), reason };
+    let err = |reason: String| ConfigError::Kernel {
+        path: path.display().to_string(),
+        reason,
+    };
     let mut f = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
     let mut head = vec![0u8; 0x210];
     let n = f.read(&mut head).map_err(|e| err(e.to_string()))?;
@@ -207,7 +210,15 @@ mod tests {
         assert_eq!(parse_memory("1G"), Ok(1 << 30));
         assert_eq!(parse_memory("512MiB"), Ok(512 << 20));
         assert_eq!(parse_memory("33554432"), Ok(32 << 20));
-        for bad in ["", "abc", "12X", "1M", "100T", "99999999999999999999G", "33554433"] {
+        for bad in [
+            "",
+            "abc",
+            "12X",
+            "1M",
+            "100T",
+            "99999999999999999999G",
+            "33554433",
+        ] {
             assert!(parse_memory(bad).is_err(), "{bad}");
         }
     }
@@ -216,7 +227,10 @@ mod tests {
     fn serial() {
         assert_eq!(parse_serial("stdout"), Ok(SerialMode::Stdout));
         assert_eq!(parse_serial("file=/tmp/x"), Ok(SerialMode::File("/tmp/x".into())));
-        assert_eq!(parse_serial("socket=/tmp/s"), Ok(SerialMode::Socket("/tmp/s".into())));
+        assert_eq!(
+            parse_serial("socket=/tmp/s"),
+            Ok(SerialMode::Socket("/tmp/s".into()))
+        );
         assert!(parse_serial("tty").is_err());
         assert!(parse_serial("file=").is_err());
     }

@@ -27,7 +27,11 @@ impl GuestConsole {
             match UnixStream::connect(path) {
                 Ok(stream) => {
                     let reader = BufReader::new(stream.try_clone()?);
-                    return Ok(GuestConsole { stream, reader, transcript: Vec::new() });
+                    return Ok(GuestConsole {
+                        stream,
+                        reader,
+                        transcript: Vec::new(),
+                    });
                 }
                 Err(e) if start.elapsed() < timeout => {
                     log::trace!("console not there yet: {e}");
@@ -77,6 +81,11 @@ impl GuestConsole {
         }
     }
 
+    /// Send one line without waiting for a reply.
+    pub fn send(&mut self, line: &str) -> std::io::Result<()> {
+        self.stream.write_all(format!("{line}\n").as_bytes())
+    }
+
     /// Send a command line and collect the reply up to and including its `OK`/`ERR` line.
     pub fn command(&mut self, cmd: &str, timeout: Duration) -> std::io::Result<Vec<String>> {
         self.stream.write_all(format!("{cmd}\n").as_bytes())?;
@@ -99,8 +108,9 @@ impl GuestConsole {
     /// Run `status` and parse it.
     pub fn status(&mut self, timeout: Duration) -> std::io::Result<GuestStatus> {
         let lines = self.command("status", timeout)?;
-        GuestStatus::parse(&lines)
-            .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidData, format!("bad status reply: {lines:?}")))
+        GuestStatus::parse(&lines).ok_or_else(|| {
+            std::io::Error::new(ErrorKind::InvalidData, format!("bad status reply: {lines:?}"))
+        })
     }
 }
 
@@ -133,7 +143,8 @@ pub struct GuestStatus {
 }
 
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 impl GuestStatus {
@@ -165,7 +176,10 @@ impl GuestStatus {
             self.apic_mode, self.possible, self.present, self.online, "cpu", "apic_id", "state", "ticks"
         );
         for c in &self.cpus {
-            s.push_str(&format!("  {:>4}  {:>7}  {:<8}  {:>8}\n", c.index, c.apic_id, c.state, c.ticks));
+            s.push_str(&format!(
+                "  {:>4}  {:>7}  {:<8}  {:>8}\n",
+                c.index, c.apic_id, c.state, c.ticks
+            ));
         }
         s
     }

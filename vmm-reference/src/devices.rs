@@ -79,7 +79,13 @@ impl SocketConsole {
             std::fs::remove_file(path)?;
         }
         let listener = UnixListener::bind(path)?;
-        Ok((Arc::new(SocketConsole { path: path.into(), state: Mutex::new((None, Vec::new())) }), listener))
+        Ok((
+            Arc::new(SocketConsole {
+                path: path.into(),
+                state: Mutex::new((None, Vec::new())),
+            }),
+            listener,
+        ))
     }
 
     fn output(&self, buf: &[u8]) {
@@ -119,7 +125,9 @@ pub struct SerialDevice {
 impl SerialDevice {
     /// COM1 writing to `out`, interrupting through `irq` (registered by the caller as irqfd).
     pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
-        SerialDevice { serial: Serial::new(EventFdTrigger(irq), out) }
+        SerialDevice {
+            serial: Serial::new(EventFdTrigger(irq), out),
+        }
     }
 
     /// Queue input bytes; returns how many were accepted (the FIFO holds 64).
@@ -161,7 +169,10 @@ pub fn pump_input(serial: &Arc<Mutex<SerialDevice>>, mut input: impl Read, stop:
         };
         let mut off = 0;
         while off < n && !stop.load(Ordering::Relaxed) {
-            let took = serial.lock().unwrap_or_else(|e| e.into_inner()).enqueue(&buf[off..n]);
+            let took = serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue(&buf[off..n]);
             off += took;
             if off < n {
                 std::thread::sleep(Duration::from_millis(1));
@@ -211,14 +222,16 @@ impl LevelIrq {
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         let level = Arc::new(AtomicBool::new(false));
         let (l2, fd2) = (level.clone(), irqfd.try_clone()?);
-        std::thread::Builder::new().name(format!("irq{gsi}-resample")).spawn(move || loop {
-            if resample.read().is_err() {
-                return;
-            }
-            if l2.load(Ordering::SeqCst) {
-                let _ = fd2.write(1);
-            }
-        })?;
+        std::thread::Builder::new()
+            .name(format!("irq{gsi}-resample"))
+            .spawn(move || loop {
+                if resample.read().is_err() {
+                    return;
+                }
+                if l2.load(Ordering::SeqCst) {
+                    let _ = fd2.write(1);
+                }
+            })?;
         Ok(LevelIrq { irqfd, level })
     }
 }

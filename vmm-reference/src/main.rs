@@ -12,7 +12,11 @@ use vmm_reference::console::GuestConsole;
 use vmm_reference::vm::{Vm, VmOutcome, VmmError};
 
 #[derive(Parser)]
-#[command(name = "vmm-reference", version, about = "Reference VMM for KVM CPU hotplug, LAPIC state and migration")]
+#[command(
+    name = "vmm-reference",
+    version,
+    about = "Reference VMM for KVM CPU hotplug, LAPIC state and migration"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -68,7 +72,12 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
@@ -79,7 +88,15 @@ fn main() -> ExitCode {
         }
     };
     match cli.cmd {
-        Cmd::Run { kernel, initramfs, cmdline, cpus, memory, api_socket, serial } => {
+        Cmd::Run {
+            kernel,
+            initramfs,
+            cmdline,
+            cpus,
+            memory,
+            api_socket,
+            serial,
+        } => {
             let config = match build_config(kernel, initramfs, cmdline, &cpus, &memory, &serial) {
                 Ok(c) => c,
                 Err(e) => return fail(e),
@@ -151,7 +168,13 @@ fn acpi_tables(cpus: &str, out: &std::path::Path) -> ExitCode {
         if let Err(e) = std::fs::write(&path, &t.bytes) {
             return fail(format!("writing {}: {e}", path.display()));
         }
-        println!("{} {:#07x} {:>6} bytes  {}", t.name, t.addr, t.bytes.len(), path.display());
+        println!(
+            "{} {:#07x} {:>6} bytes  {}",
+            t.name,
+            t.addr,
+            t.bytes.len(),
+            path.display()
+        );
     }
     ExitCode::SUCCESS
 }
@@ -179,12 +202,18 @@ fn demo_inner() -> Result<(), Box<dyn std::error::Error>> {
     let result = (|| -> Result<(), Box<dyn std::error::Error>> {
         let mut con = GuestConsole::connect(&sock, Duration::from_secs(10))?;
         let ready = con.wait_for("READY", Duration::from_secs(30))?;
-        println!("guest: {ready}   ({} ms after process start)", start.elapsed().as_millis());
+        println!(
+            "guest: {ready}   ({} ms after process start)",
+            start.elapsed().as_millis()
+        );
         let s1 = con.status(Duration::from_secs(10))?;
         println!("== guest `status`:\n{}", s1.table());
         std::thread::sleep(Duration::from_millis(500));
         let s2 = con.status(Duration::from_secs(10))?;
-        println!("== guest `status` 0.5 s later (timer ticks advance on online CPUs):\n{}", s2.table());
+        println!(
+            "== guest `status` 0.5 s later (timer ticks advance on online CPUs):\n{}",
+            s2.table()
+        );
         println!("== guest `poweroff` (ACPI S5 through PM1a_CNT)");
         let reply = con.command("poweroff", Duration::from_secs(10))?;
         println!("guest: {}", reply.join(" | "));
@@ -200,7 +229,10 @@ fn demo_inner() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn wait_child(child: &mut std::process::Child, timeout: Duration) -> std::io::Result<std::process::ExitStatus> {
+fn wait_child(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> std::io::Result<std::process::ExitStatus> {
     let start = Instant::now();
     loop {
         if let Some(s) = child.try_wait()? {
@@ -213,4 +245,3 @@ fn wait_child(child: &mut std::process::Child, timeout: Duration) -> std::io::Re
         std::thread::sleep(Duration::from_millis(10));
     }
 }
-

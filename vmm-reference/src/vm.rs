@@ -24,8 +24,8 @@ use crate::config::{check_kernel_file, ConfigError, KernelSource, SerialMode, Vm
 use crate::devices::{serve_socket, ConsoleOut, LevelIrq, SerialDevice, SocketConsole};
 
 /// KVM_CAP_X2APIC_API flags: 32-bit x2APIC ids in the LAPIC state, no 0xff broadcast quirk.
-const X2APIC_API_FLAGS: u64 =
-    (kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS | kvm_bindings::KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK) as u64;
+const X2APIC_API_FLAGS: u64 = (kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS
+    | kvm_bindings::KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK) as u64;
 /// TSS area KVM needs for real-mode emulation on Intel (3 pages inside the MMIO gap).
 const TSS_ADDRESS: usize = 0xfffb_d000;
 /// How long a request to a vCPU thread may take.
@@ -89,7 +89,11 @@ struct PowerButton(Mutex<mpsc::Sender<VmEvent>>);
 impl SleepSink for PowerButton {
     fn sleep(&self, slp_typ: u8) {
         if slp_typ == SLP_TYP_S5 {
-            let _ = self.0.lock().unwrap_or_else(|e| e.into_inner()).send(VmEvent::PowerOff);
+            let _ = self
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(VmEvent::PowerOff);
         } else {
             log::warn!("guest requested unsupported sleep type {slp_typ}; ignored");
         }
@@ -155,7 +159,11 @@ pub fn validate(config: &VmConfig, kvm: &Kvm) -> Result<(), VmmError> {
     }
     if let Some(p) = &config.initramfs {
         if let Err(e) = std::fs::metadata(p) {
-            return Err(ConfigError::Initramfs { path: p.display().to_string(), reason: e.to_string() }.into());
+            return Err(ConfigError::Initramfs {
+                path: p.display().to_string(),
+                reason: e.to_string(),
+            }
+            .into());
         }
     }
     let limit = kvm.get_max_vcpus() as u32;
@@ -197,9 +205,13 @@ impl Vm {
         }
         let topology = Topology::new(config.cpus.max);
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm.set_tss_address(TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.set_tss_address(TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config { flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        let pit = kvm_pit_config {
+            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         if topology.needs_x2apic() {
             // APIC ids above 254 only exist with 32-bit x2APIC ids; must precede vCPU creation.
@@ -208,15 +220,18 @@ impl Vm {
                 args: [X2APIC_API_FLAGS, 0, 0, 0],
                 ..Default::default()
             };
-            vm.enable_cap(&cap).map_err(kvm_err("KVM_ENABLE_CAP(X2APIC_API)"))?;
+            vm.enable_cap(&cap)
+                .map_err(kvm_err("KVM_ENABLE_CAP(X2APIC_API)"))?;
         }
 
         let mem = boot::create_memory(config.memory)?;
         for (slot, region) in mem.iter().enumerate() {
-            let host = mem.get_host_address(region.start_addr()).map_err(|e| VmmError::Io {
-                what: format!("guest memory host address: {e}"),
-                source: std::io::Error::from(std::io::ErrorKind::InvalidData),
-            })?;
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| VmmError::Io {
+                    what: format!("guest memory host address: {e}"),
+                    source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+                })?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
@@ -230,12 +245,17 @@ impl Vm {
         }
 
         let pm_layout = PmLayout::default();
-        let tables = acpi::build(&AcpiConfig { topology, boot_cpus: config.cpus.boot, pm: pm_layout })?;
+        let tables = acpi::build(&AcpiConfig {
+            topology,
+            boot_cpus: config.cpus.boot,
+            pm: pm_layout,
+        })?;
         for t in &tables {
-            mem.write_slice(&t.bytes, GuestAddress(t.addr)).map_err(|e| VmmError::Io {
-                what: format!("writing ACPI {}: {e}", t.name),
-                source: std::io::Error::from(std::io::ErrorKind::InvalidData),
-            })?;
+            mem.write_slice(&t.bytes, GuestAddress(t.addr))
+                .map_err(|e| VmmError::Io {
+                    what: format!("writing ACPI {}: {e}", t.name),
+                    source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+                })?;
         }
         let entry = boot::load_kernel(
             &mem,
@@ -251,8 +271,12 @@ impl Vm {
         let mut io = IoManager::new();
 
         // COM1 on GSI 4 through an irqfd.
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Io { what: "eventfd".into(), source })?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("KVM_IRQFD(serial)"))?;
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Io {
+            what: "eventfd".into(),
+            source,
+        })?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD(serial)"))?;
         let mut console = None;
         let mut listener: Option<UnixListener> = None;
         let out = match &config.serial {
@@ -262,11 +286,16 @@ impl Vm {
                     .create(true)
                     .append(true)
                     .open(p)
-                    .map_err(|source| VmmError::Io { what: format!("--serial file={}", p.display()), source })?,
+                    .map_err(|source| VmmError::Io {
+                        what: format!("--serial file={}", p.display()),
+                        source,
+                    })?,
             ),
             SerialMode::Socket(p) => {
-                let (c, l) = SocketConsole::bind(p)
-                    .map_err(|source| VmmError::Io { what: format!("--serial socket={}", p.display()), source })?;
+                let (c, l) = SocketConsole::bind(p).map_err(|source| VmmError::Io {
+                    what: format!("--serial socket={}", p.display()),
+                    source,
+                })?;
                 console = Some(c.clone());
                 listener = Some(l);
                 ConsoleOut::Socket(c)
@@ -279,38 +308,65 @@ impl Vm {
             std::thread::Builder::new()
                 .name("console".into())
                 .spawn(move || serve_socket(c, l, s, st))
-                .map_err(|source| VmmError::Io { what: "console thread".into(), source })?;
+                .map_err(|source| VmmError::Io {
+                    what: "console thread".into(),
+                    source,
+                })?;
         } else if config.serial == SerialMode::Stdout {
             let (s, st) = (serial.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("stdin".into())
                 .spawn(move || crate::devices::pump_input(&s, std::io::stdin(), &st))
-                .map_err(|source| VmmError::Io { what: "stdin thread".into(), source })?;
+                .map_err(|source| VmmError::Io {
+                    what: "stdin thread".into(),
+                    source,
+                })?;
         }
 
         // ACPI PM1/GPE0 with the SCI as a level line.
-        let sci = LevelIrq::new(&vm, u32::from(pm_layout.sci_irq))
-            .map_err(|source| VmmError::Io { what: "SCI irqfd".into(), source })?;
+        let sci = LevelIrq::new(&vm, u32::from(pm_layout.sci_irq)).map_err(|source| VmmError::Io {
+            what: "SCI irqfd".into(),
+            source,
+        })?;
         let pm = Arc::new(Mutex::new(AcpiPm::new(
             pm_layout,
             Arc::new(sci),
             Arc::new(PowerButton(Mutex::new(ev_tx.clone()))),
         )));
-        register(&mut io, pm_layout.pm1a_evt, u16::from(PmLayout::PM1_EVT_LEN), pm.clone())?;
-        register(&mut io, pm_layout.pm1a_cnt, u16::from(PmLayout::PM1_CNT_LEN), pm.clone())?;
+        register(
+            &mut io,
+            pm_layout.pm1a_evt,
+            u16::from(PmLayout::PM1_EVT_LEN),
+            pm.clone(),
+        )?;
+        register(
+            &mut io,
+            pm_layout.pm1a_cnt,
+            u16::from(PmLayout::PM1_CNT_LEN),
+            pm.clone(),
+        )?;
         register(&mut io, pm_layout.gpe0, u16::from(pm_layout.gpe0_len), pm)?;
 
-        let exits = Arc::new(Exits { io, events: Mutex::new(ev_tx) });
-        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let exits = Arc::new(Exits {
+            io,
+            events: Mutex::new(ev_tx),
+        });
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut fds = Vec::new();
         for i in 0..config.cpus.boot {
-            let fd = vm.create_vcpu(u64::from(topology.apic_id(i))).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let fd = vm
+                .create_vcpu(u64::from(topology.apic_id(i)))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             configure_vcpu(&fd, &supported, &topology, i)?;
             if i == 0 {
                 // The BSP enters the kernel directly in 64-bit mode.
                 let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                fd.set_sregs(&boot::bsp_sregs(sregs)).map_err(kvm_err("KVM_SET_SREGS"))?;
-                fd.set_regs(&boot::bsp_regs(entry)).map_err(kvm_err("KVM_SET_REGS"))?;
+                fd.set_sregs(&boot::bsp_sregs(sregs))
+                    .map_err(kvm_err("KVM_SET_SREGS"))?;
+                fd.set_regs(&boot::bsp_regs(entry))
+                    .map_err(kvm_err("KVM_SET_REGS"))?;
                 fd.set_fpu(&boot::boot_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
             }
             fds.push(fd);
@@ -319,7 +375,16 @@ impl Vm {
         for (i, fd) in fds.into_iter().enumerate() {
             runners.push(VcpuRunner::spawn(i as u32, fd, exits.clone())?);
         }
-        Ok(Vm { runners, events, stop, topology, mem, _console: console, _vm: vm, _kvm: kvm })
+        Ok(Vm {
+            runners,
+            events,
+            stop,
+            topology,
+            mem,
+            _console: console,
+            _vm: vm,
+            _kvm: kvm,
+        })
     }
 
     /// Wait for the VM to end (power-off or a guest failure), up to `timeout` if given.
@@ -337,13 +402,19 @@ impl Vm {
     /// KVM's mp_state of present vCPU `index` (`KVM_MP_STATE_*`).
     pub fn mp_state(&self, index: u32) -> Option<u32> {
         let r = self.runners.get(index as usize)?;
-        r.with_vcpu(VCPU_REQUEST_TIMEOUT, |fd| fd.get_mp_state().ok().map(|m| m.mp_state)).flatten()
+        r.with_vcpu(VCPU_REQUEST_TIMEOUT, |fd| {
+            fd.get_mp_state().ok().map(|m| m.mp_state)
+        })
+        .flatten()
     }
 
     /// The LAPIC register page of present vCPU `index`.
     pub fn lapic(&self, index: u32) -> Option<LapicPage> {
         let r = self.runners.get(index as usize)?;
-        r.with_vcpu(VCPU_REQUEST_TIMEOUT, |fd| fd.get_lapic().ok().map(LapicPage::from)).flatten()
+        r.with_vcpu(VCPU_REQUEST_TIMEOUT, |fd| {
+            fd.get_lapic().ok().map(LapicPage::from)
+        })
+        .flatten()
     }
 
     /// The topology.
@@ -386,8 +457,14 @@ where
 }
 
 /// Per-vCPU setup shared by boot and (later) hot-added vCPUs: CPUID and the LINT wiring.
-fn configure_vcpu(fd: &VcpuFd, supported: &kvm_bindings::CpuId, topo: &Topology, index: u32) -> Result<(), VmmError> {
-    fd.set_cpuid2(&cpuid::for_vcpu(supported, topo, index)).map_err(kvm_err("KVM_SET_CPUID2"))?;
+fn configure_vcpu(
+    fd: &VcpuFd,
+    supported: &kvm_bindings::CpuId,
+    topo: &Topology,
+    index: u32,
+) -> Result<(), VmmError> {
+    fd.set_cpuid2(&cpuid::for_vcpu(supported, topo, index))
+        .map_err(kvm_err("KVM_SET_CPUID2"))?;
     let mut lapic = LapicPage::from(fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?);
     // LINT0 = ExtINT (the 8259), LINT1 = NMI: the wiring firmware leaves for the OS.
     lapic.set_lint_boot_defaults();

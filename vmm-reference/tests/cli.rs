@@ -9,14 +9,20 @@ use std::process::Command;
 use common::*;
 
 fn run_bad(args: &[&str], expect: &str) {
-    let out = Command::new(vmm_bin()).args(args).output().expect("run vmm-reference");
+    let out = Command::new(vmm_bin())
+        .args(args)
+        .output()
+        .expect("run vmm-reference");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} must fail");
     assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {stderr:?}");
     assert!(lines[0].starts_with("error: "), "{stderr}");
-    assert!(lines[0].contains(expect), "{args:?}: {stderr:?} does not mention {expect:?}");
+    assert!(
+        lines[0].contains(expect),
+        "{args:?}: {stderr:?} does not mention {expect:?}"
+    );
 }
 
 #[test]
@@ -25,16 +31,31 @@ fn bad_input_gives_one_line_errors() {
     let not_kernel = dir.join("notes.txt");
     std::fs::write(&not_kernel, "this is not a kernel\n").unwrap();
     let nk = not_kernel.to_str().unwrap();
-    run_bad(&["run", "--kernel", "/nonexistent/vmlinuz"], "--kernel /nonexistent/vmlinuz");
+    run_bad(
+        &["run", "--kernel", "/nonexistent/vmlinuz"],
+        "--kernel /nonexistent/vmlinuz",
+    );
     run_bad(&["run", "--kernel", nk], "not a kernel image");
-    run_bad(&["run", "--cpus", "boot=0,max=8"], "--cpus: boot must be at least 1");
+    run_bad(
+        &["run", "--cpus", "boot=0,max=8"],
+        "--cpus: boot must be at least 1",
+    );
     run_bad(&["run", "--cpus", "boot=4,max=2"], "boot=4 is larger than max=2");
     run_bad(&["run", "--cpus", "boot=x"], "--cpus");
     run_bad(&["run", "--memory", "lots"], "--memory");
     run_bad(&["run", "--memory", "1M"], "below the minimum");
     run_bad(&["run", "--serial", "tty"], "--serial");
     run_bad(&["run", "--frobnicate"], "--frobnicate");
-    run_bad(&["acpi-tables", "--cpus", "boot=3,max=1", "--out", dir.to_str().unwrap()], "--cpus");
+    run_bad(
+        &[
+            "acpi-tables",
+            "--cpus",
+            "boot=3,max=1",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+        "--cpus",
+    );
 }
 
 #[test]
@@ -44,15 +65,24 @@ fn max_above_kvm_limit_is_refused() {
     }
     let limit = kvm_ioctls::Kvm::new().unwrap().get_max_vcpus();
     let max = format!("boot=1,max={}", limit + 1);
-    let out = Command::new(vmm_bin()).args(["run", "--cpus", &max]).output().unwrap();
+    let out = Command::new(vmm_bin())
+        .args(["run", "--cpus", &max])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains(&format!("exceeds KVM's limit of {limit} vCPUs")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("exceeds KVM's limit of {limit} vCPUs")),
+        "{stderr}"
+    );
 }
 
 fn iasl_available() -> bool {
-    let ok = Command::new("iasl").arg("-v").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("iasl")
+        .arg("-v")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
         assert!(
             std::env::var("VMM_REQUIRE_TOOLS").as_deref() != Ok("1"),
@@ -70,16 +100,32 @@ fn acpi_tables_disassemble_cleanly_with_iasl() {
     }
     for cpus in ["boot=2,max=8", "boot=1,max=300"] {
         let dir = temp_dir(&format!("iasl-{}", cpus.replace(['=', ','], "_")));
-        let out = Command::new(vmm_bin()).args(["acpi-tables", "--cpus", cpus, "--out"]).arg(&dir).output().unwrap();
+        let out = Command::new(vmm_bin())
+            .args(["acpi-tables", "--cpus", cpus, "--out"])
+            .arg(&dir)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         for sig in ["DSDT", "FACP", "APIC", "XSDT", "FACS"] {
             let dat = dir.join(format!("{sig}.dat"));
             assert!(dat.exists(), "{sig}.dat missing");
-            let r = Command::new("iasl").current_dir(&dir).arg("-d").arg(&dat).output().unwrap();
-            let text = format!("{}{}", String::from_utf8_lossy(&r.stdout), String::from_utf8_lossy(&r.stderr));
+            let r = Command::new("iasl")
+                .current_dir(&dir)
+                .arg("-d")
+                .arg(&dat)
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&r.stdout),
+                String::from_utf8_lossy(&r.stderr)
+            );
             assert!(r.status.success(), "iasl -d {sig}.dat failed ({cpus}):\n{text}");
             let dsl = std::fs::read_to_string(dir.join(format!("{sig}.dsl"))).expect("dsl written");
-            assert!(!text.contains("Error") && !dsl.contains("**** ACPI"), "{sig} ({cpus}):\n{text}");
+            assert!(
+                !text.contains("Error") && !dsl.contains("**** ACPI"),
+                "{sig} ({cpus}):\n{text}"
+            );
             if sig == "APIC" {
                 let n = dsl.matches("Processor Enabled : 1").count();
                 let boot: usize = cpus[5..6].parse().unwrap();
@@ -87,7 +133,15 @@ fn acpi_tables_disassemble_cleanly_with_iasl() {
             }
         }
         // The DSDT must recompile too.
-        let r = Command::new("iasl").current_dir(&dir).arg("DSDT.dsl").output().unwrap();
-        assert!(r.status.success(), "iasl DSDT.dsl: {}", String::from_utf8_lossy(&r.stdout));
+        let r = Command::new("iasl")
+            .current_dir(&dir)
+            .arg("DSDT.dsl")
+            .output()
+            .unwrap();
+        assert!(
+            r.status.success(),
+            "iasl DSDT.dsl: {}",
+            String::from_utf8_lossy(&r.stdout)
+        );
     }
 }

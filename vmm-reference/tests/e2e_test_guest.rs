@@ -37,17 +37,28 @@ fn boot_two_of_eight_reports_status_ticks_and_powers_off() {
     assert_eq!(s1.cpus.len(), 8);
     assert!(s1.cpus[..2].iter().all(|c| c.state == "online"), "{s1:?}");
     assert!(s1.cpus[2..].iter().all(|c| c.state == "absent"), "{s1:?}");
-    assert_eq!(s1.cpus.iter().map(|c| c.apic_id).collect::<Vec<_>>(), (0..8).collect::<Vec<_>>());
+    assert_eq!(
+        s1.cpus.iter().map(|c| c.apic_id).collect::<Vec<_>>(),
+        (0..8).collect::<Vec<_>>()
+    );
 
     std::thread::sleep(Duration::from_millis(300));
     let s2 = con.status(T).expect("status");
     for i in 0..2 {
-        assert!(s2.cpus[i].ticks > s1.cpus[i].ticks, "CPU {i} timer not ticking: {s1:?} -> {s2:?}");
+        assert!(
+            s2.cpus[i].ticks > s1.cpus[i].ticks,
+            "CPU {i} timer not ticking: {s1:?} -> {s2:?}"
+        );
     }
     let reply = con.command("poweroff", T).expect("poweroff");
     assert_eq!(reply.last().map(String::as_str), Some("OK poweroff"));
     let out = wait_child(&mut child, T);
-    assert!(out.status.success(), "VMM exit {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "VMM exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -68,13 +79,20 @@ fn offline_and_online_cpu1_like_linux() {
     let vm = Vm::start(&cfg).expect("VM starts");
     let mut con = GuestConsole::connect(&sock, T).expect("console");
     con.wait_for("READY", T).expect("READY");
-    assert!(vm.lapic(1).expect("lapic").sw_enabled(), "online CPU has a SW-enabled APIC");
+    assert!(
+        vm.lapic(1).expect("lapic").sw_enabled(),
+        "online CPU has a SW-enabled APIC"
+    );
 
     assert_eq!(con.command("offline 1", T).expect("offline"), vec!["OK"]);
     // KVM's view: the offlined CPU is halted (cli; hlt) with a SW-disabled APIC.
     let deadline = Instant::now() + Duration::from_secs(5);
     while vm.mp_state(1) != Some(KVM_MP_STATE_HALTED) {
-        assert!(Instant::now() < deadline, "vCPU 1 mp_state {:?}, expected HALTED", vm.mp_state(1));
+        assert!(
+            Instant::now() < deadline,
+            "vCPU 1 mp_state {:?}, expected HALTED",
+            vm.mp_state(1)
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let lapic = vm.lapic(1).expect("lapic");
@@ -94,13 +112,25 @@ fn offline_and_online_cpu1_like_linux() {
     let s3 = con.status(T).expect("status");
     assert_eq!(s3.cpus[1].state, "online");
     assert_eq!(s3.online, 2);
-    assert!(s3.cpus[1].ticks > s2.cpus[1].ticks, "CPU 1 not ticking after online: {s2:?} -> {s3:?}");
+    assert!(
+        s3.cpus[1].ticks > s2.cpus[1].ticks,
+        "CPU 1 not ticking after online: {s2:?} -> {s3:?}"
+    );
     assert!(vm.lapic(1).expect("lapic").sw_enabled());
 
     // The boot CPU and absent CPUs are refused.
-    assert_eq!(con.command("offline 0", T).expect("offline 0"), vec!["ERR cannot offline the boot cpu"]);
-    assert_eq!(con.command("online 3", T).expect("online 3"), vec!["ERR cpu not present"]);
-    assert_eq!(con.command("online 9", T).expect("online 9"), vec!["ERR no such cpu"]);
+    assert_eq!(
+        con.command("offline 0", T).expect("offline 0"),
+        vec!["ERR cannot offline the boot cpu"]
+    );
+    assert_eq!(
+        con.command("online 3", T).expect("online 3"),
+        vec!["ERR cpu not present"]
+    );
+    assert_eq!(
+        con.command("online 9", T).expect("online 9"),
+        vec!["ERR no such cpu"]
+    );
 
     con.command("poweroff", T).expect("poweroff");
     assert_eq!(vm.wait(Some(T)), Some(VmOutcome::PowerOff));
@@ -114,7 +144,12 @@ fn triple_fault_ends_the_vmm_with_an_error() {
     }
     let dir = temp_dir("tf");
     let sock = dir.join("console.sock");
-    let mut child = spawn_vmm(&["--cpus", "boot=1,max=2", "--serial", &format!("socket={}", sock.display())]);
+    let mut child = spawn_vmm(&[
+        "--cpus",
+        "boot=1,max=2",
+        "--serial",
+        &format!("socket={}", sock.display()),
+    ]);
     let mut con = GuestConsole::connect(&sock, T).expect("console");
     con.wait_for("READY", T).expect("READY");
     con.command("triple-fault", T).expect("reply");
@@ -144,7 +179,10 @@ fn x2apic_ids_above_255_boot() {
     let vm = Vm::start(&cfg).expect("VM starts");
     let mut con = GuestConsole::connect(&sock, T).expect("console");
     let ready = con.wait_for("READY", T).expect("READY");
-    assert!(ready.contains("apic_mode=x2apic possible=300 present=2 online=2"), "{ready}");
+    assert!(
+        ready.contains("apic_mode=x2apic possible=300 present=2 online=2"),
+        "{ready}"
+    );
     let s = con.status(T).expect("status");
     assert_eq!(s.cpus[299].apic_id, 299);
     con.command("poweroff", T).expect("poweroff");

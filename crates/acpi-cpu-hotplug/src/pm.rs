@@ -43,7 +43,13 @@ pub struct PmLayout {
 
 impl Default for PmLayout {
     fn default() -> Self {
-        PmLayout { pm1a_evt: 0x600, pm1a_cnt: 0x604, gpe0: 0x620, gpe0_len: 4, sci_irq: 9 }
+        PmLayout {
+            pm1a_evt: 0x600,
+            pm1a_cnt: 0x604,
+            gpe0: 0x620,
+            gpe0_len: 4,
+            sci_irq: 9,
+        }
     }
 }
 
@@ -85,7 +91,10 @@ pub struct AcpiPm {
 
 impl std::fmt::Debug for AcpiPm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AcpiPm").field("layout", &self.layout).field("state", &self.st).finish()
+        f.debug_struct("AcpiPm")
+            .field("layout", &self.layout)
+            .field("state", &self.st)
+            .finish()
     }
 }
 
@@ -155,7 +164,12 @@ impl AcpiPm {
     }
 
     fn pending(&self) -> bool {
-        let gpe = self.st.gpe0_sts.iter().zip(self.st.gpe0_en.iter()).any(|(s, e)| s & e != 0);
+        let gpe = self
+            .st
+            .gpe0_sts
+            .iter()
+            .zip(self.st.gpe0_en.iter())
+            .any(|(s, e)| s & e != 0);
         gpe || (self.st.pm1_sts & self.st.pm1_en) != 0
     }
 
@@ -293,7 +307,11 @@ mod tests {
     fn dev() -> (AcpiPm, Arc<Line>, Arc<Sleep>) {
         let line = Arc::new(Line::default());
         let sleep = Arc::new(Sleep::default());
-        (AcpiPm::new(PmLayout::default(), line.clone(), sleep.clone()), line, sleep)
+        (
+            AcpiPm::new(PmLayout::default(), line.clone(), sleep.clone()),
+            line,
+            sleep,
+        )
     }
 
     #[test]

@@ -148,7 +148,11 @@ impl Lvt {
     }
     /// This entry masked or unmasked.
     pub fn with_masked(self, masked: bool) -> Lvt {
-        Lvt(if masked { self.0 | Self::MASKED } else { self.0 & !Self::MASKED })
+        Lvt(if masked {
+            self.0 | Self::MASKED
+        } else {
+            self.0 & !Self::MASKED
+        })
     }
 }
 
@@ -234,8 +238,14 @@ impl LapicPage {
     /// Program LINT0 as ExtINT and LINT1 as NMI, both unmasked: the PC-compatible boot wiring
     /// the BIOS would leave for a Linux kernel (the 8259 on LINT0, NMI on LINT1).
     pub fn set_lint_boot_defaults(&mut self) {
-        let l0 = self.lvt(regs::LVT_LINT0).with_delivery_mode(DeliveryMode::ExtInt).with_masked(false);
-        let l1 = self.lvt(regs::LVT_LINT1).with_delivery_mode(DeliveryMode::Nmi).with_masked(false);
+        let l0 = self
+            .lvt(regs::LVT_LINT0)
+            .with_delivery_mode(DeliveryMode::ExtInt)
+            .with_masked(false);
+        let l1 = self
+            .lvt(regs::LVT_LINT1)
+            .with_delivery_mode(DeliveryMode::Nmi)
+            .with_masked(false);
         self.set_reg(regs::LVT_LINT0, l0.0);
         self.set_reg(regs::LVT_LINT1, l1.0);
     }

@@ -48,7 +48,10 @@ pub struct AcpiInfo {
 impl AcpiInfo {
     pub const fn empty() -> Self {
         AcpiInfo {
-            cpus: [MadtCpu { apic_id: 0, enabled: false }; MAX_CPUS],
+            cpus: [MadtCpu {
+                apic_id: 0,
+                enabled: false,
+            }; MAX_CPUS],
             ncpus: 0,
             pm1a_evt: 0,
             pm1a_cnt: 0,
@@ -113,7 +116,11 @@ pub fn parse(info: &mut AcpiInfo, rsdp: u64) {
     let mut i = 0;
     while i < n {
         let p = root + 36 + i * entry_size;
-        let t = if entry_size == 8 { rd64(p) } else { u64::from(rd32(p)) };
+        let t = if entry_size == 8 {
+            rd64(p)
+        } else {
+            u64::from(rd32(p))
+        };
         i += 1;
         if t == 0 || t >= 0x1_0000_0000 {
             continue;
@@ -132,7 +139,10 @@ fn add_cpu(info: &mut AcpiInfo, apic_id: u32, flags: u32) {
         return;
     }
     if let Some(slot) = info.cpus.get_mut(info.ncpus) {
-        *slot = MadtCpu { apic_id, enabled: flags & 1 != 0 };
+        *slot = MadtCpu {
+            apic_id,
+            enabled: flags & 1 != 0,
+        };
         info.ncpus += 1;
     }
 }

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Local APIC access in xAPIC (MMIO at 0xfee00000) or x2APIC (MSR 0x800 + reg/16) mode.
 
-use crate::arch::{rdmsr, read_volatile_u32, wrmsr, write_volatile_u32};
+use crate::arch::{rdmsr, read_volatile_u32, write_volatile_u32, wrmsr};
 use core::sync::atomic::{AtomicBool, Ordering};
 
 const XAPIC_BASE: u64 = 0xfee0_0000;

@@ -142,10 +142,7 @@ fn puthex(v: u64) {
 // ---------------------------------------------------------------- interrupts
 
 fn set_gate(vec: usize, handler: u64) {
-    let lo = (handler & 0xffff)
-        | (0x08u64 << 16)
-        | (0x8e00u64 << 32)
-        | (((handler >> 16) & 0xffff) << 48);
+    let lo = (handler & 0xffff) | (0x08u64 << 16) | (0x8e00u64 << 32) | (((handler >> 16) & 0xffff) << 48);
     let hi = handler >> 32;
     // SAFETY: only the BSP writes the IDT, before any AP starts.
     unsafe {
@@ -162,7 +159,10 @@ fn load_idt() {
         limit: u16,
         base: u64,
     }
-    let idtr = Idtr { limit: (256 * 16 - 1) as u16, base: addr_of!(IDT) as u64 };
+    let idtr = Idtr {
+        limit: (256 * 16 - 1) as u16,
+        base: addr_of!(IDT) as u64,
+    };
     // SAFETY: the IDT is a static that lives forever.
     unsafe { core::arch::asm!("lidt [{}]", in(reg) &idtr, options(readonly, nostack, preserves_flags)) }
 }
@@ -186,7 +186,8 @@ fn this_cpu() -> &'static PerCpu {
 extern "C" fn timer_interrupt() {
     let c = this_cpu();
     // Only this CPU writes its own counter: a plain load/store pair suffices.
-    c.ticks.store(c.ticks.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    c.ticks
+        .store(c.ticks.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     apic::eoi();
 }
 
@@ -268,7 +269,10 @@ fn boot_cpu(i: usize) -> bool {
         *addr_of_mut!(ap_boot_percpu) = c as *const PerCpu as u64;
     }
     let vector = (AP_TRAMPOLINE_ADDR >> 12) as u32;
-    apic::send_ipi(apic_id, apic::ICR_INIT | apic::ICR_LEVEL_ASSERT | apic::ICR_TRIGGER_LEVEL);
+    apic::send_ipi(
+        apic_id,
+        apic::ICR_INIT | apic::ICR_LEVEL_ASSERT | apic::ICR_TRIGGER_LEVEL,
+    );
     apic::send_ipi(apic_id, apic::ICR_INIT | apic::ICR_TRIGGER_LEVEL);
     apic::send_ipi(apic_id, apic::ICR_STARTUP | vector);
     apic::send_ipi(apic_id, apic::ICR_STARTUP | vector);
@@ -355,7 +359,10 @@ extern "C" fn kmain() -> ! {
     if info.ncpus == 0 {
         // No MADT: a uniprocessor machine.
         if let Some(c0) = info.cpus.first_mut() {
-            *c0 = acpi::MadtCpu { apic_id: bsp_id, enabled: true };
+            *c0 = acpi::MadtCpu {
+                apic_id: bsp_id,
+                enabled: true,
+            };
             info.ncpus = 1;
         }
     }
@@ -371,7 +378,9 @@ extern "C" fn kmain() -> ! {
     }
     NCPUS.store(info.ncpus as u64, Ordering::Relaxed);
     BSP_INDEX.store(bsp_index as u64, Ordering::Relaxed);
-    let Some(bsp) = cpu(bsp_index) else { arch::hlt_forever_irqs_off() };
+    let Some(bsp) = cpu(bsp_index) else {
+        arch::hlt_forever_irqs_off()
+    };
     arch::set_gs_base(bsp as *const PerCpu as u64);
     apic::setup_online();
     bsp.state.store(ST_ONLINE, Ordering::SeqCst);
@@ -540,7 +549,9 @@ fn status() {
 }
 
 fn cmd_online(n: usize) {
-    let Some(c) = cpu(n) else { return err("no such cpu") };
+    let Some(c) = cpu(n) else {
+        return err("no such cpu");
+    };
     match c.state.load(Ordering::SeqCst) {
         ST_ONLINE => err("cpu already online"),
         ST_ABSENT => err("cpu not present"),
@@ -558,7 +569,9 @@ fn cmd_offline(n: usize) {
     if n == BSP_INDEX.load(Ordering::Relaxed) as usize {
         return err("cannot offline the boot cpu");
     }
-    let Some(c) = cpu(n) else { return err("no such cpu") };
+    let Some(c) = cpu(n) else {
+        return err("no such cpu");
+    };
     if c.state.load(Ordering::SeqCst) != ST_ONLINE {
         return err("cpu not online");
     }
@@ -578,7 +591,11 @@ fn poweroff() {
     if !info.found_fadt || info.pm1a_cnt == 0 {
         return err("no FADT PM1a control block");
     }
-    let typ = if info.dsdt != 0 { acpi::find_s5(info.dsdt) } else { 0 };
+    let typ = if info.dsdt != 0 {
+        acpi::find_s5(info.dsdt)
+    } else {
+        0
+    };
     puts("OK poweroff\n");
     // SLP_TYP in bits 10..12, SLP_EN bit 13.
     arch::outw(info.pm1a_cnt, ((typ & 7) << 10) | (1 << 13));

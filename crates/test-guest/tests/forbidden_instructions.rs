@@ -7,8 +7,20 @@ use std::process::Command;
 
 /// Mnemonics (or prefixes of them) that must not appear anywhere in the image.
 const FORBIDDEN: &[&str] = &[
-    "int ", "into", "cmpxchg16b", "xsave", "xrstor", "xsetbv", "rdtscp", "monitor", "mwait",
-    "vmcall", "vmmcall", "clwb", "syscall", "sysenter",
+    "int ",
+    "into",
+    "cmpxchg16b",
+    "xsave",
+    "xrstor",
+    "xsetbv",
+    "rdtscp",
+    "monitor",
+    "mwait",
+    "vmcall",
+    "vmmcall",
+    "clwb",
+    "syscall",
+    "sysenter",
 ];
 
 fn objdump() -> Option<String> {
@@ -16,7 +28,9 @@ fn objdump() -> Option<String> {
         .args(["-d", "--no-show-raw-insn", "-M", "att", test_guest::elf_path()])
         .output()
         .ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Returns every offending line. `int3` is allowed only as inter-function padding, i.e. a run
@@ -31,7 +45,9 @@ fn violations(disasm: &str) -> Vec<String> {
             continue;
         }
         // Instruction lines look like "  100004:\tmov    %rsi,0x...(%rip)".
-        let Some((_, insn)) = t.split_once(":\t") else { continue };
+        let Some((_, insn)) = t.split_once(":\t") else {
+            continue;
+        };
         let insn = insn.trim();
         if insn.is_empty() || insn.starts_with('(') {
             continue;
@@ -60,9 +76,16 @@ fn guest_image_has_no_forbidden_instructions() {
         eprintln!("SKIP: objdump not installed");
         return;
     };
-    assert!(d.contains("<kmain>:") && d.contains("<ap_main>:"), "disassembly does not look like the guest");
+    assert!(
+        d.contains("<kmain>:") && d.contains("<ap_main>:"),
+        "disassembly does not look like the guest"
+    );
     let bad = violations(&d);
-    assert!(bad.is_empty(), "forbidden instructions in the guest image:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "forbidden instructions in the guest image:\n{}",
+        bad.join("\n")
+    );
 }
 
 #[test]

@@ -64,10 +64,27 @@ mod tests {
 
     fn sample() -> CpuId {
         let entries = [
-            kvm_cpuid_entry2 { function: 1, ecx: CPUID1_ECX_CX16 | 1, ebx: 0xffff_1234, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 0, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 1, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0x4000_0001, eax: 0x0100_7efb, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 1,
+                ecx: CPUID1_ECX_CX16 | 1,
+                ebx: 0xffff_1234,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 0,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x4000_0001,
+                eax: 0x0100_7efb,
+                ..Default::default()
+            },
         ];
         CpuId::from_entries(&entries).expect("cpuid")
     }

@@ -128,7 +128,13 @@ impl VcpuRunner {
                 fd
             })
             .map_err(|source| Error::Spawn { index, source })?;
-        Ok(VcpuRunner { index, handle: Some(handle), immediate_exit, stop, requests })
+        Ok(VcpuRunner {
+            index,
+            handle: Some(handle),
+            immediate_exit,
+            stop,
+            requests,
+        })
     }
 
     /// Run `f` on the vCPU thread while the vCPU is outside `KVM_RUN`, and return its result.
@@ -146,9 +152,12 @@ impl VcpuRunner {
             return None;
         }
         let (tx, rx) = mpsc::channel();
-        self.requests.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(move |fd| {
-            let _ = tx.send(f(fd));
-        }));
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(move |fd| {
+                let _ = tx.send(f(fd));
+            }));
         self.kick();
         rx.recv_timeout(timeout).ok()
     }

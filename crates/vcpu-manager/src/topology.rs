@@ -13,7 +13,9 @@ pub struct Topology {
 impl Topology {
     /// A topology for `max_vcpus` possible CPUs (at least 1).
     pub fn new(max_vcpus: u32) -> Self {
-        Topology { max_vcpus: max_vcpus.max(1) }
+        Topology {
+            max_vcpus: max_vcpus.max(1),
+        }
     }
 
     /// Number of possible CPUs.

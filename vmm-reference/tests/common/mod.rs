@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 /// usable), where a skip would hide a failure and so panics instead. Every KVM test that runs
 /// is recorded in `$KVM_TEST_LEDGER`, which ci/test.sh counts.
 pub fn kvm_or_skip(test: &str) -> bool {
-    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
         && kvm_ioctls::Kvm::new().and_then(|k| k.create_vm()).is_ok();
     if usable {
         if let Some(path) = std::env::var_os("KVM_TEST_LEDGER") {
@@ -73,5 +77,9 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> std::process::Output 
         let _ = std::io::Read::read_to_end(&mut s, &mut err);
     }
     let status = child.wait().expect("wait");
-    std::process::Output { status, stdout: out, stderr: err }
+    std::process::Output {
+        status,
+        stdout: out,
+        stderr: err,
+    }
 }

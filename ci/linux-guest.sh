@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+#
+# Build the Linux guest payload from Debian packages into target/linux-guest/:
+#   vmlinuz              Debian's cloud kernel (bzImage; needs an ACPI MADT, which we provide)
+#   initramfs.cpio.gz    busybox-static + an /init that prints LINUX_GUEST_READY on ttyS0
+# Only Debian's package archive is contacted (apt-get download; no root needed for that part).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=target/linux-guest
+work="$out/work"
+mkdir -p "$work"
+
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: apt-get is required (Debian/Ubuntu host)" >&2
+    exit 1
+fi
+if [ "$(id -u)" -eq 0 ] && [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock || true)" ]; then
+    apt-get update -qq
+fi
+
+flavour="${FLAVOUR:-cloud-amd64}"
+image=$(apt-cache depends "linux-image-$flavour" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+if [ -z "$image" ]; then
+    [ "$(id -u)" -eq 0 ] && apt-get update -qq
+    image=$(apt-cache depends "linux-image-$flavour" | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+fi
+echo "kernel package: $image"
+( cd "$work" && apt-get download -q "$image" busybox-static >/dev/null )
+rm -rf "$work/kernel" "$work/busybox"
+dpkg-deb -x "$work"/"$image"_*.deb "$work/kernel"
+dpkg-deb -x "$work"/busybox-static_*.deb "$work/busybox"
+cp "$work"/kernel/boot/vmlinuz-* "$out/vmlinuz"
+
+python3 - "$work/busybox/bin/busybox" "$out/initramfs.cpio.gz" <<'PY'
+# A reproducible newc initramfs without root, cpio or mknod: fixed inodes, mtime 0, uid/gid 0.
+import gzip, io, sys
+busybox = open(sys.argv[1], "rb").read()
+init = b"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+stty -echo 2>/dev/null
+echo "LINUX_GUEST_READY online=$(cat /sys/devices/system/cpu/online) present=$(cat /sys/devices/system/cpu/present) possible=$(cat /sys/devices/system/cpu/possible)"
+exec /bin/sh
+"""
+entries = []
+ino = [1000]
+def add(name, mode, data=b"", rdev=(0, 0)):
+    ino[0] += 1
+    entries.append((name, mode, data, rdev, ino[0]))
+for d in ["bin", "dev", "proc", "sys", "tmp", "run", "sbin", "usr", "usr/bin", "usr/sbin", "etc"]:
+    add(d, 0o040755)
+add("dev/console", 0o020600, rdev=(5, 1))
+add("dev/ttyS0", 0o020660, rdev=(4, 64))
+add("bin/busybox", 0o100755, busybox)
+add("bin/sh", 0o120777, b"busybox")
+add("init", 0o100755, init)
+buf = io.BytesIO()
+def pad(n):
+    buf.write(b"\0" * ((4 - n % 4) % 4))
+def write(name, mode, data, rdev, inode):
+    nb = name.encode() + b"\0"
+    hdr = "070701" + "".join("%08X" % v for v in [inode, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(nb), 0])
+    buf.write(hdr.encode()); buf.write(nb); pad(110 + len(nb)); buf.write(data); pad(len(data))
+for e in entries:
+    write(*e)
+write("TRAILER!!!", 0, b"", (0, 0), 0)
+with open(sys.argv[2], "wb") as f:
+    f.write(gzip.compress(buf.getvalue(), mtime=0))
+PY
+ls -l "$out/vmlinuz" "$out/initramfs.cpio.gz"
