@@ -78,6 +78,10 @@ if [ "$kvm_usable" = 1 ]; then
     say "KVM tests that ran: $ran of $expected"
 fi
 
+# --- fuzz smoke run (every cargo-fuzz target briefly) ----------------------------------------
+say "fuzz smoke run (ci/fuzz-smoke.sh, ${FUZZ_SECONDS:-20}s per target)"
+bash ci/fuzz-smoke.sh
+
 # --- Linux guest (needs hardware virtualization; this project's PVM hosts cannot run it) ------
 if grep -qwE 'vmx|svm' /proc/cpuinfo && [ ! -d /sys/module/kvm_pvm ] && [ "$kvm_usable" = 1 ]; then
     say "hardware virtualization present: building and booting the Debian Linux guest"

@@ -22,7 +22,10 @@ pub trait SleepSink: Send + Sync {
 /// SLP_TYP value this device family advertises for S5 (soft off) in the DSDT's `\_S5_`.
 pub const SLP_TYP_S5: u8 = 5;
 
-const PM1_STS_WAK: u16 = 1 << 15;
+/// PM1 events that have an enable bit and can raise the SCI: TMR (0), GBL (5), PWRBTN (8),
+/// SLPBTN (9), RTC (10). PM1_EN's other bits are reserved (read 0, writes ignored), and status
+/// bits without an enable (e.g. WAK_STS) never assert the SCI.
+const PM1_EVENTS: u16 = (1 << 0) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 10);
 const PM1_CNT_SCI_EN: u16 = 1;
 const PM1_CNT_SLP_EN: u16 = 1 << 13;
 
@@ -131,7 +134,7 @@ impl AcpiPm {
             *d = *s;
         }
         pm.st.pm1_sts = state.pm1_sts;
-        pm.st.pm1_en = state.pm1_en;
+        pm.st.pm1_en = state.pm1_en & PM1_EVENTS;
         pm.st.pm1_cnt = (state.pm1_cnt | PM1_CNT_SCI_EN) & !PM1_CNT_SLP_EN;
         // Recompute the level from status/enable rather than trusting the saved flag.
         pm.st.sci_level = false;
@@ -170,7 +173,7 @@ impl AcpiPm {
             .iter()
             .zip(self.st.gpe0_en.iter())
             .any(|(s, e)| s & e != 0);
-        gpe || (self.st.pm1_sts & self.st.pm1_en) != 0
+        gpe || (self.st.pm1_sts & self.st.pm1_en & PM1_EVENTS) != 0
     }
 
     fn update_sci(&mut self) {
@@ -195,7 +198,8 @@ impl AcpiPm {
                 0 | 1 => self.st.pm1_sts &= !(u16::from(*b) << (8 * o)),
                 2 | 3 => {
                     let sh = 8 * (o - 2);
-                    self.st.pm1_en = (self.st.pm1_en & !(0xff << sh)) | (u16::from(*b) << sh);
+                    let v = (self.st.pm1_en & !(0xff << sh)) | (u16::from(*b) << sh);
+                    self.st.pm1_en = v & PM1_EVENTS;
                 }
                 _ => {}
             }
@@ -223,9 +227,10 @@ impl AcpiPm {
         if slp_en {
             let typ = ((v >> 10) & 7) as u8;
             log::info!("guest requested sleep, SLP_TYP={typ}");
-            self.st.pm1_sts |= PM1_STS_WAK;
+            // No WAK_STS: nothing here resumes from a sleep state; S5 ends the VM.
             self.sleep.sleep(typ);
         }
+        self.update_sci();
     }
 
     /// Guest read of the GPE0 block at `offset`.
@@ -337,6 +342,36 @@ mod tests {
         pm.pio_read(PioAddress(0x620), 0, &mut d);
         assert_eq!(d, [0, 2, 0, 2]);
         pm.pio_write(PioAddress(0x620), 0, &0x0200u16.to_le_bytes());
+        assert!(!*line.level.lock().unwrap());
+    }
+
+    #[test]
+    fn sleep_with_all_pm1_enables_does_not_raise_sci() {
+        // Found by the acpi_pm_registers fuzz target: PM1_EN all ones, then an S5 request.
+        let (mut pm, line, sleep) = dev();
+        pm.pio_write(PioAddress(0x600), 0, &[0xff, 0xff, 0xff, 0xff]);
+        pm.pio_write(PioAddress(0x604), 0, &0x71abu16.to_le_bytes());
+        assert_eq!(sleep.0.lock().unwrap().len(), 1);
+        assert!(!pm.sci_level());
+        assert!(!*line.level.lock().unwrap());
+        let mut d = [0u8; 4];
+        pm.pio_read(PioAddress(0x600), 0, &mut d);
+        assert_eq!(
+            u16::from_le_bytes([d[2], d[3]]),
+            0x0721,
+            "reserved PM1_EN bits read 0"
+        );
+    }
+
+    #[test]
+    fn pm1_event_raises_sci_when_enabled() {
+        let (mut pm, line, _) = dev();
+        pm.st.pm1_sts |= 1 << 8; // power button pressed
+        pm.update_sci();
+        assert!(!*line.level.lock().unwrap());
+        pm.pio_write(PioAddress(0x600), 2, &[0x00, 0x01]);
+        assert!(*line.level.lock().unwrap());
+        pm.pio_write(PioAddress(0x600), 0, &[0x00, 0x01]);
         assert!(!*line.level.lock().unwrap());
     }
 

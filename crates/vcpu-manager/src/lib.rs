@@ -11,6 +11,7 @@
 //! The crate knows nothing about devices: port and MMIO exits go to the handler you supply.
 
 #![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cpuid;
 mod runner;

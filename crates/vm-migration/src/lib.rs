@@ -23,6 +23,7 @@
 //! ```
 
 #![deny(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 /// File magic.
 pub const MAGIC: [u8; 8] = *b"VMMSNAP\0";
