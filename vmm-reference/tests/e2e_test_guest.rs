@@ -13,6 +13,18 @@ use vmm_reference::vm::{Vm, VmOutcome};
 const T: Duration = Duration::from_secs(20);
 const KVM_MP_STATE_HALTED: u32 = 3;
 
+/// The built-in test guest with `boot` of `max` CPUs, 128 MiB, console on `sock`.
+fn test_guest_config(boot: u32, max: u32, sock: &std::path::Path) -> VmConfig {
+    VmConfig {
+        kernel: KernelSource::Embedded,
+        initramfs: None,
+        cmdline: None,
+        cpus: CpuConfig { boot, max },
+        memory: 128 << 20,
+        serial: SerialMode::Socket(sock.to_path_buf()),
+    }
+}
+
 #[test]
 fn boot_two_of_eight_reports_status_ticks_and_powers_off() {
     if !kvm_or_skip("boot_two_of_eight_reports_status_ticks_and_powers_off") {
@@ -68,15 +80,7 @@ fn offline_and_online_cpu1_like_linux() {
     }
     let dir = temp_dir("offon");
     let sock = dir.join("console.sock");
-    let cfg = VmConfig {
-        kernel: KernelSource::Embedded,
-        initramfs: None,
-        cmdline: None,
-        cpus: CpuConfig { boot: 2, max: 4 },
-        memory: 128 << 20,
-        serial: SerialMode::Socket(sock.clone()),
-    };
-    let vm = Vm::start(&cfg).expect("VM starts");
+    let vm = Vm::start(&test_guest_config(2, 4, &sock)).expect("VM starts");
     let mut con = GuestConsole::connect(&sock, T).expect("console");
     con.wait_for("READY", T).expect("READY");
     assert!(
@@ -168,15 +172,7 @@ fn x2apic_ids_above_255_boot() {
     // 300 possible CPUs: the MADT carries x2APIC entries and KVM needs 32-bit x2APIC ids.
     let dir = temp_dir("x2");
     let sock = dir.join("console.sock");
-    let cfg = VmConfig {
-        kernel: KernelSource::Embedded,
-        initramfs: None,
-        cmdline: None,
-        cpus: CpuConfig { boot: 2, max: 300 },
-        memory: 128 << 20,
-        serial: SerialMode::Socket(sock.clone()),
-    };
-    let vm = Vm::start(&cfg).expect("VM starts");
+    let vm = Vm::start(&test_guest_config(2, 300, &sock)).expect("VM starts");
     let mut con = GuestConsole::connect(&sock, T).expect("console");
     let ready = con.wait_for("READY", T).expect("READY");
     assert!(

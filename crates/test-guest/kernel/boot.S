@@ -18,6 +18,23 @@
     .set KERNEL_CS32, 0x18
     .set MSR_EFER, 0xC0000080
 
+/* 32-bit protected mode -> long mode (compatibility until the far jump): PAE, then CR3, then
+ * EFER.LME, then paging, the architectural order. Shared by the PVH entry and the AP path. */
+.macro ENABLE_LONG_MODE
+    movl %cr4, %eax
+    orl $0x20, %eax
+    movl %eax, %cr4
+    movl $pt_pml4, %eax
+    movl %eax, %cr3
+    movl $MSR_EFER, %ecx
+    rdmsr
+    orl $0x100, %eax
+    wrmsr
+    movl %cr0, %eax
+    orl $0x80000001, %eax
+    movl %eax, %cr0
+.endm
+
 /* ------------------------------------------------------------------ 64-bit ELF entry */
     .section .text.entry, "ax"
     .code64
@@ -57,19 +74,7 @@ pvh_start:
     movl %eax, %ds
     movl %eax, %es
     movl %eax, %ss
-    /* PAE, then CR3, then EFER.LME, then paging: the architectural order into long mode. */
-    movl %cr4, %eax
-    orl $0x20, %eax
-    movl %eax, %cr4
-    movl $pt_pml4, %eax
-    movl %eax, %cr3
-    movl $MSR_EFER, %ecx
-    rdmsr
-    orl $0x100, %eax
-    wrmsr
-    movl %cr0, %eax
-    orl $0x80000001, %eax
-    movl %eax, %cr0
+    ENABLE_LONG_MODE
     ljmp $KERNEL_CS, $common64
 
     .code64
@@ -103,18 +108,7 @@ tramp32:
     movl %eax, %ds
     movl %eax, %es
     movl %eax, %ss
-    movl %cr4, %eax
-    orl $0x20, %eax
-    movl %eax, %cr4
-    movl $pt_pml4, %eax
-    movl %eax, %cr3
-    movl $MSR_EFER, %ecx
-    rdmsr
-    orl $0x100, %eax
-    wrmsr
-    movl %cr0, %eax
-    orl $0x80000001, %eax
-    movl %eax, %cr0
+    ENABLE_LONG_MODE
     ljmp $KERNEL_CS, $(tramp64 - ap_tramp_start + AP_TRAMPOLINE_ADDR)
     .code64
 tramp64:

@@ -400,8 +400,16 @@ extern "C" fn kmain() -> ! {
         }
     }
 
+    summary("READY");
+    puts("\n");
+    command_loop();
+}
+
+/// `<tag> apic_mode=... possible=N present=N online=N` (no newline).
+fn summary(tag: &str) {
     let (present, online) = counts();
-    puts("READY apic_mode=");
+    puts(tag);
+    puts(" apic_mode=");
     puts(if apic::x2apic() { "x2apic" } else { "xapic" });
     puts(" possible=");
     putdec(ncpus() as u64);
@@ -409,8 +417,6 @@ extern "C" fn kmain() -> ! {
     putdec(present);
     puts(" online=");
     putdec(online);
-    puts("\n");
-    command_loop();
 }
 
 fn counts() -> (u64, u64) {
@@ -521,15 +527,7 @@ fn execute(line: &[u8]) {
 }
 
 fn status() {
-    let (present, online) = counts();
-    puts("STATUS apic_mode=");
-    puts(if apic::x2apic() { "x2apic" } else { "xapic" });
-    puts(" possible=");
-    putdec(ncpus() as u64);
-    puts(" present=");
-    putdec(present);
-    puts(" online=");
-    putdec(online);
+    summary("STATUS");
     puts(" bsp=");
     putdec(BSP_INDEX.load(Ordering::Relaxed));
     puts("\n");
