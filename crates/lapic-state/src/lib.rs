@@ -24,7 +24,17 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod base;
+mod conventions;
 mod page;
+pub mod predict;
+mod state;
+pub mod timer;
+
+#[cfg(feature = "kvm")]
+pub mod kvm;
 
 pub use base::{ApicBase, ApicMode};
-pub use page::{regs, DeliveryMode, LapicPage, Lvt, TimerMode};
+pub use conventions::{IcrLayout, KvmConventions};
+pub use page::{regs, DeliveryMode, LapicPage, Lvt, TimerMode, VectorSet};
+pub use predict::{predict_set, PredictedFailure, Prediction, PriorApic, TmcctRead};
+pub use state::{x2apic_ldr, DecodeError, Finding, LapicError, LapicState, ENCODED_LEN, FORMAT_VERSION};

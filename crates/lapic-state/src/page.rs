@@ -182,7 +182,57 @@ impl From<LapicPage> for kvm_lapic_state {
     }
 }
 
+/// A 256-bit vector register (IRR, ISR or TMR): eight 32-bit words at a 16-byte stride.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VectorSet(pub [u32; 8]);
+
+impl VectorSet {
+    /// Whether `vector` is set.
+    pub fn contains(&self, vector: u8) -> bool {
+        self.0[usize::from(vector >> 5)] & (1 << (vector & 31)) != 0
+    }
+    /// Set or clear `vector`.
+    pub fn set(&mut self, vector: u8, on: bool) {
+        let w = &mut self.0[usize::from(vector >> 5)];
+        if on {
+            *w |= 1 << (vector & 31);
+        } else {
+            *w &= !(1 << (vector & 31));
+        }
+    }
+    /// Highest set vector, if any.
+    pub fn highest(&self) -> Option<u8> {
+        self.0
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, w)| **w != 0)
+            .map(|(i, w)| (i as u32 * 32 + 31 - w.leading_zeros()) as u8)
+    }
+    /// Number of vectors set.
+    pub fn count(&self) -> u32 {
+        self.0.iter().map(|w| w.count_ones()).sum()
+    }
+    /// Whether no vector is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+}
+
 impl LapicPage {
+    /// Borrow a `kvm_lapic_state` as a typed page without copying it.
+    pub fn view(state: &kvm_lapic_state) -> &LapicPage {
+        // SAFETY: LapicPage is repr(transparent) over kvm_lapic_state, so the layouts are
+        // identical and the lifetime is carried over.
+        unsafe { &*(state as *const kvm_lapic_state as *const LapicPage) }
+    }
+
+    /// Mutable typed view of a `kvm_lapic_state` without copying it.
+    pub fn view_mut(state: &mut kvm_lapic_state) -> &mut LapicPage {
+        // SAFETY: as in `view`.
+        unsafe { &mut *(state as *mut kvm_lapic_state as *mut LapicPage) }
+    }
+
     /// Build from raw bytes (must be exactly 1024).
     pub fn from_bytes(bytes: &[u8; 1024]) -> Self {
         let mut p = LapicPage::default();
@@ -218,6 +268,75 @@ impl LapicPage {
     /// Write the 32-bit register at `offset`; misaligned or out-of-page offsets are ignored.
     pub fn set_reg(&mut self, offset: usize, val: u32) {
         if offset % 16 != 0 || offset + 4 > 1024 {
+            return;
+        }
+        for (d, s) in self.0.regs[offset..offset + 4].iter_mut().zip(val.to_le_bytes()) {
+            *d = s as _;
+        }
+    }
+
+    /// Read a 256-bit vector register at `base` (`regs::IRR`, `regs::ISR` or `regs::TMR`).
+    pub fn vectors(&self, base: usize) -> VectorSet {
+        let mut v = VectorSet::default();
+        for (i, w) in v.0.iter_mut().enumerate() {
+            *w = self.reg(base + 16 * i);
+        }
+        v
+    }
+
+    /// Write a 256-bit vector register at `base`.
+    pub fn set_vectors(&mut self, base: usize, v: &VectorSet) {
+        for (i, w) in v.0.iter().enumerate() {
+            self.set_reg(base + 16 * i, *w);
+        }
+    }
+
+    /// Interrupt-request register.
+    pub fn irr(&self) -> VectorSet {
+        self.vectors(regs::IRR)
+    }
+    /// In-service register.
+    pub fn isr(&self) -> VectorSet {
+        self.vectors(regs::ISR)
+    }
+    /// Trigger-mode register.
+    pub fn tmr(&self) -> VectorSet {
+        self.vectors(regs::TMR)
+    }
+
+    /// The interrupt command register as one 64-bit value from the ICR (low) and ICR2 (high)
+    /// words, i.e. the split layout (xAPIC, and x2APIC on AMD). See
+    /// [`crate::KvmConventions`] for the merged Intel x2APIC layout.
+    pub fn icr(&self) -> u64 {
+        u64::from(self.reg(regs::ICR)) | (u64::from(self.reg(regs::ICR2)) << 32)
+    }
+
+    /// Set ICR (low word) and ICR2 (high word) from one 64-bit value.
+    pub fn set_icr(&mut self, icr: u64) {
+        self.set_reg(regs::ICR, icr as u32);
+        self.set_reg(regs::ICR2, (icr >> 32) as u32);
+    }
+
+    /// Timer divisor selected by TDCR bits 0, 1 and 3 (1, 2, 4, ... 128).
+    pub fn timer_divisor(&self) -> u32 {
+        let t = self.reg(regs::TDCR);
+        let v = (t & 3) | ((t & 8) >> 1);
+        1 << ((v + 1) & 7)
+    }
+
+    /// Read 4 bytes at any 4-byte aligned `offset` (e.g. 0x304, the upper half of KVM's merged
+    /// x2APIC ICR); out-of-page or misaligned offsets read 0.
+    pub fn raw_u32(&self, offset: usize) -> u32 {
+        if offset % 4 != 0 || offset + 4 > 1024 {
+            return 0;
+        }
+        let b = &self.0.regs[offset..offset + 4];
+        u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+    }
+
+    /// Write 4 bytes at any 4-byte aligned `offset`; others are ignored.
+    pub fn set_raw_u32(&mut self, offset: usize, val: u32) {
+        if offset % 4 != 0 || offset + 4 > 1024 {
             return;
         }
         for (d, s) in self.0.regs[offset..offset + 4].iter_mut().zip(val.to_le_bytes()) {
@@ -284,7 +403,45 @@ mod tests {
         assert_eq!(Lvt(0x300).delivery_mode(), DeliveryMode::Reserved(3));
     }
 
+    #[test]
+    fn vector_sets_and_divisor() {
+        let mut p = LapicPage::default();
+        let mut v = VectorSet::default();
+        assert_eq!(v.highest(), None);
+        v.set(0x31, true);
+        v.set(0xef, true);
+        p.set_vectors(regs::ISR, &v);
+        assert_eq!(p.isr().highest(), Some(0xef));
+        assert_eq!(p.isr().count(), 2);
+        assert_eq!(p.reg(regs::ISR + 16 * 7), 1 << 15);
+        for (tdcr, div) in [
+            (0u32, 2u32),
+            (1, 4),
+            (2, 8),
+            (3, 16),
+            (8, 32),
+            (9, 64),
+            (10, 128),
+            (11, 1),
+        ] {
+            p.set_reg(regs::TDCR, tdcr);
+            assert_eq!(p.timer_divisor(), div, "tdcr {tdcr}");
+        }
+        p.set_icr(0x0000_0003_0000_4500);
+        assert_eq!(p.reg(regs::ICR2), 3);
+        assert_eq!(p.icr(), 0x0000_0003_0000_4500);
+        let k: kvm_lapic_state = p.into();
+        assert_eq!(LapicPage::view(&k).icr(), p.icr());
+    }
+
     proptest! {
+        #[test]
+        fn highest_matches_scan(words: [u32; 8]) {
+            let v = VectorSet(words);
+            let scan = (0..=255u8).rev().find(|x| v.contains(*x));
+            prop_assert_eq!(v.highest(), scan);
+        }
+
         #[test]
         fn reg_round_trip(off in 0usize..64, v: u32) {
             let mut p = LapicPage::default();

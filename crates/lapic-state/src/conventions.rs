@@ -1,0 +1,99 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The KVM conventions a LAPIC blob was taken under (or must be given in).
+
+use serde::{Deserialize, Serialize};
+
+/// How KVM lays out the 64-bit x2APIC ICR in the blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum IcrLayout {
+    /// ICR low word at 0x300, high word at 0x310 (ICR2), 0x304 kept verbatim: xAPIC always,
+    /// x2APIC on AMD/SVM (Linux ≥ 6.12 and its backports) and on kernels before 5.18.
+    Split,
+    /// x2APIC on Intel/VMX since Linux 5.18: one 64-bit register at 0x300; on set KVM merges
+    /// `ICR | ICR2 << 32`, on get it copies the high half to 0x310 (0x304 holds it too).
+    Merged,
+}
+
+/// The KVM behaviour that decides how a LAPIC blob must be read and written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KvmConventions {
+    /// `KVM_CAP_X2APIC_API` with `KVM_X2APIC_API_USE_32BIT_IDS` enabled on the VM: in x2APIC
+    /// mode the ID word is the full 32-bit id and must equal the vCPU id. Otherwise KVM reports
+    /// `vcpu_id << 24` (ids ≥ 256 are lost) and ignores the ID on set.
+    pub x2apic_32bit_ids: bool,
+    /// x2APIC ICR layout.
+    pub icr: IcrLayout,
+    /// Number of LVT entries: 6, or 7 with CMCI (MCG_CMCI_P in the vCPU's MCE capabilities).
+    pub nr_lvt: u8,
+    /// The guest CPUID offers the TSC-deadline timer (LVT timer mode mask is 2 bits, not 1).
+    pub tsc_deadline: bool,
+    /// LVR bit 24 (directed EOI): KVM sets it with x2APIC in CPUID and a split irqchip.
+    pub directed_eoi: bool,
+}
+
+impl Default for KvmConventions {
+    /// The canonical conventions: 32-bit ids, split ICR, 6 LVTs, TSC-deadline, no directed EOI.
+    fn default() -> Self {
+        KvmConventions::CANONICAL
+    }
+}
+
+impl KvmConventions {
+    /// The layout the canonical [`crate::LapicState`] uses: 32-bit x2APIC ids and split ICR.
+    pub const CANONICAL: KvmConventions = KvmConventions {
+        x2apic_32bit_ids: true,
+        icr: IcrLayout::Split,
+        nr_lvt: 6,
+        tsc_deadline: true,
+        directed_eoi: false,
+    };
+
+    /// The LVR value KVM computes for these conventions (it overwrites whatever a blob holds):
+    /// version 0x14, max LVT entry in bits 16..23, directed EOI in bit 24.
+    pub fn lvr(&self) -> u32 {
+        0x14 | (u32::from(self.nr_lvt.saturating_sub(1)) << 16) | (u32::from(self.directed_eoi) << 24)
+    }
+
+    /// The LVT timer mode mask KVM applies (`3 << 17` with TSC-deadline, else `1 << 17`).
+    pub fn timer_mode_mask(&self) -> u32 {
+        if self.tsc_deadline {
+            3 << 17
+        } else {
+            1 << 17
+        }
+    }
+
+    /// Decode `nr_lvt` and `directed_eoi` from an LVR value as KVM reports it.
+    pub fn with_lvr(mut self, lvr: u32) -> Self {
+        self.nr_lvt = (((lvr >> 16) & 0xff) + 1) as u8;
+        self.directed_eoi = lvr & (1 << 24) != 0;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lvr_values() {
+        let c = KvmConventions::CANONICAL;
+        assert_eq!(c.lvr(), 0x0005_0014);
+        let c7 = KvmConventions {
+            nr_lvt: 7,
+            directed_eoi: true,
+            ..c
+        };
+        assert_eq!(c7.lvr(), 0x0106_0014);
+        assert_eq!(c.with_lvr(0x0106_0014), c7);
+        assert_eq!(c.timer_mode_mask(), 0x60000);
+        assert_eq!(
+            KvmConventions {
+                tsc_deadline: false,
+                ..c
+            }
+            .timer_mode_mask(),
+            0x20000
+        );
+    }
+}

@@ -1,0 +1,159 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! KVM-backed helpers (feature `kvm`): detect conventions, save and restore through ioctls.
+
+use kvm_bindings::{kvm_enable_cap, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd};
+
+use crate::conventions::{IcrLayout, KvmConventions};
+use crate::page::{regs, LapicPage};
+use crate::state::{LapicError, LapicState};
+use crate::ApicBase;
+
+/// Errors of the KVM-backed helpers.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmLapicError {
+    /// A KVM ioctl failed.
+    #[error("{what}: {source}")]
+    Ioctl {
+        /// Which ioctl.
+        what: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The state would be refused by KVM (nothing was written to the vCPU).
+    #[error("refusing to restore LAPIC state: {0}")]
+    Invalid(LapicError),
+    /// The vCPU's APIC base differs from the state's: it must be restored first
+    /// (KVM_SET_SREGS), because KVM interprets the blob according to the current mode.
+    #[error("APIC base of the vCPU is {found:#x}, the state needs {expected:#x}: restore SREGS first")]
+    ApicBaseNotRestored {
+        /// Base the state was saved with.
+        expected: u64,
+        /// Base the vCPU has.
+        found: u64,
+    },
+    /// The state belongs to another vCPU id.
+    #[error("LAPIC state of vCPU {state} cannot be restored into vCPU {vcpu}")]
+    WrongVcpu {
+        /// vCPU id in the state.
+        state: u32,
+        /// vCPU id given.
+        vcpu: u32,
+    },
+}
+
+fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmLapicError {
+    move |source| KvmLapicError::Ioctl { what, source }
+}
+
+const CPUID1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+impl KvmConventions {
+    /// Detect the conventions of `vcpu`'s VM.
+    ///
+    /// `x2apic_32bit_ids` is whether the VMM enabled `KVM_CAP_X2APIC_API` with
+    /// `KVM_X2APIC_API_USE_32BIT_IDS` on that VM (KVM cannot be asked). LVT count and directed
+    /// EOI come from the vCPU's LVR, TSC-deadline from its CPUID (set CPUID first), and the
+    /// x2APIC ICR layout is probed on a scratch VM created from `kvm`.
+    pub fn detect(kvm: &Kvm, vcpu: &VcpuFd, x2apic_32bit_ids: bool) -> Result<KvmConventions, KvmLapicError> {
+        let lapic = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
+        let lvr = LapicPage::view(&lapic).reg(regs::LVR);
+        let tsc_deadline = vcpu
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map(|c| {
+                c.as_slice()
+                    .iter()
+                    .any(|e| e.function == 1 && e.ecx & CPUID1_ECX_TSC_DEADLINE != 0)
+            })
+            .unwrap_or(false);
+        let icr = probe_icr_layout(kvm)?;
+        Ok(KvmConventions {
+            x2apic_32bit_ids,
+            icr,
+            nr_lvt: 6,
+            tsc_deadline,
+            directed_eoi: false,
+        }
+        .with_lvr(lvr))
+    }
+}
+
+/// Find out whether this host's KVM keeps the x2APIC ICR split (AMD, old kernels) or merged
+/// (Intel, Linux ≥ 5.18), on a scratch VM: set ICR2 in x2APIC mode and see whether GET
+/// mirrors it at 0x304.
+pub fn probe_icr_layout(kvm: &Kvm) -> Result<IcrLayout, KvmLapicError> {
+    let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+    vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+    let cap = kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_X2APIC_API,
+        args: [u64::from(kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS), 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap).map_err(ioctl("KVM_ENABLE_CAP(X2APIC_API)"))?;
+    let vcpu = vm.create_vcpu(1).map_err(ioctl("KVM_CREATE_VCPU"))?;
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+    for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+        e.ecx |= 1 << 21; // x2APIC, so the mode switch is legal
+    }
+    vcpu.set_cpuid2(&cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+    let mut sregs = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+    sregs.apic_base = ApicBase::DEFAULT_ADDRESS | ApicBase::ENABLE | ApicBase::EXTD;
+    vcpu.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+    let mut lapic = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
+    {
+        let p = LapicPage::view_mut(&mut lapic);
+        p.set_reg(regs::ICR, 0x4f0);
+        p.set_reg(regs::ICR2, 0x5a5a_0001);
+    }
+    vcpu.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
+    let back = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
+    let b = LapicPage::view(&back).to_bytes();
+    let hi = u32::from_le_bytes([b[0x304], b[0x305], b[0x306], b[0x307]]);
+    Ok(if hi == 0x5a5a_0001 {
+        IcrLayout::Merged
+    } else {
+        IcrLayout::Split
+    })
+}
+
+/// Save vCPU `vcpu_id`'s LAPIC: its APIC base (from SREGS) and page, normalised.
+pub fn save(vcpu: &VcpuFd, vcpu_id: u32, conv: &KvmConventions) -> Result<LapicState, KvmLapicError> {
+    let base = ApicBase(vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?.apic_base);
+    let blob = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
+    LapicState::normalise(&blob, vcpu_id, base, conv).map_err(KvmLapicError::Invalid)
+}
+
+/// Restore `state` into vCPU `vcpu_id` under `conv`, atomically: everything KVM could refuse
+/// is checked first, and nothing is written unless it will be accepted. (KVM's own
+/// `KVM_SET_LAPIC` is not atomic: it applies SPIV before it checks the x2APIC id.)
+///
+/// The vCPU's APIC base must already equal the state's (restore SREGS first). TSC-deadline
+/// and IA32_TSC MSRs must be written after this call; see [`crate::timer`].
+pub fn restore(
+    vcpu: &VcpuFd,
+    vcpu_id: u32,
+    state: &LapicState,
+    conv: &KvmConventions,
+) -> Result<(), KvmLapicError> {
+    if state.vcpu_id != vcpu_id {
+        return Err(KvmLapicError::WrongVcpu {
+            state: state.vcpu_id,
+            vcpu: vcpu_id,
+        });
+    }
+    if let Some(f) = state.validate(conv).into_iter().find(|f| !f.kvm_accepts) {
+        return Err(KvmLapicError::Invalid(f.error));
+    }
+    let found = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?.apic_base;
+    if found != state.apic_base.0 {
+        return Err(KvmLapicError::ApicBaseNotRestored {
+            expected: state.apic_base.0,
+            found,
+        });
+    }
+    vcpu.set_lapic(&state.denormalise(conv))
+        .map_err(ioctl("KVM_SET_LAPIC"))
+}
