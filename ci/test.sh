@@ -58,14 +58,17 @@ cargo fmt --all -- --check
 rustfmt --edition 2021 --check crates/test-guest/kernel/main.rs
 
 say "cargo clippy -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 say "cargo doc -D warnings"
-RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --locked
 
 # --- tests -----------------------------------------------------------------------------------
-say "cargo test --workspace"
+say "cargo test --workspace (lapic-state's kvm feature is on here, via vmm-reference)"
 cargo test --workspace --locked
+
+say "cargo test -p lapic-state without the kvm feature"
+cargo test -p lapic-state --locked
 
 if [ "$kvm_usable" = 1 ]; then
     expected=$(grep -rhoE 'kvm_or_skip\("[a-z0-9_]+"\)' vmm-reference/tests crates/*/tests 2>/dev/null | sort -u | wc -l)

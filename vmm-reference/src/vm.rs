@@ -417,6 +417,15 @@ impl Vm {
         .flatten()
     }
 
+    /// IA32_APIC_BASE of present vCPU `index` (from its SREGS).
+    pub fn apic_base(&self, index: u32) -> Option<u64> {
+        let r = self.runners.get(index as usize)?;
+        r.with_vcpu(VCPU_REQUEST_TIMEOUT, |fd| {
+            fd.get_sregs().ok().map(|s| s.apic_base)
+        })
+        .flatten()
+    }
+
     /// The topology.
     pub fn topology(&self) -> Topology {
         self.topology

@@ -6,9 +6,12 @@
 //! blob: it comes from the IA32_APIC_BASE MSR, which is why this crate pairs the page with an
 //! [`ApicBase`] and never treats the bare blob as the state.
 //!
-//! This version provides the typed register view ([`LapicPage`]), the APIC base decoding
-//! ([`ApicBase`], [`ApicMode`]) and the boot-time helpers a VMM needs
-//! ([`LapicPage::set_lint_boot_defaults`]). No `/dev/kvm` is needed.
+//! The crate's unit of state is (APIC base, page, conventions): [`LapicState`] holds the
+//! canonical, convention-free form; [`KvmConventions`] says how a particular KVM lays out the
+//! x2APIC ID and ICR; [`predict_set`] says what `KVM_SET_LAPIC` and the following
+//! `KVM_GET_LAPIC` will do with a blob; the `kvm` feature adds detection and an atomic
+//! restore through the ioctls. See the README for the divergences from the reference notes
+//! that the real KVM showed.
 //!
 //! ```
 //! use lapic_state::{regs, ApicBase, ApicMode, LapicPage, DeliveryMode};
@@ -18,6 +21,15 @@
 //! assert_eq!(page.lvt(regs::LVT_LINT0).delivery_mode(), DeliveryMode::ExtInt);
 //! assert_eq!(page.lvt(regs::LVT_LINT1).delivery_mode(), DeliveryMode::Nmi);
 //! assert_eq!(ApicBase(0xfee0_0900).mode(), ApicMode::XApic);
+//!
+//! // A blob KVM reported in legacy x2APIC format, moved to a VM with 32-bit ids.
+//! use lapic_state::{KvmConventions, LapicState};
+//! let legacy = KvmConventions { x2apic_32bit_ids: false, ..KvmConventions::CANONICAL };
+//! let mut blob = LapicPage::default();
+//! blob.set_reg(regs::ID, 300u32 << 24); // KVM's legacy x2APIC id: truncated vcpu_id << 24
+//! let s = LapicState::normalise(blob.as_kvm(), 300, ApicBase(0xfee0_0c00), &legacy).unwrap();
+//! let out = LapicPage::from(s.denormalise(&KvmConventions::CANONICAL));
+//! assert_eq!(out.reg(regs::ID), 300);
 //! ```
 
 #![deny(missing_docs)]

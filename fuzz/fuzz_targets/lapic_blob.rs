@@ -1,0 +1,36 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Arbitrary bytes through everything a VMM does with a LAPIC blob from an untrusted
+//! snapshot: decode, normalise, validate, encode, denormalise, predict. Nothing may panic, and
+//! every round trip must hold.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use lapic_state::{predict_set, ApicMode, LapicPage, LapicState};
+use vmm_fuzz::LapicInput;
+
+fuzz_target!(|data: &[u8]| {
+    // The raw bytes as an encoded state.
+    if let Ok(s) = LapicState::decode(data) {
+        assert_eq!(LapicState::decode(&s.encode()).unwrap(), s);
+    }
+    let inp = LapicInput::parse(data);
+    let blob = inp.page.as_kvm();
+    // The blob as a snapshot's LAPIC section.
+    if let Ok(s) = LapicState::normalise(blob, inp.vcpu_id, inp.apic_base, &inp.conv) {
+        let _ = s.validate(&inp.conv);
+        assert_eq!(LapicState::decode(&s.encode()).unwrap(), s);
+        let again = LapicState::normalise(&s.denormalise(&inp.conv), inp.vcpu_id, inp.apic_base, &inp.conv).unwrap();
+        assert_eq!(again, s);
+    }
+    // The predictor: total; errors only where KVM refuses; steady state is a fixed point.
+    match predict_set(inp.vcpu_id, inp.apic_base, blob, &inp.conv, &inp.prior) {
+        Ok(p) => {
+            let p2 = predict_set(inp.vcpu_id, inp.apic_base, p.get.as_kvm(), &inp.conv, &p.next).unwrap();
+            let p3 = predict_set(inp.vcpu_id, inp.apic_base, p2.get.as_kvm(), &inp.conv, &p2.next).unwrap();
+            assert_eq!(p3.get, p2.get);
+            // What KVM reports normalises and denormalises back to itself.
+            let s = LapicState::normalise(p.get.as_kvm(), inp.vcpu_id, inp.apic_base, &inp.conv).unwrap();
+            assert_eq!(LapicPage::from(s.denormalise(&inp.conv)), p.get);
+        }
+        Err(_) => assert!(inp.apic_base.mode() == ApicMode::Invalid || inp.apic_base.mode() == ApicMode::X2Apic),
+    }
+});
