@@ -7,7 +7,8 @@
 //! or x2APIC structures and no MADT flags setter, so the MADT body is assembled here on top of
 //! its generic `Sdt` (header and checksum handling stay the crate's).
 
-use acpi_cpu_hotplug::{PmLayout, SLP_TYP_S5};
+use acpi_cpu_hotplug::aml::{MADT_ENABLED, MADT_ONLINE_CAPABLE};
+use acpi_cpu_hotplug::{madt_cpu_entry, CpuEntry, CpuHotplugAml, HotplugLayout, PmLayout, SLP_TYP_S5};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::{aml, Aml};
@@ -36,8 +37,20 @@ pub struct AcpiConfig {
     pub topology: Topology,
     /// CPUs present at boot (indices `0..boot_cpus`).
     pub boot_cpus: u32,
-    /// PM1/GPE0/SCI layout.
-    pub pm: PmLayout,
+    /// PM1/GPE0/SCI and CPU hotplug port layout.
+    pub hotplug: HotplugLayout,
+}
+
+impl AcpiConfig {
+    /// Every possible CPU with its APIC id (from the one topology map).
+    pub fn cpus(&self) -> Vec<CpuEntry> {
+        (0..self.topology.max_vcpus())
+            .map(|i| CpuEntry {
+                uid: i,
+                apic_id: self.topology.apic_id(i),
+            })
+            .collect()
+    }
 }
 
 /// One table and where it goes in guest memory.
@@ -84,19 +97,15 @@ pub fn madt(cfg: &AcpiConfig) -> Vec<u8> {
     t.write_u32(40, 1); // PCAT_COMPAT: 8259s are present (and masked by the OS)
     let mut body = Vec::new();
     let mut any_x2apic = false;
-    for i in 0..cfg.topology.max_vcpus() {
-        let apic_id = cfg.topology.apic_id(i);
-        let flags: u32 = if i < cfg.boot_cpus { 1 } else { 2 };
-        if apic_id < 255 && i < 255 {
-            body.extend_from_slice(&[0, 8, i as u8, apic_id as u8]);
-            body.extend_from_slice(&flags.to_le_bytes());
+    for cpu in cfg.cpus() {
+        let flags = if cpu.uid < cfg.boot_cpus {
+            MADT_ENABLED
         } else {
-            any_x2apic = true;
-            body.extend_from_slice(&[9, 16, 0, 0]);
-            body.extend_from_slice(&apic_id.to_le_bytes());
-            body.extend_from_slice(&flags.to_le_bytes());
-            body.extend_from_slice(&i.to_le_bytes());
-        }
+            MADT_ONLINE_CAPABLE
+        };
+        let entry = madt_cpu_entry(cpu, flags);
+        any_x2apic |= entry[0] == 9;
+        body.extend_from_slice(&entry);
     }
     // IOAPIC id 0, GSI base 0.
     body.extend_from_slice(&[1, 12, 0, 0]);
@@ -107,8 +116,8 @@ pub fn madt(cfg: &AcpiConfig) -> Vec<u8> {
     body.extend_from_slice(&2u32.to_le_bytes());
     body.extend_from_slice(&0u16.to_le_bytes());
     // ISA IRQ9 (SCI) -> GSI 9, active high (01), level (11 << 2).
-    body.extend_from_slice(&[2, 10, 0, cfg.pm.sci_irq]);
-    body.extend_from_slice(&u32::from(cfg.pm.sci_irq).to_le_bytes());
+    body.extend_from_slice(&[2, 10, 0, cfg.hotplug.pm.sci_irq]);
+    body.extend_from_slice(&u32::from(cfg.hotplug.pm.sci_irq).to_le_bytes());
     body.extend_from_slice(&0x000du16.to_le_bytes());
     // Local APIC NMI: all processors, LINT1, conforming.
     body.extend_from_slice(&[4, 6, 0xff, 0, 0, 1]);
@@ -123,7 +132,8 @@ pub fn madt(cfg: &AcpiConfig) -> Vec<u8> {
 }
 
 /// The DSDT: `\_S5_` first (the test guest finds it with a short scan), then COM1 and the PM
-/// register resources under `\_SB`.
+/// register resources under `\_SB`, then the CPU hotplug AML (`\_SB.PRES`, `\_SB.CPUS`,
+/// `\_GPE._E02`) from acpi-cpu-hotplug.
 pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut body = Vec::new();
     let s5 = [SLP_TYP_S5, SLP_TYP_S5, 0u8, 0u8];
@@ -151,7 +161,7 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut sb);
-    let pm = cfg.pm;
+    let pm = cfg.hotplug.pm;
     aml::Device::new(
         "PMRS".into(),
         vec![
@@ -169,6 +179,12 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     )
     .to_aml_bytes(&mut sb);
     body.extend_from_slice(&aml::Scope::raw("\\_SB_".into(), sb));
+    CpuHotplugAml {
+        io_base: cfg.hotplug.cpu_hotplug,
+        cpus: cfg.cpus(),
+        boot_cpu: 0,
+    }
+    .to_aml_bytes(&mut body);
 
     let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"RVMMDSDT", 1);
     t.append_slice(&body);
@@ -177,7 +193,7 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
 
 /// The FADT: full (not hardware-reduced) ACPI with PM1a event/control and GPE0 in I/O space.
 pub fn fadt(cfg: &AcpiConfig, dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
-    let pm = cfg.pm;
+    let pm = cfg.hotplug.pm;
     let mut f = FADTBuilder::new(OEM_ID, *b"RVMMFACP", 1)
         .dsdt_64(dsdt_addr)
         .firmware_ctrl_64(facs_addr)
@@ -297,7 +313,7 @@ mod tests {
         AcpiConfig {
             topology: Topology::new(max),
             boot_cpus: boot,
-            pm: PmLayout::default(),
+            hotplug: HotplugLayout::default(),
         }
     }
 

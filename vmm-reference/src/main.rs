@@ -154,7 +154,7 @@ fn acpi_tables(cpus: &str, out: &std::path::Path) -> ExitCode {
     let cfg = AcpiConfig {
         topology: vcpu_manager::Topology::new(cpus.max),
         boot_cpus: cpus.boot,
-        pm: acpi_cpu_hotplug::PmLayout::default(),
+        hotplug: acpi_cpu_hotplug::HotplugLayout::default(),
     };
     let tables = match acpi::build(&cfg) {
         Ok(t) => t,

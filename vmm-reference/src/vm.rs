@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use acpi_cpu_hotplug::{AcpiPm, PmLayout, SleepSink, SLP_TYP_S5};
+use acpi_cpu_hotplug::{AcpiHotplugDevice, HotplugLayout, HotplugSink, SleepSink, SLP_TYP_S5};
 use kvm_bindings::{kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use lapic_state::LapicPage;
@@ -100,6 +100,31 @@ impl SleepSink for PowerButton {
     }
 }
 
+/// Receives the guest's ejects and `_OST` reports. It only records them (it runs with the
+/// device lock held); acting on an eject (joining the vCPU thread, parking its fd) belongs to
+/// the VM's control path.
+#[derive(Default)]
+pub struct HotplugEvents {
+    ejected: Mutex<Vec<u32>>,
+}
+
+impl HotplugEvents {
+    /// CPUs the guest ejected since the last call.
+    pub fn take_ejected(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.ejected.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl HotplugSink for HotplugEvents {
+    fn cpu_ejected(&self, cpu: u32) {
+        log::info!("guest ejected CPU {cpu}");
+        self.ejected.lock().unwrap_or_else(|e| e.into_inner()).push(cpu);
+    }
+    fn ost(&self, cpu: u32, event: u32, status: u32) {
+        log::info!("guest _OST for CPU {cpu}: event {event:#x} status {status:#x}");
+    }
+}
+
 struct Exits {
     io: IoManager,
     events: Mutex<mpsc::Sender<VmEvent>>,
@@ -140,6 +165,8 @@ pub struct Vm {
     events: mpsc::Receiver<VmEvent>,
     stop: Arc<AtomicBool>,
     topology: Topology,
+    acpi_dev: Arc<Mutex<AcpiHotplugDevice>>,
+    hotplug_events: Arc<HotplugEvents>,
     mem: GuestMemory,
     _console: Option<Arc<SocketConsole>>,
     _vm: VmFd,
@@ -244,11 +271,11 @@ impl Vm {
             unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
-        let pm_layout = PmLayout::default();
+        let layout = HotplugLayout::default();
         let tables = acpi::build(&AcpiConfig {
             topology,
             boot_cpus: config.cpus.boot,
-            pm: pm_layout,
+            hotplug: layout,
         })?;
         for t in &tables {
             mem.write_slice(&t.bytes, GuestAddress(t.addr))
@@ -323,29 +350,24 @@ impl Vm {
                 })?;
         }
 
-        // ACPI PM1/GPE0 with the SCI as a level line.
-        let sci = LevelIrq::new(&vm, u32::from(pm_layout.sci_irq)).map_err(|source| VmmError::Io {
+        // ACPI PM1/GPE0 and the CPU hotplug block, with the SCI as a level line.
+        let sci = LevelIrq::new(&vm, u32::from(layout.pm.sci_irq)).map_err(|source| VmmError::Io {
             what: "SCI irqfd".into(),
             source,
         })?;
-        let pm = Arc::new(Mutex::new(AcpiPm::new(
-            pm_layout,
+        let apic_ids: Vec<u32> = (0..topology.max_vcpus()).map(|i| topology.apic_id(i)).collect();
+        let hotplug_events = Arc::new(HotplugEvents::default());
+        let acpi_dev = Arc::new(Mutex::new(AcpiHotplugDevice::new(
+            layout,
+            &apic_ids,
+            config.cpus.boot,
             Arc::new(sci),
             Arc::new(PowerButton(Mutex::new(ev_tx.clone()))),
+            hotplug_events.clone(),
         )));
-        register(
-            &mut io,
-            pm_layout.pm1a_evt,
-            u16::from(PmLayout::PM1_EVT_LEN),
-            pm.clone(),
-        )?;
-        register(
-            &mut io,
-            pm_layout.pm1a_cnt,
-            u16::from(PmLayout::PM1_CNT_LEN),
-            pm.clone(),
-        )?;
-        register(&mut io, pm_layout.gpe0, u16::from(pm_layout.gpe0_len), pm)?;
+        for (base, len) in layout.pio_ranges() {
+            register(&mut io, base, len, acpi_dev.clone())?;
+        }
 
         let exits = Arc::new(Exits {
             io,
@@ -380,6 +402,8 @@ impl Vm {
             events,
             stop,
             topology,
+            acpi_dev,
+            hotplug_events,
             mem,
             _console: console,
             _vm: vm,
@@ -424,6 +448,16 @@ impl Vm {
             fd.get_sregs().ok().map(|s| s.apic_base)
         })
         .flatten()
+    }
+
+    /// The ACPI PM/GPE/CPU hotplug device.
+    pub fn acpi_device(&self) -> &Arc<Mutex<AcpiHotplugDevice>> {
+        &self.acpi_dev
+    }
+
+    /// Ejects and `_OST` reports from the guest.
+    pub fn hotplug_events(&self) -> &Arc<HotplugEvents> {
+        &self.hotplug_events
     }
 
     /// The topology.

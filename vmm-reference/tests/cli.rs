@@ -98,7 +98,7 @@ fn acpi_tables_disassemble_cleanly_with_iasl() {
     if !iasl_available() {
         return;
     }
-    for cpus in ["boot=2,max=8", "boot=1,max=300"] {
+    for cpus in ["boot=2,max=8", "boot=1,max=8", "boot=1,max=300"] {
         let dir = temp_dir(&format!("iasl-{}", cpus.replace(['=', ','], "_")));
         let out = Command::new(vmm_bin())
             .args(["acpi-tables", "--cpus", cpus, "--out"])
@@ -132,6 +132,11 @@ fn acpi_tables_disassemble_cleanly_with_iasl() {
                 assert_eq!(n, boot, "enabled CPUs in the MADT ({cpus})");
             }
         }
+        // The CPU hotplug AML is in the DSDT: one ACPI0007 device per possible CPU, the GPE.
+        let dsdt = std::fs::read_to_string(dir.join("DSDT.dsl")).unwrap();
+        let max: usize = cpus.rsplit('=').next().unwrap().parse().unwrap();
+        assert_eq!(dsdt.matches("\"ACPI0007\"").count(), max, "{cpus}");
+        assert!(dsdt.contains("Method (_E02, 0, NotSerialized)") && dsdt.contains("Device (CPUS)"));
         // The DSDT must recompile too.
         let r = Command::new("iasl")
             .current_dir(&dir)

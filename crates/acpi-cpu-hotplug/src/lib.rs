@@ -34,6 +34,14 @@
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod aml;
+mod device;
+pub mod hotplug;
 mod pm;
 
+pub use aml::{madt_cpu_entry, CpuEntry, CpuHotplugAml};
+pub use device::{AcpiHotplugDevice, AcpiHotplugState, HotplugLayout};
+pub use hotplug::{
+    CpuHotplugController, CpuHotplugState, CpuSlot, HotplugError, HotplugSink, CPU_HOTPLUG_GPE,
+};
 pub use pm::{AcpiPm, AcpiPmState, InterruptLine, PmLayout, SleepSink, SLP_TYP_S5};
