@@ -283,6 +283,41 @@ fn differential_legacy_ids() {
     }
 }
 
+/// Found by the `lapic_differential` fuzz target: an ISR with all 256 vectors set makes
+/// KVM's cached in-service count wrap to zero, so PPR ignores the ISR on the next set.
+#[test]
+fn full_isr_wraps_the_in_service_count() {
+    let Some(kvm) = kvm_or_skip("full_isr_wraps_the_in_service_count") else {
+        return;
+    };
+    let mut h = harness(&kvm, true);
+    let conv = h.conv;
+    let v = &mut h.vcpus[3];
+    let base = ApicBase(0xfee0_0c00);
+    set_base(&v.fd, base);
+    let all = lapic_state::VectorSet([u32::MAX; 8]);
+    let mut most = all;
+    most.set(0, false);
+    let mut one = lapic_state::VectorSet::default();
+    one.set(0x51, true);
+    for isr in [most, most, all, all, one, one, most, one] {
+        let mut p = LapicPage::default();
+        p.set_reg(regs::ID, v.id);
+        p.set_vectors(regs::ISR, &isr);
+        let pred = predict_set(v.id, base, p.as_kvm(), &conv, &v.prior).unwrap();
+        v.fd.set_lapic(p.as_kvm()).unwrap();
+        let got = LapicPage::from(v.fd.get_lapic().unwrap());
+        assert_eq!(
+            got.reg(regs::PPR),
+            pred.get.reg(regs::PPR),
+            "ISR of {} vectors, prior {:?}",
+            isr.count(),
+            v.prior
+        );
+        v.prior = pred.next;
+    }
+}
+
 #[test]
 fn power_on_state_matches_a_fresh_vcpu() {
     let Some(kvm) = kvm_or_skip("power_on_state_matches_a_fresh_vcpu") else {
