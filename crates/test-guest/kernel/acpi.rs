@@ -40,6 +40,7 @@ pub struct AcpiInfo {
     pub gpe0_len: u8,
     pub sci: u16,
     pub dsdt: u64,
+    pub ioapic: u64,
     pub found_fadt: bool,
     pub found_madt: bool,
     pub rsdp: u64,
@@ -59,6 +60,7 @@ impl AcpiInfo {
             gpe0_len: 0,
             sci: 0,
             dsdt: 0,
+            ioapic: 0xfec0_0000,
             found_fadt: false,
             found_madt: false,
             rsdp: 0,
@@ -161,6 +163,7 @@ fn parse_madt(info: &mut AcpiInfo, t: u64) {
         }
         match typ {
             0 if elen >= 8 => add_cpu(info, u32::from(rd8(p + 3)), rd32(p + 4)),
+            1 if elen >= 12 => info.ioapic = u64::from(rd32(p + 4)),
             9 if elen >= 16 => add_cpu(info, rd32(p + 4), rd32(p + 8)),
             _ => {}
         }
@@ -205,6 +208,28 @@ pub fn find_s5(dsdt: u64) -> u16 {
                 0x0a => u16::from(rd8(e + 1)),
                 0x0b => rd16(e + 1),
                 other => u16::from(other),
+            };
+        }
+        p += 1;
+    }
+    0
+}
+
+/// Find the CPU hotplug register block: the DSDT's `OperationRegion (PRST, SystemIO, base, 12)`
+/// (bytes 5B 80 "PRST" 01, then the base as an AML integer). 0 if there is none.
+pub fn find_hotplug_base(dsdt: u64) -> u16 {
+    if dsdt == 0 {
+        return 0;
+    }
+    let len = u64::from(rd32(dsdt + 4)).min(256 * 1024);
+    let mut p = dsdt + 36;
+    while p + 10 < dsdt + len {
+        if rd8(p) == 0x5b && rd8(p + 1) == 0x80 && sig_is(p + 2, b"PRST") && rd8(p + 6) == 0x01 {
+            return match rd8(p + 7) {
+                0x0a => u16::from(rd8(p + 8)),
+                0x0b => rd16(p + 8),
+                0x0c => rd32(p + 8) as u16,
+                _ => 0,
             };
         }
         p += 1;

@@ -16,6 +16,28 @@ pub fn outw(port: u16, val: u16) {
 }
 
 #[inline(always)]
+pub fn outl(port: u16, val: u32) {
+    // SAFETY: as above.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") val, options(nomem, nostack, preserves_flags)) }
+}
+
+#[inline(always)]
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as above.
+    unsafe { asm!("in eax, dx", out("eax") v, in("dx") port, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: reads the time-stamp counter.
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+#[inline(always)]
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: as above.

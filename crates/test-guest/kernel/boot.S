@@ -160,6 +160,7 @@ ap_tramp_end:
 
     IRQ_STUB isr_timer, timer_interrupt
     IRQ_STUB isr_wakeup, wakeup_interrupt
+    IRQ_STUB isr_sci, sci_interrupt
 
     .globl isr_spurious
 isr_spurious:

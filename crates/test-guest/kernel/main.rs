@@ -13,6 +13,7 @@
 mod acpi;
 mod apic;
 mod arch;
+mod hotplug;
 
 use core::ptr::addr_of;
 use core::ptr::addr_of_mut;
@@ -59,6 +60,10 @@ pub struct PerCpu {
     state: AtomicU32,
     ticks: AtomicU64,
     offline_req: AtomicBool,
+    /// TSC at the last timer tick (0: not ticking yet since it came online).
+    last_tsc: AtomicU64,
+    /// Longest TSC interval between two ticks since the last `resetgaps`.
+    max_gap: AtomicU64,
 }
 
 impl PerCpu {
@@ -70,6 +75,8 @@ impl PerCpu {
             state: AtomicU32::new(ST_ABSENT),
             ticks: AtomicU64::new(0),
             offline_req: AtomicBool::new(false),
+            last_tsc: AtomicU64::new(0),
+            max_gap: AtomicU64::new(0),
         }
     }
 }
@@ -78,6 +85,8 @@ static PERCPU: [PerCpu; MAX_CPUS] = [const { PerCpu::new() }; MAX_CPUS];
 static NCPUS: AtomicU64 = AtomicU64::new(0);
 static BSP_INDEX: AtomicU64 = AtomicU64::new(0);
 static BSP_APIC_ID: AtomicU32 = AtomicU32::new(0);
+/// TSC when the BSP's timer started (to convert TSC intervals into time).
+static TSC0: AtomicU64 = AtomicU64::new(0);
 static mut ACPI: acpi::AcpiInfo = acpi::AcpiInfo::empty();
 static mut IDT: [u64; 512] = [0; 512];
 static mut LINE: [u8; 128] = [0; 128];
@@ -95,6 +104,7 @@ extern "C" {
     fn isr_timer();
     fn isr_wakeup();
     fn isr_spurious();
+    fn isr_sci();
 }
 
 // ---------------------------------------------------------------- console output
@@ -175,6 +185,7 @@ fn setup_idt() {
     set_gate(apic::VEC_TIMER as usize, isr_timer as *const () as u64);
     set_gate(apic::VEC_WAKEUP as usize, isr_wakeup as *const () as u64);
     set_gate(apic::VEC_SPURIOUS as usize, isr_spurious as *const () as u64);
+    set_gate(hotplug::VEC_SCI as usize, isr_sci as *const () as u64);
 }
 
 fn this_cpu() -> &'static PerCpu {
@@ -188,6 +199,18 @@ extern "C" fn timer_interrupt() {
     // Only this CPU writes its own counter: a plain load/store pair suffices.
     c.ticks
         .store(c.ticks.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    let now = arch::rdtsc();
+    let last = c.last_tsc.load(Ordering::Relaxed);
+    if last != 0 && now > last && now - last > c.max_gap.load(Ordering::Relaxed) {
+        c.max_gap.store(now - last, Ordering::Relaxed);
+    }
+    c.last_tsc.store(now, Ordering::Relaxed);
+    apic::eoi();
+}
+
+#[no_mangle]
+extern "C" fn sci_interrupt() {
+    hotplug::on_sci();
     apic::eoi();
 }
 
@@ -289,8 +312,9 @@ fn boot_cpu(i: usize) -> bool {
 extern "C" fn ap_main(pc: *const PerCpu) -> ! {
     arch::set_gs_base(pc as u64);
     load_idt();
-    apic::setup_online();
     let c = this_cpu();
+    c.last_tsc.store(0, Ordering::Relaxed);
+    apic::setup_online();
     c.state.store(ST_ONLINE, Ordering::SeqCst);
     apic::send_ipi(BSP_APIC_ID.load(Ordering::Relaxed), u32::from(apic::VEC_WAKEUP));
     loop {
@@ -383,6 +407,7 @@ extern "C" fn kmain() -> ! {
     };
     arch::set_gs_base(bsp as *const PerCpu as u64);
     apic::setup_online();
+    TSC0.store(arch::rdtsc(), Ordering::Relaxed);
     bsp.state.store(ST_ONLINE, Ordering::SeqCst);
 
     // SAFETY: copies the trampoline (a few hundred bytes) to the SIPI page in low RAM.
@@ -400,6 +425,9 @@ extern "C" fn kmain() -> ! {
         }
     }
 
+    // CPU hotplug: the register block from the DSDT, the SCI through the IOAPIC, GPE0 bit 2.
+    let hp = acpi::find_hotplug_base(info.dsdt);
+    hotplug::init(hp, info.gpe0_blk, info.gpe0_len, info.sci, info.ioapic, bsp_id);
     summary("READY");
     puts("\n");
     command_loop();
@@ -437,6 +465,9 @@ fn counts() -> (u64, u64) {
 
 fn command_loop() -> ! {
     loop {
+        if hotplug::SCAN_PENDING.swap(false, Ordering::SeqCst) {
+            scan();
+        }
         // Drain the UART receive buffer (LSR bit 0 = data ready).
         while arch::inb(COM1 + 5) & 1 != 0 {
             let ch = arch::inb(COM1);
@@ -518,9 +549,33 @@ fn execute(line: &[u8]) {
             None => err("usage: online|offline <cpu index>"),
         },
         b"poweroff" => poweroff(),
+        b"autoonline" => match arg {
+            b"on" | b"off" => {
+                hotplug::AUTO_ONLINE.store(arg == b"on", Ordering::SeqCst);
+                puts("OK\n");
+            }
+            _ => err("usage: autoonline on|off"),
+        },
+        b"eject" => match parse_num(arg) {
+            Some(n) if n < ncpus() => {
+                hotplug::eject(n as u32);
+                puts("OK\n");
+            }
+            _ => err("usage: eject <cpu index>"),
+        },
+        b"scan" => {
+            scan();
+            puts("OK\n");
+        }
+        b"resetgaps" => {
+            for c in PERCPU.iter().take(ncpus()) {
+                c.max_gap.store(0, Ordering::Relaxed);
+            }
+            puts("OK\n");
+        }
         b"triple-fault" => triple_fault(),
         b"help" => {
-            puts("commands: status | online N | offline N | poweroff | triple-fault | help\nOK\n");
+            puts("commands: status | online N | offline N | eject N | autoonline on|off | scan | resetgaps | poweroff | triple-fault | help\nOK\n");
         }
         _ => err("unknown command"),
     }
@@ -530,6 +585,16 @@ fn status() {
     summary("STATUS");
     puts(" bsp=");
     putdec(BSP_INDEX.load(Ordering::Relaxed));
+    puts(" hotplug_port=");
+    puthex(u64::from(hotplug::base()));
+    puts(" sci=");
+    putdec(hotplug::SCI_COUNT.load(Ordering::Relaxed));
+    puts(" inserts=");
+    putdec(hotplug::INSERTS.load(Ordering::Relaxed));
+    puts(" ejects=");
+    putdec(hotplug::EJECTS.load(Ordering::Relaxed));
+    puts(" autoonline=");
+    putdec(u64::from(hotplug::AUTO_ONLINE.load(Ordering::Relaxed)));
     puts("\n");
     for (i, c) in PERCPU.iter().enumerate().take(ncpus()) {
         let s = c.state.load(Ordering::SeqCst);
@@ -541,6 +606,8 @@ fn status() {
         puts(state_name(s));
         puts(" ticks=");
         putdec(c.ticks.load(Ordering::Relaxed));
+        puts(" maxgap_us=");
+        putdec(gap_us(c.max_gap.load(Ordering::Relaxed)));
         puts("\n");
     }
     puts("OK\n");
@@ -563,23 +630,87 @@ fn cmd_online(n: usize) {
     }
 }
 
-fn cmd_offline(n: usize) {
+fn offline_cpu(n: usize) -> Result<(), &'static str> {
     if n == BSP_INDEX.load(Ordering::Relaxed) as usize {
-        return err("cannot offline the boot cpu");
+        return Err("cannot offline the boot cpu");
     }
     let Some(c) = cpu(n) else {
-        return err("no such cpu");
+        return Err("no such cpu");
     };
     if c.state.load(Ordering::SeqCst) != ST_ONLINE {
-        return err("cpu not online");
+        return Err("cpu not online");
     }
     c.offline_req.store(true, Ordering::SeqCst);
     // Kick it out of HLT so it notices at once rather than at its next tick.
     apic::send_ipi(c.apic_id.load(Ordering::Relaxed), u32::from(apic::VEC_WAKEUP));
     if wait_until(|| c.state.load(Ordering::SeqCst) == ST_OFFLINE) {
-        puts("OK\n");
+        Ok(())
     } else {
-        err("cpu did not go offline");
+        Err("cpu did not go offline")
+    }
+}
+
+fn cmd_offline(n: usize) {
+    match offline_cpu(n) {
+        Ok(()) => puts("OK\n"),
+        Err(e) => err(e),
+    }
+}
+
+/// TSC interval -> microseconds, from the BSP's own tick rate (10 ms per tick).
+fn gap_us(tsc: u64) -> u64 {
+    let ticks = bsp_ticks().max(1);
+    let per_tick = (arch::rdtsc().saturating_sub(TSC0.load(Ordering::Relaxed)) / ticks).max(1);
+    tsc.saturating_mul(10_000) / per_tick
+}
+
+/// What CSCN does, done on the registers: take every pending event, react like Linux, `_OST`.
+fn scan() {
+    for _ in 0..ncpus() {
+        match hotplug::next_event() {
+            Some(hotplug::Event::Insert(uid)) => {
+                let Some(c) = cpu(uid as usize) else {
+                    hotplug::insert_done(uid, false);
+                    continue;
+                };
+                let _ = c
+                    .state
+                    .compare_exchange(ST_ABSENT, ST_STOPPED, Ordering::SeqCst, Ordering::SeqCst);
+                let auto = hotplug::AUTO_ONLINE.load(Ordering::SeqCst);
+                let ok = if auto && c.state.load(Ordering::SeqCst) != ST_ONLINE {
+                    boot_cpu(uid as usize)
+                } else {
+                    true
+                };
+                hotplug::insert_done(uid, ok);
+                puts("EVENT insert cpu=");
+                putdec(u64::from(uid));
+                puts(" online=");
+                putdec(u64::from(c.state.load(Ordering::SeqCst) == ST_ONLINE));
+                puts("\n");
+            }
+            Some(hotplug::Event::Remove(uid)) => {
+                let idx = uid as usize;
+                let gone = match cpu(idx) {
+                    Some(c) if idx != BSP_INDEX.load(Ordering::Relaxed) as usize => {
+                        c.state.load(Ordering::SeqCst) != ST_ONLINE || offline_cpu(idx).is_ok()
+                    }
+                    _ => false,
+                };
+                hotplug::remove_done(uid, gone);
+                if gone {
+                    if let Some(c) = cpu(idx) {
+                        c.state.store(ST_ABSENT, Ordering::SeqCst);
+                    }
+                }
+                puts("EVENT remove cpu=");
+                putdec(u64::from(uid));
+                puts(" ejected=");
+                putdec(u64::from(gone));
+                puts("\n");
+            }
+            None => return,
+        }
     }
 }
 
