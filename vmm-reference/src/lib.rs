@@ -24,6 +24,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod console;

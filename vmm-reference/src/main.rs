@@ -41,7 +41,7 @@ enum Cmd {
         /// Guest memory, e.g. 256M or 1G.
         #[arg(long, default_value = "256M")]
         memory: String,
-        /// REST API socket (not implemented yet).
+        /// REST API socket (Unix stream socket, JSON; see `vmm-reference ctl`).
         #[arg(long)]
         api_socket: Option<PathBuf>,
         /// Serial console: stdout | file=PATH | socket=PATH.
@@ -57,8 +57,44 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Boot the test guest with 2 of 8 CPUs, show its status, power it off.
+    /// Boot the test guest with 2 of 8 CPUs, hot-add, offline, remove and re-add CPUs.
     Demo,
+    /// Control a running VMM through its API socket.
+    Ctl {
+        /// The VMM's --api-socket.
+        #[arg(long)]
+        api_socket: PathBuf,
+        #[command(subcommand)]
+        op: CtlOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlOp {
+    /// Per-CPU state (table, or the API's JSON with --json).
+    Info {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make N CPUs present.
+    Resize {
+        /// Desired number of present CPUs.
+        n: u32,
+    },
+    /// Hot-add the lowest absent CPU.
+    AddCpu,
+    /// Ask the guest to remove CPU ID.
+    RemoveCpu {
+        /// CPU index.
+        id: u32,
+    },
+    /// Pause all vCPUs.
+    Pause,
+    /// Resume all vCPUs.
+    Resume,
+    /// End the VM.
+    Shutdown,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -101,11 +137,9 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(e),
             };
-            if api_socket.is_some() {
-                return fail("--api-socket: the REST API is not implemented yet");
-            }
-            run(&config)
+            run(&config, api_socket.as_deref())
         }
+        Cmd::Ctl { api_socket, op } => ctl(&api_socket, op),
         Cmd::AcpiTables { cpus, out } => acpi_tables(&cpus, &out),
         Cmd::Demo => demo(),
     }
@@ -129,21 +163,135 @@ fn build_config(
     })
 }
 
-fn run(config: &VmConfig) -> ExitCode {
+fn run(config: &VmConfig, api_socket: Option<&std::path::Path>) -> ExitCode {
+    // Bind the API socket first, so a bad path fails before the guest starts.
+    let listener = match api_socket {
+        Some(p) => {
+            if p.exists() {
+                let _ = std::fs::remove_file(p);
+            }
+            match std::os::unix::net::UnixListener::bind(p) {
+                Ok(l) => Some(l),
+                Err(e) => return fail(format!("--api-socket {}: {e}", p.display())),
+            }
+        }
+        None => None,
+    };
     let vm = match Vm::start(config) {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };
+    if let Some(l) = listener {
+        let ctl = vm.control();
+        if let Err(e) = std::thread::Builder::new()
+            .name("api-server".into())
+            .spawn(move || vmm_reference::api::serve(l, ctl))
+        {
+            return fail(format!("API server thread: {e}"));
+        }
+    }
     let outcome = vm.wait(None);
+    if let Some(p) = api_socket {
+        let _ = std::fs::remove_file(p);
+    }
     vm.shutdown();
     match outcome {
         Some(VmOutcome::PowerOff) => {
             log::info!("guest powered off");
             ExitCode::SUCCESS
         }
+        Some(VmOutcome::Shutdown) => {
+            log::info!("shut down through the API");
+            ExitCode::SUCCESS
+        }
         Some(VmOutcome::GuestError(e)) => fail(format!("guest failed: {e}")),
         None => fail("VM event channel closed"),
     }
+}
+
+fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
+    let (method, endpoint, body) = match &op {
+        CtlOp::Info { .. } => ("GET", "vm.info", None),
+        CtlOp::Resize { n } => ("PUT", "vm.resize", Some(format!("{{\"desired_vcpus\":{n}}}"))),
+        CtlOp::AddCpu => ("PUT", "vm.add-cpu", None),
+        CtlOp::RemoveCpu { id } => ("PUT", "vm.remove-cpu", Some(format!("{{\"id\":{id}}}"))),
+        CtlOp::Pause => ("PUT", "vm.pause", None),
+        CtlOp::Resume => ("PUT", "vm.resume", None),
+        CtlOp::Shutdown => ("PUT", "vm.shutdown", None),
+    };
+    let (status, body) = match vmm_reference::api::request(sock, method, endpoint, body.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return fail(format!("--api-socket {}: {e}", sock.display())),
+    };
+    if status >= 300 {
+        let msg = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+            .unwrap_or(body);
+        eprintln!("error: {endpoint}: HTTP {status}: {msg}");
+        return ExitCode::from(if status == 429 { 75 } else { 1 });
+    }
+    match op {
+        CtlOp::Info { json: false } => match serde_json::from_str::<serde_json::Value>(&body) {
+            Ok(v) => print!("{}", info_table(&v)),
+            Err(e) => return fail(format!("bad vm.info reply: {e}")),
+        },
+        _ if !body.is_empty() => println!("{body}"),
+        _ => {}
+    }
+    ExitCode::SUCCESS
+}
+
+/// `vm.info` as a table for people.
+fn info_table(v: &serde_json::Value) -> String {
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let mut out = format!(
+        "max {}  present {}  paused {}  pending removals {}  refused ejects {}  parked fds {}  reused fds {}\n",
+        s(&v["max_vcpus"]),
+        s(&v["present_vcpus"]),
+        s(&v["paused"]),
+        s(&v["pending_removals"]),
+        s(&v["refused_ejects"]),
+        s(&v["parked_vcpu_fds"]),
+        s(&v["reused_vcpu_fds"])
+    );
+    out.push_str(&format!(
+        "{:>4} {:>7} {:>7} {:>8} {:>13} {:>6} {:>6} {:>9} {:>8}\n",
+        "cpu", "apic_id", "present", "vcpu", "mp_state", "apic", "apicSW", "pending", "ost"
+    ));
+    for c in v["cpus"].as_array().into_iter().flatten() {
+        let pending = match (
+            c["inserting"].as_bool(),
+            c["removing"].as_bool(),
+            c["remove_requested"].as_bool(),
+        ) {
+            (Some(true), _, _) => "insert",
+            (_, Some(true), _) => "remove",
+            (_, _, Some(true)) => "eject",
+            _ => "-",
+        };
+        out.push_str(&format!(
+            "{:>4} {:>7} {:>7} {:>8} {:>13} {:>6} {:>6} {:>9} {:>8}\n",
+            s(&c["id"]),
+            s(&c["apic_id"]),
+            s(&c["present"]),
+            s(&c["vcpu"]),
+            s(&c["mp_state"]),
+            s(&c["apic_mode"]),
+            s(&c["apic_sw_enabled"]),
+            pending,
+            format!(
+                "{:#x}/{:#x}",
+                c["ost_event"].as_u64().unwrap_or(0),
+                c["ost_status"].as_u64().unwrap_or(0)
+            )
+        ));
+    }
+    out
 }
 
 fn acpi_tables(cpus: &str, out: &std::path::Path) -> ExitCode {

@@ -1,17 +1,19 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Building and running a VM: KVM setup, memory, ACPI, kernel, devices, vCPU threads.
 
+use std::collections::BTreeSet;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use acpi_cpu_hotplug::{AcpiHotplugDevice, HotplugLayout, HotplugSink, SleepSink, SLP_TYP_S5};
 use kvm_bindings::{kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use lapic_state::LapicPage;
-use vcpu_manager::{cpuid, ExitHandler, Topology, VcpuExitReason, VcpuRunner};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use lapic_state::{ApicBase, ApicMode, KvmConventions, LapicPage};
+use serde::Serialize;
+use vcpu_manager::{ExitHandler, Slot, Topology, VcpuExitReason, VcpuManager};
 use vm_device::bus::{PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, PioManager};
 use vm_device::DevicePio;
@@ -75,12 +77,15 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
 pub enum VmOutcome {
     /// The guest powered off through ACPI S5.
     PowerOff,
+    /// The VMM was asked to shut the VM down (API).
+    Shutdown,
     /// The guest failed (triple fault, emulation failure, ...).
     GuestError(String),
 }
 
 enum VmEvent {
     PowerOff,
+    Shutdown,
     VcpuFailed(u32, VcpuExitReason),
 }
 
@@ -100,12 +105,11 @@ impl SleepSink for PowerButton {
     }
 }
 
-/// Receives the guest's ejects and `_OST` reports. It only records them (it runs with the
-/// device lock held); acting on an eject (joining the vCPU thread, parking its fd) belongs to
-/// the VM's control path.
-#[derive(Default)]
+/// Receives the guest's ejects and `_OST` reports. It runs with the device lock held on a
+/// vCPU thread, so it only records and queues: the eject worker joins the vCPU thread.
 pub struct HotplugEvents {
     ejected: Mutex<Vec<u32>>,
+    worker: Mutex<mpsc::Sender<u32>>,
 }
 
 impl HotplugEvents {
@@ -119,6 +123,7 @@ impl HotplugSink for HotplugEvents {
     fn cpu_ejected(&self, cpu: u32) {
         log::info!("guest ejected CPU {cpu}");
         self.ejected.lock().unwrap_or_else(|e| e.into_inner()).push(cpu);
+        let _ = self.worker.lock().unwrap_or_else(|e| e.into_inner()).send(cpu);
     }
     fn ost(&self, cpu: u32, event: u32, status: u32) {
         log::info!("guest _OST for CPU {cpu}: event {event:#x} status {status:#x}");
@@ -158,24 +163,335 @@ impl ExitHandler for Exits {
     }
 }
 
-/// A running VM.
-pub struct Vm {
+/// Errors of the control operations, shaped for the REST API.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// The request cannot be honoured as asked (HTTP 400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Try again later, e.g. while a CPU removal is in progress (HTTP 429).
+    #[error("{0}")]
+    Busy(String),
+    /// Something failed inside the VMM (HTTP 500); the VM keeps running.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// One possible CPU as `vm.info` reports it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct CpuInfo {
+    /// CPU index (ACPI UID).
+    pub id: u32,
+    /// APIC id.
+    pub apic_id: u32,
+    /// Present (the guest's `_STA` says so).
+    pub present: bool,
+    /// `running`, `parked` (removed, fd kept) or `absent` (never created).
+    pub vcpu: &'static str,
+    /// KVM mp_state of a running vCPU (`RUNNABLE`, `HALTED`, `UNINITIALIZED`, ...).
+    pub mp_state: Option<&'static str>,
+    /// APIC mode from IA32_APIC_BASE (`xapic`, `x2apic`, `disabled`).
+    pub apic_mode: Option<&'static str>,
+    /// SPIV bit 8: the APIC is software-enabled (a CPU the guest offlined has it clear).
+    pub apic_sw_enabled: Option<bool>,
+    /// Insert event pending for the guest.
+    pub inserting: bool,
+    /// Remove event pending for the guest.
+    pub removing: bool,
+    /// The VMM asked to remove it and the guest has not ejected it yet.
+    pub remove_requested: bool,
+    /// Last `_OST` event.
+    pub ost_event: u32,
+    /// Last `_OST` status.
+    pub ost_status: u32,
+}
+
+/// `vm.info`.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct VmInfo {
+    /// Possible CPUs.
+    pub max_vcpus: u32,
+    /// Present CPUs.
+    pub present_vcpus: u32,
+    /// vCPUs paused by the API.
+    pub paused: bool,
+    /// Removals requested and not finished (resize answers "busy" meanwhile).
+    pub pending_removals: Vec<u32>,
+    /// Ejects the device's guard refused.
+    pub refused_ejects: u64,
+    /// Hot-adds that reused a parked vCPU fd.
+    pub reused_vcpu_fds: u64,
+    /// Parked vCPU fds.
+    pub parked_vcpu_fds: u32,
+    /// Per possible CPU.
+    pub cpus: Vec<CpuInfo>,
+}
+
+fn mp_state_name(s: u32) -> &'static str {
+    match s {
+        0 => "RUNNABLE",
+        1 => "UNINITIALIZED",
+        2 => "INIT_RECEIVED",
+        3 => "HALTED",
+        4 => "SIPI_RECEIVED",
+        5 => "STOPPED",
+        _ => "OTHER",
+    }
+}
+
+/// State shared by the VM's owner, the API server and the eject worker.
+pub struct VmInner {
     // Field order is drop order: vCPU threads stop before the fds and memory go away.
-    runners: Vec<VcpuRunner>,
-    events: mpsc::Receiver<VmEvent>,
-    stop: Arc<AtomicBool>,
-    topology: Topology,
+    vcpus: Mutex<VcpuManager>,
     acpi_dev: Arc<Mutex<AcpiHotplugDevice>>,
     hotplug_events: Arc<HotplugEvents>,
+    pending_removals: Mutex<BTreeSet<u32>>,
+    paused: AtomicBool,
+    events_tx: Mutex<mpsc::Sender<VmEvent>>,
+    topology: Topology,
+    msrs: Vec<u32>,
+    vm: VmFd,
     mem: GuestMemory,
+    kvm: Kvm,
+}
+
+impl VmInner {
+    fn lock_vcpus(&self) -> std::sync::MutexGuard<'_, VcpuManager> {
+        self.vcpus.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_dev(&self) -> std::sync::MutexGuard<'_, AcpiHotplugDevice> {
+        self.acpi_dev.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn present(&self) -> Vec<u32> {
+        let dev = self.lock_dev();
+        (0..self.topology.max_vcpus())
+            .filter(|i| dev.controller().slot(*i).is_some_and(|s| s.present))
+            .collect()
+    }
+
+    /// Hot-add CPU `index`: create (or reuse) its vCPU, start it, then tell the guest.
+    pub fn add_cpu_index(&self, index: u32) -> Result<(), ControlError> {
+        if index >= self.topology.max_vcpus() {
+            return Err(ControlError::BadRequest(format!(
+                "CPU {index} is beyond the maximum of {} CPUs",
+                self.topology.max_vcpus()
+            )));
+        }
+        if self.paused.load(Ordering::SeqCst) {
+            return Err(ControlError::Busy("the VM is paused".into()));
+        }
+        if self
+            .pending_removals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&index)
+        {
+            return Err(ControlError::Busy(format!(
+                "removal of CPU {index} is in progress, retry"
+            )));
+        }
+        let mut vcpus = self.lock_vcpus();
+        if self
+            .lock_dev()
+            .controller()
+            .slot(index)
+            .is_some_and(|s| s.present)
+        {
+            return Err(ControlError::BadRequest(format!(
+                "CPU {index} is already present"
+            )));
+        }
+        vcpus
+            .hot_add(&self.vm, index)
+            .map_err(|e| ControlError::Internal(e.to_string()))?;
+        // The vCPU exists and waits for INIT/SIPI before the guest hears about it.
+        self.lock_dev()
+            .request_insert(index)
+            .map_err(|e| ControlError::Internal(e.to_string()))
+    }
+
+    /// Hot-add the lowest absent CPU; returns its index.
+    pub fn add_cpu(&self) -> Result<u32, ControlError> {
+        let present = self.present();
+        let index = (0..self.topology.max_vcpus())
+            .find(|i| !present.contains(i))
+            .ok_or_else(|| ControlError::BadRequest("all possible CPUs are present".into()))?;
+        self.add_cpu_index(index)?;
+        Ok(index)
+    }
+
+    /// Ask the guest to remove CPU `index`; the vCPU goes away when the guest ejects it.
+    pub fn remove_cpu(&self, index: u32) -> Result<(), ControlError> {
+        if index == 0 {
+            return Err(ControlError::BadRequest(
+                "CPU 0 is the boot CPU and cannot be removed".into(),
+            ));
+        }
+        let mut pending = self.pending_removals.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.contains(&index) {
+            return Err(ControlError::Busy(format!(
+                "removal of CPU {index} is already in progress"
+            )));
+        }
+        self.lock_dev()
+            .request_remove(index)
+            .map_err(|e| ControlError::BadRequest(e.to_string()))?;
+        pending.insert(index);
+        Ok(())
+    }
+
+    /// Make `desired` CPUs present: add the lowest absent ones or remove the highest present.
+    pub fn resize(&self, desired: u32) -> Result<(), ControlError> {
+        let max = self.topology.max_vcpus();
+        if desired == 0 || desired > max {
+            return Err(ControlError::BadRequest(format!(
+                "desired_vcpus must be between 1 and {max}, got {desired}"
+            )));
+        }
+        if !self
+            .pending_removals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            return Err(ControlError::Busy("a CPU removal is in progress, retry".into()));
+        }
+        let present = self.present();
+        let n = present.len() as u32;
+        if desired > n {
+            for _ in n..desired {
+                self.add_cpu()?;
+            }
+        } else {
+            for index in present.iter().rev().take((n - desired) as usize) {
+                self.remove_cpu(*index)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pause every vCPU (none inside KVM_RUN, pending I/O completed).
+    pub fn pause(&self) -> Result<(), ControlError> {
+        let vcpus = self.lock_vcpus();
+        vcpus
+            .pause_all()
+            .map_err(|e| ControlError::Internal(e.to_string()))?;
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Resume every vCPU.
+    pub fn resume(&self) {
+        self.lock_vcpus().resume_all();
+        self.paused.store(false, Ordering::SeqCst);
+    }
+
+    /// Ask the VMM to end the VM (the owner's `wait` returns `Shutdown`).
+    pub fn request_shutdown(&self) {
+        let _ = self
+            .events_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(VmEvent::Shutdown);
+    }
+
+    /// Per-CPU view: device flags plus what KVM says about each running vCPU.
+    pub fn info(&self) -> VmInfo {
+        let vcpus = self.lock_vcpus();
+        let (slots, refused) = {
+            let dev = self.lock_dev();
+            let st = dev.controller().state();
+            (st.cpus, st.refused_ejects)
+        };
+        let mut cpus = Vec::new();
+        for (i, s) in slots.iter().enumerate() {
+            let i = i as u32;
+            let (vcpu, kvm_view) = match vcpus.slot(i) {
+                Some(Slot::Running(r)) => (
+                    "running",
+                    r.with_vcpu(vcpu_manager::VCPU_TIMEOUT, |fd| {
+                        let mp = fd.get_mp_state().ok()?.mp_state;
+                        let base = ApicBase(fd.get_sregs().ok()?.apic_base);
+                        let lapic = LapicPage::from(fd.get_lapic().ok()?);
+                        Some((mp, base.mode(), lapic.sw_enabled()))
+                    })
+                    .flatten(),
+                ),
+                Some(Slot::Parked(_)) => ("parked", None),
+                _ => ("absent", None),
+            };
+            cpus.push(CpuInfo {
+                id: i,
+                apic_id: self.topology.apic_id(i),
+                present: s.present,
+                vcpu,
+                mp_state: kvm_view.map(|(m, _, _)| mp_state_name(m)),
+                apic_mode: kvm_view.map(|(_, m, _)| match m {
+                    ApicMode::XApic => "xapic",
+                    ApicMode::X2Apic => "x2apic",
+                    ApicMode::Disabled => "disabled",
+                    ApicMode::Invalid => "invalid",
+                }),
+                apic_sw_enabled: kvm_view.map(|(_, _, e)| e),
+                inserting: s.inserting,
+                removing: s.removing,
+                remove_requested: s.remove_requested,
+                ost_event: s.ost_event,
+                ost_status: s.ost_status,
+            });
+        }
+        VmInfo {
+            max_vcpus: self.topology.max_vcpus(),
+            present_vcpus: slots.iter().filter(|s| s.present).count() as u32,
+            paused: self.paused.load(Ordering::SeqCst),
+            pending_removals: self
+                .pending_removals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .copied()
+                .collect(),
+            refused_ejects: refused,
+            reused_vcpu_fds: vcpus.reused(),
+            parked_vcpu_fds: vcpus.parked() as u32,
+            cpus,
+        }
+    }
+
+    /// The guest ejected CPU `index`: stop and join its vCPU thread, park the fd.
+    fn finish_removal(&self, index: u32) {
+        if let Err(e) = self.lock_vcpus().hot_remove(index) {
+            log::error!("removing vCPU {index} after its eject: {e}");
+        }
+        self.pending_removals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&index);
+    }
+
+    /// Save every vCPU (the VM must be paused).
+    pub fn save_vcpus(&self) -> Result<Vec<(u32, vcpu_manager::VcpuState)>, ControlError> {
+        self.lock_vcpus()
+            .save_all(&self.msrs)
+            .map_err(|e| ControlError::Internal(e.to_string()))
+    }
+}
+
+/// A running VM.
+pub struct Vm {
+    inner: Arc<VmInner>,
+    events: mpsc::Receiver<VmEvent>,
+    stop: Arc<AtomicBool>,
     _console: Option<Arc<SocketConsole>>,
-    _vm: VmFd,
-    _kvm: Kvm,
 }
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vm").field("vcpus", &self.runners.len()).finish()
+        f.debug_struct("Vm")
+            .field("topology", &self.inner.topology)
+            .finish()
     }
 }
 
@@ -356,7 +672,11 @@ impl Vm {
             source,
         })?;
         let apic_ids: Vec<u32> = (0..topology.max_vcpus()).map(|i| topology.apic_id(i)).collect();
-        let hotplug_events = Arc::new(HotplugEvents::default());
+        let (eject_tx, eject_rx) = mpsc::channel();
+        let hotplug_events = Arc::new(HotplugEvents {
+            ejected: Mutex::default(),
+            worker: Mutex::new(eject_tx),
+        });
         let acpi_dev = Arc::new(Mutex::new(AcpiHotplugDevice::new(
             layout,
             &apic_ids,
@@ -371,17 +691,15 @@ impl Vm {
 
         let exits = Arc::new(Exits {
             io,
-            events: Mutex::new(ev_tx),
+            events: Mutex::new(ev_tx.clone()),
         });
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = VcpuManager::new(topology, supported, exits, KvmConventions::CANONICAL);
         let mut fds = Vec::new();
         for i in 0..config.cpus.boot {
-            let fd = vm
-                .create_vcpu(u64::from(topology.apic_id(i)))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            configure_vcpu(&fd, &supported, &topology, i)?;
+            let fd = vcpus.prepare(&vm, i)?;
             if i == 0 {
                 // The BSP enters the kernel directly in 64-bit mode.
                 let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
@@ -390,28 +708,66 @@ impl Vm {
                 fd.set_regs(&boot::bsp_regs(entry))
                     .map_err(kvm_err("KVM_SET_REGS"))?;
                 fd.set_fpu(&boot::boot_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
+                // The LAPIC conventions this VM's KVM uses (id format, ICR layout, LVTs).
+                let conv =
+                    KvmConventions::detect(&kvm, &fd, topology.needs_x2apic()).map_err(|e| VmmError::Io {
+                        what: e.to_string(),
+                        source: std::io::Error::other("LAPIC conventions"),
+                    })?;
+                vcpus.set_conventions(conv);
             }
             fds.push(fd);
         }
-        let mut runners = Vec::new();
+        let msrs = match fds.first() {
+            Some(fd) => vcpu_manager::msr_list(&kvm, fd)?,
+            None => Vec::new(),
+        };
         for (i, fd) in fds.into_iter().enumerate() {
-            runners.push(VcpuRunner::spawn(i as u32, fd, exits.clone())?);
+            vcpus.start(i as u32, fd)?;
         }
-        Ok(Vm {
-            runners,
-            events,
-            stop,
-            topology,
+        let inner = Arc::new(VmInner {
+            vcpus: Mutex::new(vcpus),
             acpi_dev,
             hotplug_events,
+            pending_removals: Mutex::default(),
+            paused: AtomicBool::new(false),
+            events_tx: Mutex::new(ev_tx),
+            topology,
+            msrs,
+            vm,
             mem,
+            kvm,
+        });
+        // Eject worker: joins ejected vCPUs off the vCPU threads (they hold the device lock).
+        let weak: Weak<VmInner> = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("eject-worker".into())
+            .spawn(move || {
+                for cpu in eject_rx {
+                    match weak.upgrade() {
+                        Some(inner) => inner.finish_removal(cpu),
+                        None => return,
+                    }
+                }
+            })
+            .map_err(|source| VmmError::Io {
+                what: "eject worker thread".into(),
+                source,
+            })?;
+        Ok(Vm {
+            inner,
+            events,
+            stop,
             _console: console,
-            _vm: vm,
-            _kvm: kvm,
         })
     }
 
-    /// Wait for the VM to end (power-off or a guest failure), up to `timeout` if given.
+    /// The control interface (shared with the API server).
+    pub fn control(&self) -> Arc<VmInner> {
+        self.inner.clone()
+    }
+
+    /// Wait for the VM to end (power-off, shutdown request, guest failure), up to `timeout`.
     pub fn wait(&self, timeout: Option<Duration>) -> Option<VmOutcome> {
         let ev = match timeout {
             Some(t) => self.events.recv_timeout(t).ok()?,
@@ -419,69 +775,76 @@ impl Vm {
         };
         Some(match ev {
             VmEvent::PowerOff => VmOutcome::PowerOff,
+            VmEvent::Shutdown => VmOutcome::Shutdown,
             VmEvent::VcpuFailed(i, r) => VmOutcome::GuestError(format!("vCPU {i}: {r}")),
         })
     }
 
-    /// KVM's mp_state of present vCPU `index` (`KVM_MP_STATE_*`).
+    fn with_vcpu<R: Send + 'static>(
+        &self,
+        index: u32,
+        f: impl FnOnce(&mut kvm_ioctls::VcpuFd) -> Option<R> + Send + 'static,
+    ) -> Option<R> {
+        let vcpus = self.inner.lock_vcpus();
+        vcpus.runner(index)?.with_vcpu(VCPU_REQUEST_TIMEOUT, f).flatten()
+    }
+
+    /// KVM's mp_state of running vCPU `index` (`KVM_MP_STATE_*`).
     pub fn mp_state(&self, index: u32) -> Option<u32> {
-        let r = self.runners.get(index as usize)?;
-        r.with_vcpu(VCPU_REQUEST_TIMEOUT, |fd| {
-            fd.get_mp_state().ok().map(|m| m.mp_state)
-        })
-        .flatten()
+        self.with_vcpu(index, |fd| fd.get_mp_state().ok().map(|m| m.mp_state))
     }
 
-    /// The LAPIC register page of present vCPU `index`.
+    /// The LAPIC register page of running vCPU `index`.
     pub fn lapic(&self, index: u32) -> Option<LapicPage> {
-        let r = self.runners.get(index as usize)?;
-        r.with_vcpu(VCPU_REQUEST_TIMEOUT, |fd| {
-            fd.get_lapic().ok().map(LapicPage::from)
-        })
-        .flatten()
+        self.with_vcpu(index, |fd| fd.get_lapic().ok().map(LapicPage::from))
     }
 
-    /// IA32_APIC_BASE of present vCPU `index` (from its SREGS).
+    /// IA32_APIC_BASE of running vCPU `index` (from its SREGS).
     pub fn apic_base(&self, index: u32) -> Option<u64> {
-        let r = self.runners.get(index as usize)?;
-        r.with_vcpu(VCPU_REQUEST_TIMEOUT, |fd| {
-            fd.get_sregs().ok().map(|s| s.apic_base)
-        })
-        .flatten()
+        self.with_vcpu(index, |fd| fd.get_sregs().ok().map(|s| s.apic_base))
     }
 
     /// The ACPI PM/GPE/CPU hotplug device.
     pub fn acpi_device(&self) -> &Arc<Mutex<AcpiHotplugDevice>> {
-        &self.acpi_dev
+        &self.inner.acpi_dev
     }
 
     /// Ejects and `_OST` reports from the guest.
     pub fn hotplug_events(&self) -> &Arc<HotplugEvents> {
-        &self.hotplug_events
+        &self.inner.hotplug_events
     }
 
     /// The topology.
     pub fn topology(&self) -> Topology {
-        self.topology
+        self.inner.topology
     }
 
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
-        &self.mem
+        &self.inner.mem
+    }
+
+    /// The KVM VM fd.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.inner.vm
+    }
+
+    /// The KVM system fd.
+    pub fn kvm(&self) -> &Kvm {
+        &self.inner.kvm
     }
 
     /// Stop every vCPU and join the threads.
-    pub fn shutdown(mut self) {
+    pub fn shutdown(self) {
         self.stop.store(true, Ordering::SeqCst);
-        for r in self.runners.drain(..) {
-            let _ = r.stop_and_join();
-        }
+        self.inner.lock_vcpus().stop_all();
     }
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.inner.lock_vcpus().stop_all();
     }
 }
 
@@ -497,20 +860,4 @@ where
         what: format!("registering ports {base:#x}+{len}: {e}"),
         source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
     })
-}
-
-/// Per-vCPU setup shared by boot and (later) hot-added vCPUs: CPUID and the LINT wiring.
-fn configure_vcpu(
-    fd: &VcpuFd,
-    supported: &kvm_bindings::CpuId,
-    topo: &Topology,
-    index: u32,
-) -> Result<(), VmmError> {
-    fd.set_cpuid2(&cpuid::for_vcpu(supported, topo, index))
-        .map_err(kvm_err("KVM_SET_CPUID2"))?;
-    let mut lapic = LapicPage::from(fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?);
-    // LINT0 = ExtINT (the 8259), LINT1 = NMI: the wiring firmware leaves for the OS.
-    lapic.set_lint_boot_defaults();
-    fd.set_lapic(lapic.as_kvm()).map_err(kvm_err("KVM_SET_LAPIC"))?;
-    Ok(())
 }

@@ -14,10 +14,14 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cpuid;
+mod manager;
 mod runner;
+pub mod state;
 mod topology;
 
+pub use manager::{Slot, VcpuManager, VCPU_TIMEOUT};
 pub use runner::{ExitHandler, VcpuExitReason, VcpuRunner};
+pub use state::{msr_list, restore_vcpu, save_vcpu, VcpuState};
 pub use topology::Topology;
 
 /// Errors of this crate.
@@ -44,6 +48,43 @@ pub enum Error {
     /// Registering the kick signal handler failed.
     #[error("registering the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    /// No such possible CPU.
+    #[error("CPU {0} is not a possible CPU")]
+    NoSuchCpu(u32),
+    /// The CPU already runs.
+    #[error("CPU {0} is already running")]
+    AlreadyRunning(u32),
+    /// The CPU does not run.
+    #[error("CPU {0} is not running")]
+    NotRunning(u32),
+    /// The vCPU thread panicked.
+    #[error("the thread of vCPU {0} panicked")]
+    ThreadPanicked(u32),
+    /// A vCPU did not acknowledge a pause in time.
+    #[error("vCPU {0} did not pause in time")]
+    PauseTimeout(u32),
+    /// A vCPU did not answer a request in time.
+    #[error("vCPU {0} did not answer in time")]
+    Unresponsive(u32),
+    /// MSR list problem.
+    #[error("MSRs: {0}")]
+    Msrs(&'static str),
+    /// KVM read or wrote fewer MSRs than asked.
+    #[error("{what}: {done} of {wanted} MSRs")]
+    MsrCount {
+        /// Which ioctl.
+        what: &'static str,
+        /// How many were done.
+        done: usize,
+        /// How many were asked.
+        wanted: usize,
+    },
+    /// The LAPIC state could not be read.
+    #[error("LAPIC state: {0}")]
+    Lapic(lapic_state::LapicError),
+    /// The LAPIC state could not be restored.
+    #[error("LAPIC restore: {0}")]
+    LapicRestore(lapic_state::kvm::KvmLapicError),
 }
 
 /// Result alias.

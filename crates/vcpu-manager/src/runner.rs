@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! One thread per vCPU, and a kick that cannot be lost.
+//! One thread per vCPU, a kick that cannot be lost, pause/resume, and requests served on the
+//! vCPU thread.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -96,14 +97,34 @@ fn ensure_signal_handler() -> Result<()> {
 
 type Request = Box<dyn FnOnce(&mut VcpuFd) + Send>;
 
+// Run states reported by the vCPU thread.
+const RUNNING: u8 = 0;
+const PAUSED: u8 = 1;
+const EXITED: u8 = 2;
+
+/// State shared between a runner handle and its thread.
+struct Shared {
+    requests: Mutex<Vec<Request>>,
+    cv: Condvar,
+    stop: AtomicBool,
+    pause: AtomicBool,
+    state: AtomicU8,
+}
+
+impl Shared {
+    fn notify(&self) {
+        let _g = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        self.cv.notify_all();
+    }
+}
+
 /// A running vCPU thread.
 pub struct VcpuRunner {
     index: u32,
     handle: Option<JoinHandle<VcpuFd>>,
     /// Address of `kvm_run.immediate_exit` in the vCPU's mmap'ed run area.
     immediate_exit: usize,
-    stop: Arc<AtomicBool>,
-    requests: Arc<Mutex<Vec<Request>>>,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for VcpuRunner {
@@ -114,16 +135,33 @@ impl std::fmt::Debug for VcpuRunner {
 
 impl VcpuRunner {
     /// Start a thread that runs `fd` until it stops; exits go to `handler`.
-    pub fn spawn(index: u32, mut fd: VcpuFd, handler: Arc<dyn ExitHandler>) -> Result<Self> {
+    pub fn spawn(index: u32, fd: VcpuFd, handler: Arc<dyn ExitHandler>) -> Result<Self> {
+        Self::spawn_inner(index, fd, handler, false)
+    }
+
+    /// Start the thread paused: it serves requests (e.g. a state restore) but does not enter
+    /// `KVM_RUN` until [`VcpuRunner::resume`].
+    pub fn spawn_paused(index: u32, fd: VcpuFd, handler: Arc<dyn ExitHandler>) -> Result<Self> {
+        Self::spawn_inner(index, fd, handler, true)
+    }
+
+    fn spawn_inner(index: u32, mut fd: VcpuFd, handler: Arc<dyn ExitHandler>, paused: bool) -> Result<Self> {
         ensure_signal_handler()?;
         let immediate_exit = &mut fd.get_kvm_run().immediate_exit as *mut u8 as usize;
-        let stop = Arc::new(AtomicBool::new(false));
-        let requests: Arc<Mutex<Vec<Request>>> = Arc::default();
-        let (stop2, req2) = (stop.clone(), requests.clone());
+        let shared = Arc::new(Shared {
+            requests: Mutex::new(Vec::new()),
+            cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            pause: AtomicBool::new(paused),
+            state: AtomicU8::new(RUNNING),
+        });
+        let sh = shared.clone();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                let reason = run_loop(&mut fd, &*handler, &stop2, &req2);
+                let reason = run_loop(&mut fd, &*handler, &sh);
+                sh.state.store(EXITED, Ordering::SeqCst);
+                sh.notify();
                 handler.vcpu_stopped(index, &reason);
                 fd
             })
@@ -132,34 +170,8 @@ impl VcpuRunner {
             index,
             handle: Some(handle),
             immediate_exit,
-            stop,
-            requests,
+            shared,
         })
-    }
-
-    /// Run `f` on the vCPU thread while the vCPU is outside `KVM_RUN`, and return its result.
-    ///
-    /// vCPU ioctls from another thread would block on KVM's per-vCPU mutex for as long as the
-    /// vCPU sits in `KVM_RUN` (forever for a halted CPU with interrupts off), so the request
-    /// is queued, the vCPU kicked, and the closure runs between two `KVM_RUN`s. Returns `None`
-    /// if the vCPU thread has ended or did not answer within `timeout`.
-    pub fn with_vcpu<R: Send + 'static>(
-        &self,
-        timeout: Duration,
-        f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
-    ) -> Option<R> {
-        if self.is_finished() {
-            return None;
-        }
-        let (tx, rx) = mpsc::channel();
-        self.requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Box::new(move |fd| {
-                let _ = tx.send(f(fd));
-            }));
-        self.kick();
-        rx.recv_timeout(timeout).ok()
     }
 
     /// CPU index.
@@ -183,13 +195,76 @@ impl VcpuRunner {
 
     /// Whether the run loop has ended.
     pub fn is_finished(&self) -> bool {
-        self.handle.as_ref().is_none_or(|h| h.is_finished())
+        self.shared.state.load(Ordering::SeqCst) == EXITED
+            || self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Ask the vCPU to pause (out of `KVM_RUN`, pending PIO/MMIO completed). Returns at once;
+    /// see [`VcpuRunner::wait_paused`].
+    pub fn request_pause(&self) {
+        self.shared.pause.store(true, Ordering::SeqCst);
+        self.kick();
+    }
+
+    /// Wait until the vCPU acknowledged the pause (or ended). `false` on timeout.
+    pub fn wait_paused(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.shared.state.load(Ordering::SeqCst) {
+                PAUSED | EXITED => return true,
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            // Kick again in case the signal landed between two KVM_RUNs of an EAGAIN retry.
+            self.kick();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Whether the thread is paused now.
+    pub fn is_paused(&self) -> bool {
+        self.shared.state.load(Ordering::SeqCst) == PAUSED
+    }
+
+    /// Let a paused vCPU run again.
+    pub fn resume(&self) {
+        self.shared.pause.store(false, Ordering::SeqCst);
+        self.shared.notify();
+    }
+
+    /// Run `f` on the vCPU thread while the vCPU is outside `KVM_RUN`, and return its result.
+    ///
+    /// vCPU ioctls from another thread would block on KVM's per-vCPU mutex for as long as the
+    /// vCPU sits in `KVM_RUN` (forever for a halted CPU with interrupts off), so the request
+    /// is queued, the vCPU kicked, and the closure runs between two `KVM_RUN`s (or while
+    /// paused). Returns `None` if the vCPU thread has ended or did not answer within `timeout`.
+    pub fn with_vcpu<R: Send + 'static>(
+        &self,
+        timeout: Duration,
+        f: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    ) -> Option<R> {
+        if self.is_finished() {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut q = self.shared.requests.lock().unwrap_or_else(|e| e.into_inner());
+            q.push(Box::new(move |fd| {
+                let _ = tx.send(f(fd));
+            }));
+            self.shared.cv.notify_all();
+        }
+        self.kick();
+        rx.recv_timeout(timeout).ok()
     }
 
     /// Stop the vCPU, join its thread and give the fd back (KVM cannot destroy a vCPU;
     /// callers park the fd for reuse). `None` if the thread panicked.
     pub fn stop_and_join(mut self) -> Option<VcpuFd> {
-        self.stop.store(true, Ordering::SeqCst);
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.notify();
         self.kick();
         self.handle.take().and_then(|h| h.join().ok())
     }
@@ -198,7 +273,8 @@ impl VcpuRunner {
 impl Drop for VcpuRunner {
     fn drop(&mut self) {
         if let Some(h) = self.handle.take() {
-            self.stop.store(true, Ordering::SeqCst);
+            self.shared.stop.store(true, Ordering::SeqCst);
+            self.shared.notify();
             // SAFETY: as in kick(): the handle (and so the fd) is still alive here.
             unsafe { std::ptr::write_volatile(self.immediate_exit as *mut u8, 1) };
             // SAFETY: the thread has not been joined yet.
@@ -208,25 +284,77 @@ impl Drop for VcpuRunner {
     }
 }
 
-fn run_loop(
-    fd: &mut VcpuFd,
-    handler: &dyn ExitHandler,
-    stop: &AtomicBool,
-    requests: &Mutex<Vec<Request>>,
-) -> VcpuExitReason {
+fn serve_requests(fd: &mut VcpuFd, sh: &Shared) {
+    let pending: Vec<Request> = std::mem::take(&mut *sh.requests.lock().unwrap_or_else(|e| e.into_inner()));
+    for r in pending {
+        r(fd);
+    }
+}
+
+/// Complete a PIO/MMIO exit the thread already handled: KVM finishes the instruction on the
+/// next entry, which `immediate_exit` turns into a return without running guest code.
+fn complete_pending_io(fd: &mut VcpuFd) {
+    fd.set_kvm_immediate_exit(1);
+    let _ = fd.run();
+    fd.set_kvm_immediate_exit(0);
+}
+
+fn run_loop(fd: &mut VcpuFd, handler: &dyn ExitHandler, sh: &Shared) -> VcpuExitReason {
+    let mut pending_io = false;
     loop {
-        if stop.load(Ordering::SeqCst) {
+        if sh.stop.load(Ordering::SeqCst) {
             return VcpuExitReason::Stopped;
         }
-        let pending: Vec<Request> = std::mem::take(&mut *requests.lock().unwrap_or_else(|e| e.into_inner()));
-        for r in pending {
-            r(fd);
+        serve_requests(fd, sh);
+        if sh.pause.load(Ordering::SeqCst) {
+            if pending_io {
+                complete_pending_io(fd);
+                pending_io = false;
+            }
+            // Paused: out of KVM_RUN, serving requests until resumed or stopped. No lock the
+            // exit path needs is held while waiting.
+            sh.state.store(PAUSED, Ordering::SeqCst);
+            let mut q = sh.requests.lock().unwrap_or_else(|e| e.into_inner());
+            while sh.pause.load(Ordering::SeqCst) && !sh.stop.load(Ordering::SeqCst) {
+                if !q.is_empty() {
+                    let pending: Vec<Request> = std::mem::take(&mut *q);
+                    drop(q);
+                    for r in pending {
+                        r(fd);
+                    }
+                    q = sh.requests.lock().unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                q = sh
+                    .cv
+                    .wait_timeout(q, Duration::from_millis(100))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+            drop(q);
+            sh.state.store(RUNNING, Ordering::SeqCst);
+            // A kick that arrived while paused left immediate_exit set: clear it.
+            fd.set_kvm_immediate_exit(0);
+            continue;
         }
+        pending_io = false;
         match fd.run() {
-            Ok(VcpuExit::IoIn(port, data)) => handler.pio_read(port, data),
-            Ok(VcpuExit::IoOut(port, data)) => handler.pio_write(port, data),
-            Ok(VcpuExit::MmioRead(addr, data)) => handler.mmio_read(addr, data),
-            Ok(VcpuExit::MmioWrite(addr, data)) => handler.mmio_write(addr, data),
+            Ok(VcpuExit::IoIn(port, data)) => {
+                handler.pio_read(port, data);
+                pending_io = true;
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                handler.pio_write(port, data);
+                pending_io = true;
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                handler.mmio_read(addr, data);
+                pending_io = true;
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                handler.mmio_write(addr, data);
+                pending_io = true;
+            }
             Ok(VcpuExit::Shutdown) => return VcpuExitReason::Shutdown,
             Ok(VcpuExit::Hlt) => return VcpuExitReason::Hlt,
             Ok(VcpuExit::FailEntry(reason, _)) => return VcpuExitReason::FailEntry(reason),
@@ -244,7 +372,7 @@ fn run_loop(
                 return VcpuExitReason::Unsupported(fd.get_kvm_run().exit_reason);
             }
             Err(e) if e.errno() == libc::EINTR => {
-                // A kick: clear the flag so the next KVM_RUN really runs, then re-check stop.
+                // A kick: clear the flag so the next KVM_RUN really runs, then re-check.
                 fd.set_kvm_immediate_exit(0);
             }
             // An AP returns EAGAIN once after INIT while it waits for SIPI: just run again.

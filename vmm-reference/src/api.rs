@@ -1,0 +1,262 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! REST API over a Unix socket, shaped like Cloud Hypervisor's (`curl --unix-socket` works):
+//!
+//! | request | body | answer |
+//! |---|---|---|
+//! | `GET /api/v1/vm.info` | | 200, [`crate::vm::VmInfo`] as JSON |
+//! | `PUT /api/v1/vm.resize` | `{"desired_vcpus": N}` | 204; 429 while a removal is pending; 400 out of range |
+//! | `PUT /api/v1/vm.add-cpu` | | 200 `{"id": N}` |
+//! | `PUT /api/v1/vm.remove-cpu` | `{"id": N}` | 204; 400 for CPU 0 or an absent CPU; 429 if already pending |
+//! | `PUT /api/v1/vm.pause`, `vm.resume`, `vm.shutdown` | | 204 |
+//!
+//! Errors come back as `{"error": "..."}`. A malformed request gets a 4xx and the VM keeps
+//! running. The server is a few hundred lines on purpose: one request per connection, bodies
+//! capped at 64 KiB, no dependency beyond serde_json.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::vm::{ControlError, VmInner};
+
+const MAX_BODY: usize = 64 * 1024;
+const MAX_HEADER_LINES: usize = 64;
+
+/// A parsed request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    /// Method.
+    pub method: String,
+    /// Path.
+    pub path: String,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+/// A response.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// JSON body (may be empty).
+    pub body: String,
+}
+
+impl Response {
+    fn json(status: u16, v: &impl serde::Serialize) -> Response {
+        Response {
+            status,
+            body: serde_json::to_string(v).unwrap_or_else(|_| "{}".into()),
+        }
+    }
+    fn error(status: u16, msg: impl std::fmt::Display) -> Response {
+        Response::json(status, &serde_json::json!({ "error": msg.to_string() }))
+    }
+    fn empty() -> Response {
+        Response {
+            status: 204,
+            body: String::new(),
+        }
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        413 => "Payload Too Large",
+        429 => "Too Many Requests",
+        _ => "Internal Server Error",
+    }
+}
+
+/// Read one HTTP/1.1 request.
+pub fn read_request(stream: &mut impl Read) -> Result<Request, Response> {
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(|e| Response::error(400, e))?;
+    let mut parts = line.split_whitespace();
+    let (Some(method), Some(path)) = (parts.next(), parts.next()) else {
+        return Err(Response::error(400, "malformed request line"));
+    };
+    let (method, path) = (method.to_string(), path.to_string());
+    let mut len = 0usize;
+    for _ in 0..MAX_HEADER_LINES {
+        let mut h = String::new();
+        if r.read_line(&mut h).map_err(|e| Response::error(400, e))? == 0 {
+            break;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            let mut body = vec![0u8; len];
+            r.read_exact(&mut body)
+                .map_err(|e| Response::error(400, format!("reading body: {e}")))?;
+            return Ok(Request { method, path, body });
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("content-length") {
+                len = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| Response::error(400, "bad Content-Length"))?;
+                if len > MAX_BODY {
+                    return Err(Response::error(413, "body too large"));
+                }
+            }
+        }
+    }
+    Err(Response::error(400, "too many or unterminated headers"))
+}
+
+fn control(e: ControlError) -> Response {
+    match e {
+        ControlError::BadRequest(m) => Response::error(400, m),
+        ControlError::Busy(m) => Response::error(429, m),
+        ControlError::Internal(m) => Response::error(500, m),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resize {
+    desired_vcpus: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CpuId {
+    id: u32,
+}
+
+fn body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, Response> {
+    serde_json::from_slice(&req.body).map_err(|e| Response::error(400, format!("bad JSON body: {e}")))
+}
+
+/// Route one request to the VM.
+pub fn handle(vm: &VmInner, req: &Request) -> Response {
+    let Some(op) = req.path.strip_prefix("/api/v1/") else {
+        return Response::error(404, format!("no such endpoint {}", req.path));
+    };
+    let want = |m: &str| req.method.eq_ignore_ascii_case(m);
+    let r = match op {
+        "vm.info" if want("GET") => return Response::json(200, &vm.info()),
+        "vm.resize" if want("PUT") => match body::<Resize>(req) {
+            Ok(b) => vm.resize(b.desired_vcpus).map(|_| Response::empty()),
+            Err(resp) => return resp,
+        },
+        "vm.add-cpu" if want("PUT") => vm
+            .add_cpu()
+            .map(|id| Response::json(200, &serde_json::json!({ "id": id }))),
+        "vm.remove-cpu" if want("PUT") => match body::<CpuId>(req) {
+            Ok(b) => vm.remove_cpu(b.id).map(|_| Response::empty()),
+            Err(resp) => return resp,
+        },
+        "vm.pause" if want("PUT") => vm.pause().map(|_| Response::empty()),
+        "vm.resume" if want("PUT") => {
+            vm.resume();
+            Ok(Response::empty())
+        }
+        "vm.shutdown" if want("PUT") => {
+            vm.request_shutdown();
+            Ok(Response::empty())
+        }
+        "vm.info" | "vm.resize" | "vm.add-cpu" | "vm.remove-cpu" | "vm.pause" | "vm.resume"
+        | "vm.shutdown" => return Response::error(405, format!("{} not allowed on {op}", req.method)),
+        _ => return Response::error(404, format!("no such endpoint {}", req.path)),
+    };
+    r.unwrap_or_else(control)
+}
+
+fn write_response(stream: &mut impl Write, resp: &Response) -> std::io::Result<()> {
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\nConnection: close\r\n",
+        resp.status,
+        reason(resp.status)
+    );
+    if !resp.body.is_empty() {
+        out.push_str("Content-Type: application/json\r\n");
+    }
+    out.push_str(&format!(
+        "Content-Length: {}\r\n\r\n{}",
+        resp.body.len(),
+        resp.body
+    ));
+    stream.write_all(out.as_bytes())
+}
+
+fn serve_one(vm: &VmInner, mut stream: UnixStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let resp = match read_request(&mut stream) {
+        Ok(req) => handle(vm, &req),
+        Err(resp) => resp,
+    };
+    let _ = write_response(&mut stream, &resp);
+}
+
+/// Serve the API on `listener` until the VM is gone (one thread per connection).
+pub fn serve(listener: UnixListener, vm: Arc<VmInner>) {
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        let vm = vm.clone();
+        let _ = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || serve_one(&vm, stream));
+    }
+}
+
+/// Client side: send one request over the socket at `path`; returns (status, body).
+pub fn request(
+    path: &std::path::Path,
+    method: &str,
+    endpoint: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad HTTP response"))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_requests() {
+        let raw =
+            b"PUT /api/v1/vm.resize HTTP/1.1\r\nHost: x\r\nContent-Length: 19\r\n\r\n{\"desired_vcpus\":3}";
+        let r = read_request(&mut &raw[..]).unwrap();
+        assert_eq!(r.method, "PUT");
+        assert_eq!(r.path, "/api/v1/vm.resize");
+        assert_eq!(r.body, b"{\"desired_vcpus\":3}");
+        assert!(read_request(&mut &b"\r\n"[..]).is_err());
+        let huge = b"PUT / HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n";
+        assert_eq!(read_request(&mut &huge[..]).unwrap_err().status, 413);
+        let bad = b"PUT / HTTP/1.1\r\nContent-Length: x\r\n\r\n";
+        assert_eq!(read_request(&mut &bad[..]).unwrap_err().status, 400);
+        let short = b"PUT / HTTP/1.1\r\nContent-Length: 10\r\n\r\nab";
+        assert_eq!(read_request(&mut &short[..]).unwrap_err().status, 400);
+    }
+}
