@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `GET /api/v1/vm.info` | | 200, [`crate::vm::VmInfo`] as JSON |
 //! | `PUT /api/v1/vm.resize` | `{"desired_vcpus": N}` | 204; 429 while a removal is pending; 400 out of range |
-//! | `PUT /api/v1/vm.add-cpu` | | 200 `{"id": N}` |
+//! | `PUT /api/v1/vm.add-cpu` | optional `{"id": N}` | 200 `{"id": N}` (lowest absent CPU without a body) |
 //! | `PUT /api/v1/vm.remove-cpu` | `{"id": N}` | 204; 400 for CPU 0 or an absent CPU; 429 if already pending |
 //! | `PUT /api/v1/vm.pause`, `vm.resume`, `vm.shutdown` | | 204 |
 //!
@@ -150,9 +150,18 @@ pub fn handle(vm: &VmInner, req: &Request) -> Response {
             Ok(b) => vm.resize(b.desired_vcpus).map(|_| Response::empty()),
             Err(resp) => return resp,
         },
-        "vm.add-cpu" if want("PUT") => vm
-            .add_cpu()
-            .map(|id| Response::json(200, &serde_json::json!({ "id": id }))),
+        "vm.add-cpu" if want("PUT") => {
+            // Optional {"id": N} selects the CPU; without a body the lowest absent one.
+            let chosen = if req.body.iter().all(|b| b.is_ascii_whitespace()) {
+                vm.add_cpu()
+            } else {
+                match body::<CpuId>(req) {
+                    Ok(b) => vm.add_cpu_index(b.id).map(|_| b.id),
+                    Err(resp) => return resp,
+                }
+            };
+            chosen.map(|id| Response::json(200, &serde_json::json!({ "id": id })))
+        }
         "vm.remove-cpu" if want("PUT") => match body::<CpuId>(req) {
             Ok(b) => vm.remove_cpu(b.id).map(|_| Response::empty()),
             Err(resp) => return resp,

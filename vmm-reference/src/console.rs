@@ -125,6 +125,8 @@ pub struct CpuStatus {
     pub state: String,
     /// LAPIC timer ticks counted on that CPU.
     pub ticks: u64,
+    /// Longest interval between two ticks since the guest's last `resetgaps`, in µs.
+    pub maxgap_us: u64,
 }
 
 /// The guest's `status` reply.
@@ -158,6 +160,7 @@ impl GuestStatus {
                 apic_id: field(l, "apic_id")?.parse().ok()?,
                 state: field(l, "state")?.to_string(),
                 ticks: field(l, "ticks")?.parse().ok()?,
+                maxgap_us: field(l, "maxgap_us").and_then(|v| v.parse().ok()).unwrap_or(0),
             });
         }
         Some(GuestStatus {

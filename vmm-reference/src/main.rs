@@ -82,8 +82,12 @@ enum CtlOp {
         /// Desired number of present CPUs.
         n: u32,
     },
-    /// Hot-add the lowest absent CPU.
-    AddCpu,
+    /// Hot-add a CPU (the lowest absent one unless --id is given).
+    AddCpu {
+        /// CPU index to add.
+        #[arg(long)]
+        id: Option<u32>,
+    },
     /// Ask the guest to remove CPU ID.
     RemoveCpu {
         /// CPU index.
@@ -213,7 +217,7 @@ fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
     let (method, endpoint, body) = match &op {
         CtlOp::Info { .. } => ("GET", "vm.info", None),
         CtlOp::Resize { n } => ("PUT", "vm.resize", Some(format!("{{\"desired_vcpus\":{n}}}"))),
-        CtlOp::AddCpu => ("PUT", "vm.add-cpu", None),
+        CtlOp::AddCpu { id } => ("PUT", "vm.add-cpu", id.map(|i| format!("{{\"id\":{i}}}"))),
         CtlOp::RemoveCpu { id } => ("PUT", "vm.remove-cpu", Some(format!("{{\"id\":{id}}}"))),
         CtlOp::Pause => ("PUT", "vm.pause", None),
         CtlOp::Resume => ("PUT", "vm.resume", None),

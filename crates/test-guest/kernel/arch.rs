@@ -77,6 +77,13 @@ pub fn cli() {
     unsafe { asm!("cli", options(nomem, nostack)) }
 }
 
+#[inline(always)]
+pub fn sti() {
+    // SAFETY: unmasks interrupts on this CPU; handlers preserve all registers and the kernel
+    // is compiled without a red zone.
+    unsafe { asm!("sti", options(nomem, nostack)) }
+}
+
 /// Enable interrupts and halt until the next one, atomically (the STI shadow covers HLT).
 #[inline(always)]
 pub fn sti_hlt() {

@@ -67,6 +67,18 @@ pub fn init(base: u16, gpe0: u16, gpe0_len: u8, sci: u16, ioapic: u64, bsp_apic_
     true
 }
 
+/// Enable or disable the CPU hotplug GPE. Events raised while it is off stay pending in
+/// GPE0_STS; enabling it then asserts the (level) SCI at once.
+pub fn set_gpe_enabled(on: bool) {
+    let gpe0 = GPE0.load(Ordering::Relaxed) as u16;
+    if gpe0 != 0 {
+        outb(
+            gpe0 + GPE0_HALF.load(Ordering::Relaxed) as u16,
+            if on { GPE_CPU_HOTPLUG } else { 0 },
+        );
+    }
+}
+
 /// SCI handler body (BSP): acknowledge GPE 2 and leave the scan to the main loop.
 pub fn on_sci() {
     SCI_COUNT.fetch_add(1, Ordering::Relaxed);

@@ -268,14 +268,17 @@ fn bsp_ticks() -> u64 {
 fn wait_until(done: impl Fn() -> bool) -> bool {
     let start = bsp_ticks();
     loop {
+        // Check with interrupts masked, then `sti; hlt`: a wake-up cannot slip in between.
+        arch::cli();
         if done() {
+            arch::sti();
             return true;
         }
         if bsp_ticks().wrapping_sub(start) > WAIT_TICKS {
+            arch::sti();
             return false;
         }
         arch::sti_hlt();
-        arch::cli();
     }
 }
 
@@ -465,6 +468,9 @@ fn counts() -> (u64, u64) {
 
 fn command_loop() -> ! {
     loop {
+        // Work runs with interrupts enabled (like an OS), so this CPU keeps its own timer
+        // ticks while it prints or boots other CPUs.
+        arch::sti();
         if hotplug::SCAN_PENDING.swap(false, Ordering::SeqCst) {
             scan();
         }
@@ -491,8 +497,11 @@ fn command_loop() -> ! {
                 }
             }
         }
-        arch::sti_hlt();
+        // Sleep until the next tick or interrupt, unless an SCI came in meanwhile.
         arch::cli();
+        if !hotplug::SCAN_PENDING.load(Ordering::SeqCst) {
+            arch::sti_hlt();
+        }
     }
 }
 
@@ -563,6 +572,13 @@ fn execute(line: &[u8]) {
             }
             _ => err("usage: eject <cpu index>"),
         },
+        b"gpe" => match arg {
+            b"on" | b"off" => {
+                hotplug::set_gpe_enabled(arg == b"on");
+                puts("OK\n");
+            }
+            _ => err("usage: gpe on|off"),
+        },
         b"scan" => {
             scan();
             puts("OK\n");
@@ -575,7 +591,7 @@ fn execute(line: &[u8]) {
         }
         b"triple-fault" => triple_fault(),
         b"help" => {
-            puts("commands: status | online N | offline N | eject N | autoonline on|off | scan | resetgaps | poweroff | triple-fault | help\nOK\n");
+            puts("commands: status | online N | offline N | eject N | autoonline on|off | gpe on|off | scan | resetgaps | poweroff | triple-fault | help\nOK\n");
         }
         _ => err("unknown command"),
     }

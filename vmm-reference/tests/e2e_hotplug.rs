@@ -1,0 +1,409 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! End-to-end CPU hotplug with the test guest on the real /dev/kvm, driven through the REST
+//! API: resize, offline/online, remove/re-add with fd reuse, refusals, x2APIC ids, churn.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use vmm_reference::console::{GuestConsole, GuestStatus};
+
+const T: Duration = Duration::from_secs(30);
+
+struct Vmm {
+    child: Option<Child>,
+    con: GuestConsole,
+    api: PathBuf,
+    _dir: PathBuf,
+}
+
+impl Vmm {
+    fn start(test: &str, cpus: &str) -> Vmm {
+        let dir = temp_dir(test);
+        let (api, sock) = (dir.join("api.sock"), dir.join("console.sock"));
+        let child = spawn_vmm(&[
+            "--cpus",
+            cpus,
+            "--memory",
+            "128M",
+            "--api-socket",
+            api.to_str().unwrap(),
+            "--serial",
+            &format!("socket={}", sock.display()),
+        ]);
+        let mut con = GuestConsole::connect(&sock, T).expect("console");
+        con.wait_for("READY", T).expect("READY");
+        Vmm {
+            child: Some(child),
+            con,
+            api,
+            _dir: dir,
+        }
+    }
+
+    fn api(&self, method: &str, ep: &str, body: Option<&str>) -> (u16, Value) {
+        let (status, body) = vmm_reference::api::request(&self.api, method, ep, body).expect("API request");
+        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    }
+
+    fn info(&self) -> Value {
+        let (s, v) = self.api("GET", "vm.info", None);
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+
+    fn guest(&mut self, cmd: &str) -> Vec<String> {
+        self.con
+            .command(cmd, T)
+            .unwrap_or_else(|e| panic!("{cmd}: {e}; transcript {:?}", self.con.transcript))
+    }
+
+    fn status(&mut self) -> GuestStatus {
+        self.con.status(T).expect("status")
+    }
+
+    fn event(&mut self, prefix: &str) -> String {
+        self.con
+            .wait_for(prefix, T)
+            .unwrap_or_else(|e| panic!("waiting for {prefix}: {e}"))
+    }
+
+    /// Poll vm.info until `pred` holds.
+    fn until(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + T;
+        loop {
+            let v = self.info();
+            if pred(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {v}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn poweroff(mut self) {
+        self.guest("poweroff");
+        let out = wait_child(self.child.as_mut().unwrap(), T);
+        self.child = None;
+        assert!(
+            out.status.success(),
+            "VMM exit: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn cpu(v: &Value, i: usize) -> &Value {
+    &v["cpus"][i]
+}
+
+#[test]
+fn resize_to_eight_onlines_every_cpu_and_info_agrees() {
+    if !kvm_or_skip("resize_to_eight_onlines_every_cpu_and_info_agrees") {
+        return;
+    }
+    let mut vm = Vmm::start("resize8", "boot=1,max=8");
+    assert_eq!(vm.api("PUT", "vm.resize", Some(r#"{"desired_vcpus":8}"#)).0, 204);
+    for _ in 1..8 {
+        let e = vm.event("EVENT insert");
+        assert!(e.ends_with("online=1"), "{e}");
+    }
+    let s1 = vm.status();
+    assert_eq!((s1.present, s1.online), (8, 8), "{s1:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let s2 = vm.status();
+    for c in 0..8 {
+        assert!(s2.cpus[c].ticks > s1.cpus[c].ticks, "CPU {c} not ticking");
+    }
+    let info = vm.info();
+    assert_eq!(info["present_vcpus"], 8);
+    for (i, g) in s2.cpus.iter().enumerate() {
+        let c = cpu(&info, i);
+        assert_eq!(c["present"], true);
+        assert_eq!(c["vcpu"], "running");
+        assert_eq!(
+            c["apic_id"], g.apic_id,
+            "the VMM's and the guest's APIC ids agree"
+        );
+        assert_eq!(c["apic_mode"], s2.apic_mode.as_str());
+        assert_eq!(c["apic_sw_enabled"], true);
+        if i > 0 {
+            assert_eq!(c["ost_event"], 1, "insert reported through _OST");
+            assert_eq!(c["ost_status"], 0);
+        }
+    }
+    vm.poweroff();
+}
+
+#[test]
+fn offlined_cpus_are_halted_with_sw_disabled_apic_then_come_back() {
+    if !kvm_or_skip("offlined_cpus_are_halted_with_sw_disabled_apic_then_come_back") {
+        return;
+    }
+    let mut vm = Vmm::start("offline35", "boot=6,max=8");
+    assert_eq!(vm.guest("offline 3"), vec!["OK"]);
+    assert_eq!(vm.guest("offline 5"), vec!["OK"]);
+    let info = vm.until("CPUs 3 and 5 halted", |v| {
+        [3, 5]
+            .iter()
+            .all(|&i| cpu(v, i)["mp_state"] == "HALTED" && cpu(v, i)["apic_sw_enabled"] == false)
+    });
+    for i in [0, 1, 2, 4] {
+        assert_eq!(cpu(&info, i)["apic_sw_enabled"], true, "CPU {i}");
+    }
+    let s = vm.status();
+    assert_eq!(
+        (s.cpus[3].state.as_str(), s.cpus[5].state.as_str()),
+        ("offline", "offline")
+    );
+    assert_eq!(vm.guest("online 3"), vec!["OK"]);
+    assert_eq!(vm.guest("online 5"), vec!["OK"]);
+    let info = vm.info();
+    assert!([3, 5].iter().all(|&i| cpu(&info, i)["apic_sw_enabled"] == true));
+    let s1 = vm.status();
+    std::thread::sleep(Duration::from_millis(200));
+    let s2 = vm.status();
+    assert_eq!(s2.online, 6);
+    assert!(s2.cpus[3].ticks > s1.cpus[3].ticks && s2.cpus[5].ticks > s1.cpus[5].ticks);
+    vm.poweroff();
+}
+
+fn count(dir: String) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn remove_and_readd_the_same_cpu_fifty_times_reuses_the_fd_without_leaks() {
+    if !kvm_or_skip("remove_and_readd_the_same_cpu_fifty_times_reuses_the_fd_without_leaks") {
+        return;
+    }
+    let mut vm = Vmm::start("readd", "boot=2,max=4");
+    let pid = vm.pid();
+    let cycle = |vm: &mut Vmm| {
+        assert_eq!(vm.api("PUT", "vm.remove-cpu", Some(r#"{"id":1}"#)).0, 204);
+        assert_eq!(vm.event("EVENT remove"), "EVENT remove cpu=1 ejected=1");
+        vm.until("CPU 1 parked", |v| {
+            cpu(v, 1)["vcpu"] == "parked" && v["pending_removals"].as_array().is_some_and(|a| a.is_empty())
+        });
+        let (s, v) = vm.api("PUT", "vm.add-cpu", Some(r#"{"id":1}"#));
+        assert_eq!((s, v["id"].as_u64()), (200, Some(1)), "{v}");
+        assert_eq!(vm.event("EVENT insert"), "EVENT insert cpu=1 online=1");
+    };
+    cycle(&mut vm);
+    let (threads, fds) = (
+        count(format!("/proc/{pid}/task")),
+        count(format!("/proc/{pid}/fd")),
+    );
+    for _ in 1..50 {
+        cycle(&mut vm);
+    }
+    assert_eq!(count(format!("/proc/{pid}/task")), threads, "leaked threads");
+    assert_eq!(count(format!("/proc/{pid}/fd")), fds, "leaked fds");
+    let info = vm.info();
+    assert_eq!(info["reused_vcpu_fds"], 50);
+    assert_eq!(cpu(&info, 1)["vcpu"], "running");
+    let s1 = vm.status();
+    std::thread::sleep(Duration::from_millis(200));
+    let s2 = vm.status();
+    assert_eq!(s2.cpus[1].state, "online");
+    assert!(s2.cpus[1].ticks > s1.cpus[1].ticks);
+    vm.poweroff();
+}
+
+#[test]
+fn refusals_busy_answers_and_bad_requests_leave_the_vm_running() {
+    if !kvm_or_skip("refusals_busy_answers_and_bad_requests_leave_the_vm_running") {
+        return;
+    }
+    let mut vm = Vmm::start("refuse", "boot=2,max=4");
+    // The boot CPU cannot be removed.
+    let (s, v) = vm.api("PUT", "vm.remove-cpu", Some(r#"{"id":0}"#));
+    assert_eq!(s, 400, "{v}");
+    // A guest eject of a CPU the VMM did not ask to remove is refused and counted.
+    assert_eq!(vm.guest("eject 1"), vec!["OK"]);
+    let info = vm.until("refusal counted", |v| v["refused_ejects"] == 1);
+    assert_eq!(cpu(&info, 1)["vcpu"], "running");
+    assert_eq!(cpu(&info, 1)["present"], true);
+    // Hold a removal pending: the guest disables the hotplug GPE first.
+    assert_eq!(vm.guest("gpe off"), vec!["OK"]);
+    assert_eq!(vm.api("PUT", "vm.remove-cpu", Some(r#"{"id":1}"#)).0, 204);
+    let (s, v) = vm.api("PUT", "vm.resize", Some(r#"{"desired_vcpus":3}"#));
+    assert_eq!(s, 429, "resize during a removal answers busy: {v}");
+    assert_eq!(vm.api("PUT", "vm.remove-cpu", Some(r#"{"id":1}"#)).0, 429);
+    assert_eq!(vm.info()["pending_removals"], serde_json::json!([1]));
+    // The event waited in GPE0_STS; enabling the GPE raises the level SCI and the guest acts.
+    assert_eq!(vm.guest("gpe on"), vec!["OK"]);
+    assert_eq!(vm.event("EVENT remove"), "EVENT remove cpu=1 ejected=1");
+    vm.until("removal finished", |v| {
+        v["pending_removals"].as_array().is_some_and(|a| a.is_empty())
+    });
+    assert_eq!(vm.api("PUT", "vm.resize", Some(r#"{"desired_vcpus":3}"#)).0, 204);
+    vm.event("EVENT insert");
+    vm.event("EVENT insert");
+    // Out of range and malformed requests: 4xx, and the VM keeps running.
+    for (ep, body, want) in [
+        ("vm.resize", Some(r#"{"desired_vcpus":5}"#), 400),
+        ("vm.resize", Some(r#"{"desired_vcpus":0}"#), 400),
+        ("vm.resize", Some("{not json"), 400),
+        ("vm.resize", Some(r#"{"cpus":2}"#), 400),
+        ("vm.add-cpu", Some(r#"{"id":9}"#), 400),
+        ("vm.add-cpu", Some(r#"{"id":2}"#), 400),
+        ("vm.remove-cpu", None, 400),
+        ("vm.frobnicate", None, 404),
+    ] {
+        let (s, v) = vm.api("PUT", ep, body);
+        assert_eq!(s, want, "{ep} {body:?}: {v}");
+        assert!(v["error"].is_string(), "{v}");
+    }
+    assert_eq!(vm.api("GET", "vm.resize", None).0, 405);
+    let s = vm.status();
+    assert_eq!(s.present, 3);
+    vm.poweroff();
+}
+
+#[test]
+fn cpus_with_apic_ids_above_255_come_online_in_x2apic_mode() {
+    if !kvm_or_skip("cpus_with_apic_ids_above_255_come_online_in_x2apic_mode") {
+        return;
+    }
+    let mut vm = Vmm::start("x2hot", "boot=2,max=300");
+    for id in [256u32, 299] {
+        let (s, v) = vm.api("PUT", "vm.add-cpu", Some(&format!(r#"{{"id":{id}}}"#)));
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(
+            vm.event("EVENT insert"),
+            format!("EVENT insert cpu={id} online=1")
+        );
+    }
+    let st = vm.status();
+    assert_eq!(st.apic_mode, "x2apic");
+    assert_eq!(
+        (st.cpus[256].state.as_str(), st.cpus[256].apic_id),
+        ("online", 256)
+    );
+    assert_eq!(
+        (st.cpus[299].state.as_str(), st.cpus[299].apic_id),
+        ("online", 299)
+    );
+    let info = vm.info();
+    assert_eq!(cpu(&info, 299)["apic_id"], 299);
+    assert_eq!(cpu(&info, 299)["apic_mode"], "x2apic");
+    vm.poweroff();
+}
+
+/// Deterministic xorshift for the churn sequence.
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[test]
+fn churn_of_200_operations_keeps_every_online_cpu_ticking() {
+    if !kvm_or_skip("churn_of_200_operations_keeps_every_online_cpu_ticking") {
+        return;
+    }
+    let max = 6u32;
+    let mut vm = Vmm::start("churn", &format!("boot=2,max={max}"));
+    let mut rng = Rng(0x5eed_1234_abcd);
+    let start = Instant::now();
+    vm.guest("resetgaps");
+    let mut ops = [0u32; 4];
+    for _ in 0..200 {
+        let s = vm.status();
+        let present: Vec<u32> = (0..max)
+            .filter(|&i| s.cpus[i as usize].state != "absent")
+            .collect();
+        let absent: Vec<u32> = (0..max).filter(|i| !present.contains(i)).collect();
+        let online: Vec<u32> = present
+            .iter()
+            .copied()
+            .filter(|&i| i != 0 && s.cpus[i as usize].state == "online")
+            .collect();
+        let offline: Vec<u32> = present
+            .iter()
+            .copied()
+            .filter(|&i| s.cpus[i as usize].state == "offline")
+            .collect();
+        match rng.below(4) {
+            0 if !absent.is_empty() => {
+                let id = absent[rng.below(absent.len() as u64) as usize];
+                let (st, v) = vm.api("PUT", "vm.add-cpu", Some(&format!(r#"{{"id":{id}}}"#)));
+                assert_eq!(st, 200, "{v}");
+                assert_eq!(
+                    vm.event("EVENT insert"),
+                    format!("EVENT insert cpu={id} online=1")
+                );
+                ops[0] += 1;
+            }
+            1 if present.len() > 1 => {
+                let id = present[1 + rng.below(present.len() as u64 - 1) as usize];
+                assert_eq!(
+                    vm.api("PUT", "vm.remove-cpu", Some(&format!(r#"{{"id":{id}}}"#)))
+                        .0,
+                    204
+                );
+                assert_eq!(
+                    vm.event("EVENT remove"),
+                    format!("EVENT remove cpu={id} ejected=1")
+                );
+                vm.until("removal done", |v| {
+                    v["pending_removals"].as_array().is_some_and(|a| a.is_empty())
+                });
+                ops[1] += 1;
+            }
+            2 if !online.is_empty() => {
+                let id = online[rng.below(online.len() as u64) as usize];
+                assert_eq!(vm.guest(&format!("offline {id}")), vec!["OK"]);
+                ops[2] += 1;
+            }
+            _ if !offline.is_empty() => {
+                let id = offline[rng.below(offline.len() as u64) as usize];
+                assert_eq!(vm.guest(&format!("online {id}")), vec!["OK"]);
+                ops[3] += 1;
+            }
+            _ => {}
+        }
+        assert!(start.elapsed() < Duration::from_secs(180), "churn is stuck");
+    }
+    let s1 = vm.status();
+    std::thread::sleep(Duration::from_millis(200));
+    let s2 = vm.status();
+    let mut worst = 0;
+    for (a, b) in s1.cpus.iter().zip(&s2.cpus) {
+        if b.state == "online" {
+            assert!(b.ticks > a.ticks, "CPU {} stopped ticking", b.index);
+            worst = worst.max(b.maxgap_us);
+        }
+    }
+    eprintln!(
+        "churn: {ops:?} (add, remove, offline, online) in {:?}, worst tick gap {worst} us",
+        start.elapsed()
+    );
+    // Never more than one missed 10 ms period (a gap of two periods), with 5 ms of slack for
+    // this host's emulated ring 0.
+    assert!(worst <= 25_000, "a CPU missed ticks: worst gap {worst} us");
+    assert!(ops.iter().all(|&n| n > 10), "each kind of operation ran: {ops:?}");
+    vm.poweroff();
+}
