@@ -210,6 +210,8 @@ pub fn serve_socket(
 /// KVM_IRQ_LINE inside the guest's handler duplicates interrupts on some KVM backends.)
 pub struct LevelIrq {
     irqfd: EventFd,
+    resample: EventFd,
+    gsi: u32,
     level: Arc<AtomicBool>,
 }
 
@@ -218,10 +220,15 @@ impl LevelIrq {
     pub fn new(vm: &VmFd, gsi: u32) -> std::io::Result<Self> {
         let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
         let resample = EventFd::new(0)?;
-        vm.register_irqfd_with_resample(&irqfd, &resample, gsi)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         let level = Arc::new(AtomicBool::new(false));
-        let (l2, fd2) = (level.clone(), irqfd.try_clone()?);
+        let line = LevelIrq {
+            irqfd,
+            resample: resample.try_clone()?,
+            gsi,
+            level,
+        };
+        line.register(vm)?;
+        let (l2, fd2) = (line.level.clone(), line.irqfd.try_clone()?);
         std::thread::Builder::new()
             .name(format!("irq{gsi}-resample"))
             .spawn(move || loop {
@@ -232,7 +239,24 @@ impl LevelIrq {
                     let _ = fd2.write(1);
                 }
             })?;
-        Ok(LevelIrq { irqfd, level })
+        Ok(line)
+    }
+
+    /// Register the same line on another VM (a VM rebuilt from saved state); re-asserts it if
+    /// it is high, since the new VM's IOAPIC starts from the saved pin state.
+    pub fn register(&self, vm: &VmFd) -> std::io::Result<()> {
+        vm.register_irqfd_with_resample(&self.irqfd, &self.resample, self.gsi)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        if self.level.load(Ordering::SeqCst) {
+            self.irqfd.write(1)?;
+        }
+        Ok(())
+    }
+
+    /// Detach the line from `vm`.
+    pub fn unregister(&self, vm: &VmFd) -> std::io::Result<()> {
+        vm.unregister_irqfd(&self.irqfd, self.gsi)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 }
 

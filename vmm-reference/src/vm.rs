@@ -250,7 +250,11 @@ pub struct VmInner {
     events_tx: Mutex<mpsc::Sender<VmEvent>>,
     topology: Topology,
     msrs: Vec<u32>,
-    vm: VmFd,
+    supported_cpuid: kvm_bindings::CpuId,
+    exits: Arc<Exits>,
+    serial_irq: EventFd,
+    sci: Arc<LevelIrq>,
+    vm: Mutex<VmFd>,
     mem: GuestMemory,
     kvm: Kvm,
 }
@@ -303,9 +307,11 @@ impl VmInner {
                 "CPU {index} is already present"
             )));
         }
+        let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
         vcpus
-            .hot_add(&self.vm, index)
+            .hot_add(&vm, index)
             .map_err(|e| ControlError::Internal(e.to_string()))?;
+        drop(vm);
         // The vCPU exists and waits for INIT/SIPI before the guest hears about it.
         self.lock_dev()
             .request_insert(index)
@@ -471,6 +477,129 @@ impl VmInner {
             .remove(&index);
     }
 
+    /// Rebuild the VM on a brand-new KVM VM sharing the same memory and devices: pause, save
+    /// every vCPU and the irqchip/PIT/clock, create the new VM, restore in order, resume.
+    /// mp_states come back exactly (halted offlined CPUs stay halted with their SW-disabled
+    /// APIC, never-onlined ones stay UNINITIALIZED). Returns the per-vCPU save and restore
+    /// times in microseconds.
+    pub fn transplant(&self) -> Result<(Vec<f64>, Vec<f64>), ControlError> {
+        let mut vcpus = self.lock_vcpus();
+        vcpus
+            .pause_all()
+            .map_err(|e| ControlError::Internal(e.to_string()))?;
+        let mut vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        match self.build_replacement(&vcpus, &vm) {
+            Ok((fresh, new_vm, times)) => {
+                // Old vCPUs go before the old VM fd; then the new set runs.
+                let mut old = std::mem::replace(&mut *vcpus, fresh);
+                old.stop_all();
+                drop(old);
+                drop(std::mem::replace(&mut *vm, new_vm));
+                drop(vm);
+                vcpus.resume_all();
+                self.paused.store(false, Ordering::SeqCst);
+                Ok(times)
+            }
+            Err(e) => {
+                // Nothing was switched: the old VM runs on as before.
+                drop(vm);
+                vcpus.resume_all();
+                self.paused.store(false, Ordering::SeqCst);
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn build_replacement(
+        &self,
+        vcpus: &VcpuManager,
+        vm: &VmFd,
+    ) -> Result<(VcpuManager, VmFd, (Vec<f64>, Vec<f64>)), ControlError> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| ControlError::Internal(format!("{what}: {e}"));
+        let conv = vcpus.conventions();
+        let mut save_us = Vec::new();
+        let mut states = Vec::new();
+        for index in vcpus.running() {
+            let r = vcpus.runner(index).ok_or_else(|| fail("vCPU", &index))?;
+            let (id, m) = (self.topology.apic_id(index), self.msrs.clone());
+            let t = std::time::Instant::now();
+            let st = r
+                .with_vcpu(vcpu_manager::VCPU_TIMEOUT, move |fd| {
+                    vcpu_manager::save_vcpu(fd, id, &m, &conv)
+                })
+                .ok_or_else(|| fail("vCPU did not answer", &index))?
+                .map_err(|e| fail(&format!("saving vCPU {index}"), &e))?;
+            save_us.push(t.elapsed().as_secs_f64() * 1e6);
+            states.push((index, st));
+        }
+        // VM-wide state after the vCPUs are quiet: 8259s, IOAPIC, PIT, clock.
+        let mut chips = Vec::new();
+        for chip_id in [
+            kvm_bindings::KVM_IRQCHIP_PIC_MASTER,
+            kvm_bindings::KVM_IRQCHIP_PIC_SLAVE,
+            kvm_bindings::KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut c = kvm_bindings::kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut c).map_err(|e| fail("KVM_GET_IRQCHIP", &e))?;
+            chips.push(c);
+        }
+        let pit = vm.get_pit2().map_err(|e| fail("KVM_GET_PIT2", &e))?;
+        let clock = vm.get_clock().map_err(|e| fail("KVM_GET_CLOCK", &e))?;
+        let new_vm = create_kvm_vm(&self.kvm, &self.topology, &self.mem).map_err(|e| fail("new VM", &e))?;
+        for c in &chips {
+            new_vm.set_irqchip(c).map_err(|e| fail("KVM_SET_IRQCHIP", &e))?;
+        }
+        new_vm.set_pit2(&pit).map_err(|e| fail("KVM_SET_PIT2", &e))?;
+        // The VM clock before any vCPU runs.
+        new_vm
+            .set_clock(&kvm_bindings::kvm_clock_data {
+                clock: clock.clock,
+                ..Default::default()
+            })
+            .map_err(|e| fail("KVM_SET_CLOCK", &e))?;
+        let mut fresh = VcpuManager::new(
+            self.topology,
+            self.supported_cpuid.clone(),
+            self.exits.clone(),
+            conv,
+        );
+        // One IA32_TSC for all vCPUs, so their TSC offsets are equal after the restore.
+        let tsc = states
+            .first()
+            .and_then(|(_, s)| s.msrs.as_slice().iter().find(|e| e.index == 0x10).map(|e| e.data));
+        let mut restore_us = Vec::new();
+        for (index, st) in &states {
+            let t = std::time::Instant::now();
+            let fd = fresh
+                .prepare(&new_vm, *index)
+                .map_err(|e| fail(&format!("creating vCPU {index}"), &e))?;
+            vcpu_manager::restore_vcpu(&fd, st, &conv, tsc)
+                .map_err(|e| fail(&format!("restoring vCPU {index}"), &e))?;
+            restore_us.push(t.elapsed().as_secs_f64() * 1e6);
+            fresh
+                .start_paused(*index, fd)
+                .map_err(|e| fail(&format!("starting vCPU {index}"), &e))?;
+        }
+        // Move the interrupt lines last: an eventfd can feed only one VM's irqfd at a time.
+        let _ = vm.unregister_irqfd(&self.serial_irq, COM1_IRQ);
+        let _ = self.sci.unregister(vm);
+        let moved = new_vm
+            .register_irqfd(&self.serial_irq, COM1_IRQ)
+            .map_err(|e| fail("KVM_IRQFD(serial)", &e))
+            .and_then(|_| self.sci.register(&new_vm).map_err(|e| fail("KVM_IRQFD(SCI)", &e)));
+        if let Err(e) = moved {
+            let _ = new_vm.unregister_irqfd(&self.serial_irq, COM1_IRQ);
+            let _ = vm.register_irqfd(&self.serial_irq, COM1_IRQ);
+            let _ = self.sci.register(vm);
+            return Err(e);
+        }
+        Ok((fresh, new_vm, (save_us, restore_us)))
+    }
+
     /// Save every vCPU (the VM must be paused).
     pub fn save_vcpus(&self) -> Result<Vec<(u32, vcpu_manager::VcpuState)>, ControlError> {
         self.lock_vcpus()
@@ -547,45 +676,8 @@ impl Vm {
             }
         }
         let topology = Topology::new(config.cpus.max);
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm.set_tss_address(TSS_ADDRESS)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        if topology.needs_x2apic() {
-            // APIC ids above 254 only exist with 32-bit x2APIC ids; must precede vCPU creation.
-            let cap = kvm_enable_cap {
-                cap: kvm_bindings::KVM_CAP_X2APIC_API,
-                args: [X2APIC_API_FLAGS, 0, 0, 0],
-                ..Default::default()
-            };
-            vm.enable_cap(&cap)
-                .map_err(kvm_err("KVM_ENABLE_CAP(X2APIC_API)"))?;
-        }
-
         let mem = boot::create_memory(config.memory)?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host = mem
-                .get_host_address(region.start_addr())
-                .map_err(|e| VmmError::Io {
-                    what: format!("guest memory host address: {e}"),
-                    source: std::io::Error::from(std::io::ErrorKind::InvalidData),
-                })?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region is a live mapping owned by `mem`, which the Vm keeps for as
-            // long as the VM fd exists (field order in `Vm`).
-            unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
+        let vm = create_kvm_vm(&kvm, &topology, &mem)?;
 
         let layout = HotplugLayout::default();
         let tables = acpi::build(&AcpiConfig {
@@ -615,6 +707,10 @@ impl Vm {
 
         // COM1 on GSI 4 through an irqfd.
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Io {
+            what: "eventfd".into(),
+            source,
+        })?;
+        let serial_irq_clone = serial_irq.try_clone().map_err(|source| VmmError::Io {
             what: "eventfd".into(),
             source,
         })?;
@@ -667,10 +763,12 @@ impl Vm {
         }
 
         // ACPI PM1/GPE0 and the CPU hotplug block, with the SCI as a level line.
-        let sci = LevelIrq::new(&vm, u32::from(layout.pm.sci_irq)).map_err(|source| VmmError::Io {
-            what: "SCI irqfd".into(),
-            source,
-        })?;
+        let sci = Arc::new(
+            LevelIrq::new(&vm, u32::from(layout.pm.sci_irq)).map_err(|source| VmmError::Io {
+                what: "SCI irqfd".into(),
+                source,
+            })?,
+        );
         let apic_ids: Vec<u32> = (0..topology.max_vcpus()).map(|i| topology.apic_id(i)).collect();
         let (eject_tx, eject_rx) = mpsc::channel();
         let hotplug_events = Arc::new(HotplugEvents {
@@ -681,7 +779,7 @@ impl Vm {
             layout,
             &apic_ids,
             config.cpus.boot,
-            Arc::new(sci),
+            sci.clone(),
             Arc::new(PowerButton(Mutex::new(ev_tx.clone()))),
             hotplug_events.clone(),
         )));
@@ -696,7 +794,12 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut vcpus = VcpuManager::new(topology, supported, exits, KvmConventions::CANONICAL);
+        let mut vcpus = VcpuManager::new(
+            topology,
+            supported.clone(),
+            exits.clone(),
+            KvmConventions::CANONICAL,
+        );
         let mut fds = Vec::new();
         for i in 0..config.cpus.boot {
             let fd = vcpus.prepare(&vm, i)?;
@@ -734,7 +837,11 @@ impl Vm {
             events_tx: Mutex::new(ev_tx),
             topology,
             msrs,
-            vm,
+            supported_cpuid: supported,
+            exits,
+            serial_irq: serial_irq_clone,
+            sci,
+            vm: Mutex::new(vm),
             mem,
             kvm,
         });
@@ -824,11 +931,6 @@ impl Vm {
         &self.inner.mem
     }
 
-    /// The KVM VM fd.
-    pub fn vm_fd(&self) -> &VmFd {
-        &self.inner.vm
-    }
-
     /// The KVM system fd.
     pub fn kvm(&self) -> &Kvm {
         &self.inner.kvm
@@ -846,6 +948,49 @@ impl Drop for Vm {
         self.stop.store(true, Ordering::SeqCst);
         self.inner.lock_vcpus().stop_all();
     }
+}
+
+/// A KVM VM with the in-kernel irqchip and PIT, the x2APIC API when APIC ids need it, and
+/// `mem` registered. Used at boot and when the VM is rebuilt from saved state.
+fn create_kvm_vm(kvm: &Kvm, topology: &Topology, mem: &GuestMemory) -> Result<VmFd, VmmError> {
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(TSS_ADDRESS)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    if topology.needs_x2apic() {
+        // APIC ids above 254 only exist with 32-bit x2APIC ids; must precede vCPU creation.
+        let cap = kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_X2APIC_API,
+            args: [X2APIC_API_FLAGS, 0, 0, 0],
+            ..Default::default()
+        };
+        vm.enable_cap(&cap)
+            .map_err(kvm_err("KVM_ENABLE_CAP(X2APIC_API)"))?;
+    }
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmmError::Io {
+                what: format!("guest memory host address: {e}"),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+            })?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which VmInner keeps for as long
+        // as any VM fd it created exists (field order in `VmInner`).
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(vm)
 }
 
 fn register<D>(io: &mut IoManager, base: u16, len: u16, dev: Arc<D>) -> Result<(), VmmError>

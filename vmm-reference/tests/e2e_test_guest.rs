@@ -184,3 +184,86 @@ fn x2apic_ids_above_255_boot() {
     con.command("poweroff", T).expect("poweroff");
     assert_eq!(vm.wait(Some(T)), Some(VmOutcome::PowerOff));
 }
+
+/// Pause, save every vCPU, restore them into fresh vCPUs of a brand-new KVM VM sharing the
+/// same memory, resume: online CPUs keep ticking, the offlined one stays offline (HALTED,
+/// SW-disabled APIC) and can be onlined, the never-onlined one stays UNINITIALIZED and can be
+/// started later.
+#[test]
+fn vcpus_restored_into_a_new_vm_keep_their_exact_state() {
+    if !kvm_or_skip("vcpus_restored_into_a_new_vm_keep_their_exact_state") {
+        return;
+    }
+    const UNINITIALIZED: u32 = 1;
+    let dir = temp_dir("transplant");
+    let sock = dir.join("console.sock");
+    let vm = Vm::start(&test_guest_config(3, 6, &sock)).expect("VM starts");
+    let ctl = vm.control();
+    let mut con = GuestConsole::connect(&sock, T).expect("console");
+    con.wait_for("READY", T).expect("READY");
+    // CPU 3: hot-added but never onlined. CPU 2: offlined by the guest.
+    assert_eq!(con.command("autoonline off", T).unwrap(), vec!["OK"]);
+    ctl.add_cpu_index(3).expect("add CPU 3");
+    assert_eq!(
+        con.wait_for("EVENT insert", T).unwrap(),
+        "EVENT insert cpu=3 online=0"
+    );
+    assert_eq!(con.command("offline 2", T).unwrap(), vec!["OK"]);
+    let deadline = Instant::now() + T;
+    while vm.mp_state(2) != Some(KVM_MP_STATE_HALTED) {
+        assert!(Instant::now() < deadline, "CPU 2 never halted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(vm.mp_state(3), Some(UNINITIALIZED));
+    let s1 = con.status(T).unwrap();
+
+    let (save_us, restore_us) = ctl.transplant().expect("rebuild on a new VM");
+    assert_eq!(save_us.len(), 4);
+    eprintln!("per-vCPU save {save_us:?} us, restore {restore_us:?} us");
+
+    assert_eq!(
+        vm.mp_state(3),
+        Some(UNINITIALIZED),
+        "never-onlined CPU stays UNINITIALIZED"
+    );
+    assert_eq!(
+        vm.mp_state(2),
+        Some(KVM_MP_STATE_HALTED),
+        "offlined CPU stays HALTED"
+    );
+    assert!(
+        !vm.lapic(2).unwrap().sw_enabled(),
+        "and keeps its SW-disabled APIC"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let s2 = con.status(T).unwrap();
+    for i in [0, 1] {
+        assert!(
+            s2.cpus[i].ticks > s1.cpus[i].ticks,
+            "CPU {i} stopped ticking after the restore"
+        );
+    }
+    assert_eq!(
+        s2.cpus[2].ticks, s1.cpus[2].ticks,
+        "the offline CPU stayed offline"
+    );
+    assert_eq!(
+        (s2.cpus[2].state.as_str(), s2.cpus[3].state.as_str()),
+        ("offline", "stopped")
+    );
+    // Both come up with INIT/SIPI on the new VM.
+    assert_eq!(con.command("online 2", T).unwrap(), vec!["OK"]);
+    assert_eq!(con.command("online 3", T).unwrap(), vec!["OK"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let s3 = con.status(T).unwrap();
+    assert_eq!(s3.online, 4);
+    assert!(s3.cpus[2].ticks > s2.cpus[2].ticks && s3.cpus[3].ticks > 0);
+    // Hotplug still works on the new VM: remove CPU 3, the eject parks it.
+    ctl.remove_cpu(3).unwrap();
+    assert_eq!(
+        con.wait_for("EVENT remove", T).unwrap(),
+        "EVENT remove cpu=3 ejected=1"
+    );
+    con.command("poweroff", T).unwrap();
+    assert_eq!(vm.wait(Some(T)), Some(VmOutcome::PowerOff));
+}

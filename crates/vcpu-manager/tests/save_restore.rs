@@ -1,0 +1,123 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Ordered save/restore of vCPUs into a brand-new VM on the real /dev/kvm: every mp_state is
+//! preserved exactly (UNINITIALIZED, INIT_RECEIVED, HALTED, RUNNABLE), and so are the
+//! registers and the LAPIC (including an offlined CPU's SW-disabled APIC).
+
+use std::io::Write;
+
+use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use lapic_state::{regs, KvmConventions, LapicPage};
+use vcpu_manager::{cpuid, msr_list, restore_vcpu, save_vcpu, Topology};
+
+fn kvm_or_skip(test: &str) -> Option<Kvm> {
+    match Kvm::new().and_then(|k| k.create_vm().map(|_| k)) {
+        Ok(k) => {
+            if let Some(path) = std::env::var_os("KVM_TEST_LEDGER") {
+                if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                    let _ = writeln!(f, "{test}");
+                }
+            }
+            Some(k)
+        }
+        Err(e) => {
+            assert!(
+                std::env::var("VMM_REQUIRE_KVM").as_deref() != Ok("1"),
+                "{test}: /dev/kvm unusable: {e}"
+            );
+            eprintln!("SKIP {test}: /dev/kvm is not usable ({e})");
+            None
+        }
+    }
+}
+
+fn vm_with_vcpus(kvm: &Kvm, n: u32) -> (VmFd, Vec<VcpuFd>) {
+    let vm = kvm.create_vm().unwrap();
+    vm.create_irq_chip().unwrap();
+    let topo = Topology::new(n);
+    let sup = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+    let fds = (0..n)
+        .map(|i| {
+            let fd = vm.create_vcpu(u64::from(i)).unwrap();
+            fd.set_cpuid2(&cpuid::for_vcpu(&sup, &topo, i)).unwrap();
+            fd
+        })
+        .collect();
+    (vm, fds)
+}
+
+#[test]
+fn mp_states_registers_and_lapic_survive_into_a_new_vm() {
+    let Some(kvm) = kvm_or_skip("mp_states_registers_and_lapic_survive_into_a_new_vm") else {
+        return;
+    };
+    let (_vm, src) = vm_with_vcpus(&kvm, 4);
+    let conv = KvmConventions::detect(&kvm, &src[0], false).unwrap();
+    let msrs = msr_list(&kvm, &src[0]).unwrap();
+    // vCPU 1: an AP between INIT and SIPI. vCPU 2: an offlined CPU (halted, IF=0, APIC
+    // SW-disabled, LVTs masked). vCPU 3: never started (UNINITIALIZED). vCPU 0: runnable BSP.
+    src[1]
+        .set_mp_state(kvm_mp_state {
+            mp_state: kvm_bindings::KVM_MP_STATE_INIT_RECEIVED,
+        })
+        .unwrap();
+    let mut lapic = LapicPage::from(src[2].get_lapic().unwrap());
+    lapic.set_reg(regs::SPIV, 0xff);
+    lapic.set_reg(regs::LVT_TIMER, 0x10000 | 0xec);
+    src[2].set_lapic(lapic.as_kvm()).unwrap();
+    let mut r = src[2].get_regs().unwrap();
+    r.rip = 0x1234;
+    r.rflags = 0x2; // IF=0
+    src[2].set_regs(&r).unwrap();
+    src[2]
+        .set_mp_state(kvm_mp_state {
+            mp_state: kvm_bindings::KVM_MP_STATE_HALTED,
+        })
+        .unwrap();
+    let mut r0 = src[0].get_regs().unwrap();
+    r0.rax = 0xdead_beef;
+    src[0].set_regs(&r0).unwrap();
+
+    let saved: Vec<_> = src
+        .iter()
+        .enumerate()
+        .map(|(i, fd)| save_vcpu(fd, i as u32, &msrs, &conv).unwrap())
+        .collect();
+    // Through serde, as a snapshot would carry it.
+    let json = serde_json::to_vec(&saved).unwrap();
+    let saved: Vec<vcpu_manager::VcpuState> = serde_json::from_slice(&json).unwrap();
+    let want = [
+        kvm_bindings::KVM_MP_STATE_RUNNABLE,
+        kvm_bindings::KVM_MP_STATE_INIT_RECEIVED,
+        kvm_bindings::KVM_MP_STATE_HALTED,
+        kvm_bindings::KVM_MP_STATE_UNINITIALIZED,
+    ];
+    for (s, w) in saved.iter().zip(want) {
+        assert_eq!(s.mp_state.mp_state, w, "saved mp_state of vCPU {}", s.vcpu_id);
+    }
+
+    let (vm2, dst) = vm_with_vcpus(&kvm, 4);
+    let tsc = saved[0]
+        .msrs
+        .as_slice()
+        .iter()
+        .find(|e| e.index == 0x10)
+        .map(|e| e.data);
+    for (fd, s) in dst.iter().zip(&saved) {
+        restore_vcpu(fd, s, &conv, tsc).unwrap();
+    }
+    for (i, (fd, w)) in dst.iter().zip(want).enumerate() {
+        assert_eq!(
+            fd.get_mp_state().unwrap().mp_state,
+            w,
+            "restored mp_state of vCPU {i}"
+        );
+    }
+    assert_eq!(dst[0].get_regs().unwrap().rax, 0xdead_beef);
+    let r2 = dst[2].get_regs().unwrap();
+    assert_eq!((r2.rip, r2.rflags & 0x200), (0x1234, 0));
+    let l2 = LapicPage::from(dst[2].get_lapic().unwrap());
+    assert!(!l2.sw_enabled(), "the offlined CPU keeps its SW-disabled APIC");
+    assert!(l2.lvt(regs::LVT_TIMER).masked());
+    drop(vm2);
+}
