@@ -57,7 +57,7 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Boot the test guest with 2 of 8 CPUs, hot-add, offline, remove and re-add CPUs.
+    /// Boot the test guest with 2 of 8 CPUs; hot-add, offline, remove and re-add CPUs.
     Demo,
     /// Control a running VMM through its API socket.
     Ctl {
@@ -342,32 +342,66 @@ fn demo_inner() -> Result<(), Box<dyn std::error::Error>> {
     let exe = std::env::current_exe()?;
     let dir = std::env::temp_dir().join(format!("vmm-reference-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let sock = dir.join("console.sock");
+    let (sock, api) = (dir.join("console.sock"), dir.join("api.sock"));
     println!("== booting the built-in test guest: --cpus boot=2,max=8 --memory 256M");
     let start = Instant::now();
     let mut child = Command::new(&exe)
         .args(["run", "--cpus", "boot=2,max=8", "--memory", "256M"])
         .arg("--serial")
         .arg(format!("socket={}", sock.display()))
+        .arg("--api-socket")
+        .arg(&api)
         .stdin(Stdio::null())
         .spawn()?;
+    let t = Duration::from_secs(30);
     let result = (|| -> Result<(), Box<dyn std::error::Error>> {
         let mut con = GuestConsole::connect(&sock, Duration::from_secs(10))?;
-        let ready = con.wait_for("READY", Duration::from_secs(30))?;
+        let ready = con.wait_for("READY", t)?;
         println!(
             "guest: {ready}   ({} ms after process start)",
             start.elapsed().as_millis()
         );
-        let s1 = con.status(Duration::from_secs(10))?;
-        println!("== guest `status`:\n{}", s1.table());
-        std::thread::sleep(Duration::from_millis(500));
-        let s2 = con.status(Duration::from_secs(10))?;
-        println!(
-            "== guest `status` 0.5 s later (timer ticks advance on online CPUs):\n{}",
-            s2.table()
-        );
+        let api_call =
+            |method: &str, ep: &str, body: Option<&str>| -> Result<String, Box<dyn std::error::Error>> {
+                let (status, body) = vmm_reference::api::request(&api, method, ep, body)?;
+                if status >= 300 {
+                    return Err(format!("{ep}: HTTP {status} {body}").into());
+                }
+                Ok(body)
+            };
+        let show = |con: &mut GuestConsole, what: &str| -> Result<(), Box<dyn std::error::Error>> {
+            let s = con.status(t)?;
+            println!("== {what}\n-- guest `status`:\n{}", s.table());
+            let v: serde_json::Value = serde_json::from_str(&api_call("GET", "vm.info", None)?)?;
+            println!("-- VMM `vm.info`:\n{}", info_table(&v));
+            Ok(())
+        };
+        show(&mut con, "after boot: 2 of 8 CPUs online")?;
+        println!("== PUT /api/v1/vm.resize {{\"desired_vcpus\":4}}: hot-add CPUs 2 and 3 (GPE 2 -> SCI -> guest scan -> INIT/SIPI)");
+        api_call("PUT", "vm.resize", Some(r#"{"desired_vcpus":4}"#))?;
+        for _ in 0..2 {
+            println!("guest: {}", con.wait_for("EVENT insert", t)?);
+        }
+        println!("== guest `offline 3` (Linux-style: APIC SW-disabled, cli; hlt)");
+        println!("guest: {}", con.command("offline 3", t)?.join(" "));
+        std::thread::sleep(Duration::from_millis(100));
+        show(
+            &mut con,
+            "CPU 3 offline: KVM reports it HALTED with its APIC SW-disabled",
+        )?;
+        println!("== PUT /api/v1/vm.remove-cpu {{\"id\":2}}: the guest offlines and ejects it, the VMM parks the vCPU fd");
+        api_call("PUT", "vm.remove-cpu", Some(r#"{"id":2}"#))?;
+        println!("guest: {}", con.wait_for("EVENT remove", t)?);
+        std::thread::sleep(Duration::from_millis(100));
+        show(&mut con, "CPU 2 removed")?;
+        println!("== PUT /api/v1/vm.add-cpu: CPU 2 comes back on its parked fd");
+        println!("vmm: {}", api_call("PUT", "vm.add-cpu", None)?);
+        println!("guest: {}", con.wait_for("EVENT insert", t)?);
+        println!("guest: {}", con.command("online 3", t)?.join(" "));
+        std::thread::sleep(Duration::from_millis(300));
+        show(&mut con, "CPU 2 re-added, CPU 3 online again: everything ticks")?;
         println!("== guest `poweroff` (ACPI S5 through PM1a_CNT)");
-        let reply = con.command("poweroff", Duration::from_secs(10))?;
+        let reply = con.command("poweroff", t)?;
         println!("guest: {}", reply.join(" | "));
         Ok(())
     })();

@@ -1,0 +1,138 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! CPU hotplug benchmark with the test guest (`cargo bench -p vmm-reference --bench hotplug`):
+//! - API request -> CPU online in the guest (the guest's `EVENT insert cpu=N online=1` line),
+//! - API request -> eject complete (vCPU thread joined, fd parked, removal no longer pending),
+//! - per-vCPU state save and restore (pause, save, restore into a new KVM VM, resume),
+//! - resize from 2 to 64 CPUs (until all 62 report online).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vmm_reference::api::request;
+use vmm_reference::config::{CpuConfig, KernelSource, SerialMode, VmConfig};
+use vmm_reference::console::GuestConsole;
+use vmm_reference::vm::Vm;
+
+const T: Duration = Duration::from_secs(60);
+
+fn stats(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    (at(0.5), at(0.99), v[v.len() - 1])
+}
+
+fn info(api: &Path) -> serde_json::Value {
+    let (_, body) = request(api, "GET", "vm.info", None).expect("info");
+    serde_json::from_str(&body).expect("json")
+}
+
+fn main() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        println!("hotplug benchmark skipped: /dev/kvm is not usable");
+        return;
+    }
+    let samples: usize = std::env::var("HOTPLUG_BENCH_SAMPLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let dir = std::env::temp_dir().join(format!("vmmref-hpbench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (api, con_path) = (dir.join("api.sock"), dir.join("con.sock"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm-reference"))
+        .args([
+            "run",
+            "--cpus",
+            "boot=2,max=64",
+            "--memory",
+            "256M",
+            "--api-socket",
+        ])
+        .arg(&api)
+        .arg("--serial")
+        .arg(format!("socket={}", con_path.display()))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut con = GuestConsole::connect(&con_path, T).expect("console");
+    con.wait_for("READY", T).expect("READY");
+
+    let (mut online, mut eject) = (Vec::new(), Vec::new());
+    for _ in 0..samples {
+        let t = Instant::now();
+        let (s, _) = request(&api, "PUT", "vm.add-cpu", Some(r#"{"id":2}"#)).unwrap();
+        assert_eq!(s, 200);
+        con.wait_for("EVENT insert cpu=2 online=1", T).expect("online");
+        online.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let (s, _) = request(&api, "PUT", "vm.remove-cpu", Some(r#"{"id":2}"#)).unwrap();
+        assert_eq!(s, 204);
+        loop {
+            let v = info(&api);
+            if v["cpus"][2]["vcpu"] == "parked"
+                && v["pending_removals"].as_array().is_some_and(|a| a.is_empty())
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        eject.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let t = Instant::now();
+    let (s, _) = request(&api, "PUT", "vm.resize", Some(r#"{"desired_vcpus":64}"#)).unwrap();
+    assert_eq!(s, 204);
+    for _ in 0..62 {
+        con.wait_for("EVENT insert", T).expect("insert");
+    }
+    let grow = t.elapsed().as_secs_f64() * 1e3;
+    let st = con.status(T).expect("status");
+    assert_eq!(st.online, 64);
+    con.command("poweroff", T).expect("poweroff");
+    let _ = child.wait();
+
+    // Save/restore per vCPU: in process, 8 vCPUs, rebuilt on a new KVM VM a few times.
+    let sock = dir.join("con2.sock");
+    let cfg = VmConfig {
+        kernel: KernelSource::Embedded,
+        initramfs: None,
+        cmdline: None,
+        cpus: CpuConfig { boot: 8, max: 8 },
+        memory: 128 << 20,
+        serial: SerialMode::Socket(sock.clone()),
+    };
+    let vm = Vm::start(&cfg).expect("vm");
+    let mut con2 = GuestConsole::connect(&sock, T).expect("console");
+    con2.wait_for("READY", T).expect("READY");
+    let (mut save, mut restore) = (Vec::new(), Vec::new());
+    for _ in 0..4 {
+        let (s, r) = vm.control().transplant().expect("transplant");
+        save.extend(s);
+        restore.extend(r);
+    }
+    assert_eq!(con2.status(T).expect("status").online, 8);
+    con2.command("poweroff", T).expect("poweroff");
+    vm.wait(Some(T));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!("\nvmm-reference CPU hotplug benchmark (test guest, PVM software KVM, 2 host cores)");
+    println!(
+        "{:<48} {:>5} {:>10} {:>10} {:>10}",
+        "metric", "n", "median", "p99", "max"
+    );
+    for (name, v) in [
+        ("API add-cpu -> online in guest (ms)", &mut online),
+        ("API remove-cpu -> eject complete (ms)", &mut eject),
+        ("vCPU state save, per vCPU (us)", &mut save),
+        ("vCPU state restore, per vCPU (us)", &mut restore),
+    ] {
+        let (med, p99, max) = stats(v);
+        println!("{name:<48} {:>5} {med:>10.2} {p99:>10.2} {max:>10.2}", v.len());
+    }
+    println!("{:<48} {:>5} {grow:>10.1}", "resize 2 -> 64, all online (ms)", 1);
+    println!("(no QEMU column: Debian bookworm's qemu-system-x86 conflicts with the installed qemu-utils)");
+}
