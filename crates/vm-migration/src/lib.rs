@@ -1,5 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Snapshot container: the on-disk/on-wire envelope that carries a VM's state sections.
+//! VM snapshots and live migration, independent of any VMM's device set:
+//! - the snapshot container (this module): the on-disk/on-wire envelope that carries a VM's
+//!   state sections;
+//! - [`memory`]: raw memory images restored copy-on-write, dirty-bitmap ranges;
+//! - [`protocol`]: the live-migration wire protocol and the dirty-page pre-copy driver.
+//!
+//! The container:
 //!
 //! Layout (all integers little endian):
 //! ```text
@@ -24,6 +30,9 @@
 
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod memory;
+pub mod protocol;
 
 /// File magic.
 pub const MAGIC: [u8; 8] = *b"VMMSNAP\0";

@@ -1,0 +1,503 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Live-migration wire protocol: length-prefixed frames over any byte stream (TCP, Unix
+//! socket), and the dirty-page pre-copy driver.
+//!
+//! ```text
+//! source                                   destination
+//!   Hello{version, compat}         ──▶     checks version + compatibility (before any pause)
+//!                                  ◀──     Accept | Refuse(reason)
+//!   Memory{pages}*  (round 0: all RAM, then dirty pages, until the rest fits the downtime)
+//!   ── source pauses the VM ──
+//!   Memory{pages}*  (the last dirty pages)
+//!   State(snapshot container)      ──▶     restores vCPUs, devices, KVM VM state
+//!                                  ◀──     Ack (running) | Error(reason)
+//!   ── source stops only after Ack; on any error before it, it resumes and keeps the VM ──
+//! ```
+//!
+//! Frame: `kind u8 | payload length u64 LE | payload`. Decoding is for an untrusted peer:
+//! lengths are checked against [`FrameLimits`] before anything is allocated, and memory
+//! chunks are checked against the destination's RAM before they are written.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use crate::memory::{dirty_pages, dirty_ranges, PAGE_SIZE};
+
+/// Protocol version this crate speaks (the destination refuses newer ones).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+const K_HELLO: u8 = 1;
+const K_ACCEPT: u8 = 2;
+const K_REFUSE: u8 = 3;
+const K_MEMORY: u8 = 4;
+const K_STATE: u8 = 5;
+const K_ACK: u8 = 6;
+const K_ERROR: u8 = 7;
+const K_ABANDON: u8 = 8;
+
+/// Protocol errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The stream failed or ended.
+    #[error("migration stream: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer sent something this side cannot accept.
+    #[error("migration protocol violation: {0}")]
+    Invalid(String),
+    /// The peer refused or reported an error.
+    #[error("peer: {0}")]
+    Peer(String),
+}
+
+/// Bounds on what a peer may make us allocate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameLimits {
+    /// Largest frame payload.
+    pub max_frame: u64,
+}
+
+impl Default for FrameLimits {
+    fn default() -> Self {
+        FrameLimits { max_frame: 64 << 20 }
+    }
+}
+
+/// One protocol message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Source → destination: protocol version and the VMM's compatibility description.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the sender.
+        version: u32,
+        /// VMM-defined compatibility description (e.g. JSON: CPUs, memory, features).
+        compat: Vec<u8>,
+    },
+    /// Destination → source: compatible, send memory.
+    Accept,
+    /// Destination → source: incompatible, with every mismatch spelled out.
+    Refuse(String),
+    /// Source → destination: pages as `(guest physical address, bytes)` chunks.
+    Memory(Vec<(u64, Vec<u8>)>),
+    /// Source → destination: the VM state (a snapshot container); the VM is paused.
+    State(Vec<u8>),
+    /// Destination → source: restored and running; the source may stop.
+    Ack,
+    /// Destination → source: the restore failed; the source keeps the VM.
+    Error(String),
+    /// Source → destination: the source gave up; discard everything.
+    Abandon(String),
+}
+
+impl Message {
+    fn kind(&self) -> u8 {
+        match self {
+            Message::Hello { .. } => K_HELLO,
+            Message::Accept => K_ACCEPT,
+            Message::Refuse(_) => K_REFUSE,
+            Message::Memory(_) => K_MEMORY,
+            Message::State(_) => K_STATE,
+            Message::Ack => K_ACK,
+            Message::Error(_) => K_ERROR,
+            Message::Abandon(_) => K_ABANDON,
+        }
+    }
+
+    /// Frame bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut p = Vec::new();
+        match self {
+            Message::Hello { version, compat } => {
+                p.extend_from_slice(&version.to_le_bytes());
+                p.extend_from_slice(compat);
+            }
+            Message::Accept | Message::Ack => {}
+            Message::Refuse(s) | Message::Error(s) | Message::Abandon(s) => p.extend_from_slice(s.as_bytes()),
+            Message::Memory(chunks) => {
+                for (gpa, data) in chunks {
+                    p.extend_from_slice(&gpa.to_le_bytes());
+                    p.extend_from_slice(&(data.len() as u64).to_le_bytes());
+                    p.extend_from_slice(data);
+                }
+            }
+            Message::State(s) => p.extend_from_slice(s),
+        }
+        let mut out = Vec::with_capacity(9 + p.len());
+        out.push(self.kind());
+        out.extend_from_slice(&(p.len() as u64).to_le_bytes());
+        out.extend_from_slice(&p);
+        out
+    }
+
+    /// Parse one frame's payload of kind `kind` (untrusted).
+    pub fn decode(kind: u8, p: &[u8]) -> Result<Message, ProtocolError> {
+        let text = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
+        Ok(match kind {
+            K_HELLO => {
+                let v = p
+                    .get(..4)
+                    .ok_or_else(|| ProtocolError::Invalid("short Hello".into()))?;
+                Message::Hello {
+                    version: u32::from_le_bytes([v[0], v[1], v[2], v[3]]),
+                    compat: p[4..].to_vec(),
+                }
+            }
+            K_ACCEPT if p.is_empty() => Message::Accept,
+            K_ACK if p.is_empty() => Message::Ack,
+            K_REFUSE => Message::Refuse(text(p)),
+            K_ERROR => Message::Error(text(p)),
+            K_ABANDON => Message::Abandon(text(p)),
+            K_STATE => Message::State(p.to_vec()),
+            K_MEMORY => {
+                let mut chunks = Vec::new();
+                let mut rest = p;
+                while !rest.is_empty() {
+                    let hdr = rest
+                        .get(..16)
+                        .ok_or_else(|| ProtocolError::Invalid("truncated memory chunk header".into()))?;
+                    let gpa = u64::from_le_bytes(hdr[..8].try_into().unwrap_or_default());
+                    let len = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
+                    let len = usize::try_from(len)
+                        .ok()
+                        .filter(|l| *l <= rest.len() - 16)
+                        .ok_or_else(|| ProtocolError::Invalid("memory chunk longer than its frame".into()))?;
+                    chunks.push((gpa, rest[16..16 + len].to_vec()));
+                    rest = &rest[16 + len..];
+                }
+                Message::Memory(chunks)
+            }
+            k => {
+                return Err(ProtocolError::Invalid(format!(
+                    "unknown or malformed frame kind {k}"
+                )))
+            }
+        })
+    }
+}
+
+/// Write one message.
+pub fn send<W: Write>(w: &mut W, m: &Message) -> Result<(), ProtocolError> {
+    w.write_all(&m.encode())?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Read one message, refusing frames beyond `limits` before allocating.
+pub fn recv<R: Read>(r: &mut R, limits: &FrameLimits) -> Result<Message, ProtocolError> {
+    let mut hdr = [0u8; 9];
+    r.read_exact(&mut hdr)?;
+    let len = u64::from_le_bytes(hdr[1..9].try_into().unwrap_or_default());
+    if len > limits.max_frame {
+        return Err(ProtocolError::Invalid(format!(
+            "frame of {len} bytes exceeds the limit of {}",
+            limits.max_frame
+        )));
+    }
+    let mut p = vec![0u8; len as usize];
+    r.read_exact(&mut p)?;
+    Message::decode(hdr[0], &p)
+}
+
+/// What the pre-copy needs from the VMM: RAM regions, a dirty log, and page reads.
+/// (The VMM's own writes to guest memory must be included in `take_dirty`.)
+pub trait DirtySource {
+    /// RAM regions as `(guest physical start, length)`, in a fixed order.
+    fn regions(&self) -> Vec<(u64, u64)>;
+    /// Dirty bitmaps (one bit per 4 KiB page) of every region since the last call, which
+    /// resets them.
+    fn take_dirty(&mut self) -> std::io::Result<Vec<Vec<u64>>>;
+    /// Read guest memory.
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> std::io::Result<()>;
+}
+
+/// Pre-copy tuning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrecopyOptions {
+    /// Stop iterating when the remaining dirty set can be sent within this time.
+    pub downtime: Duration,
+    /// Stop iterating after this many rounds whatever the dirty rate (then pause anyway).
+    pub max_rounds: u32,
+    /// Largest memory frame.
+    pub chunk: usize,
+}
+
+impl Default for PrecopyOptions {
+    fn default() -> Self {
+        PrecopyOptions {
+            downtime: Duration::from_millis(300),
+            max_rounds: 30,
+            chunk: 4 << 20,
+        }
+    }
+}
+
+/// Progress of one pre-copy round.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RoundStats {
+    /// Round number (0 = all RAM).
+    pub round: u32,
+    /// Pages sent this round.
+    pub pages: u64,
+    /// Bytes sent this round.
+    pub bytes: u64,
+    /// Seconds the round took.
+    pub secs: f64,
+    /// Pages the guest dirtied while it ran.
+    pub dirtied: u64,
+    /// Time the remaining dirty set would take at this round's throughput (ms).
+    pub expected_downtime_ms: f64,
+}
+
+/// Send the given byte ranges of the regions as Memory frames; returns bytes sent.
+fn send_ranges<W: Write, S: DirtySource>(
+    w: &mut W,
+    src: &S,
+    ranges: &[(u64, u64)],
+    chunk: usize,
+) -> Result<u64, ProtocolError> {
+    let mut frame: Vec<(u64, Vec<u8>)> = Vec::new();
+    let (mut in_frame, mut sent) = (0usize, 0u64);
+    for &(gpa, len) in ranges {
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(chunk as u64) as usize;
+            let mut buf = vec![0u8; n];
+            src.read(gpa + off, &mut buf)?;
+            frame.push((gpa + off, buf));
+            in_frame += n;
+            sent += n as u64;
+            off += n as u64;
+            if in_frame >= chunk {
+                send(w, &Message::Memory(std::mem::take(&mut frame)))?;
+                in_frame = 0;
+            }
+        }
+    }
+    if !frame.is_empty() {
+        send(w, &Message::Memory(frame))?;
+    }
+    Ok(sent)
+}
+
+fn all_ranges(regions: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    regions.to_vec()
+}
+
+fn bitmap_ranges(regions: &[(u64, u64)], maps: &[Vec<u64>]) -> (Vec<(u64, u64)>, u64) {
+    let mut out = Vec::new();
+    let mut pages = 0;
+    for ((start, len), map) in regions.iter().zip(maps) {
+        pages += dirty_pages(map);
+        out.extend(dirty_ranges(map, *len).into_iter().map(|(o, l)| (start + o, l)));
+    }
+    (out, pages)
+}
+
+/// The source side of pre-copy. Call [`Precopy::iterate`] while the VM runs (dirty logging
+/// on), pause the VM, then [`Precopy::finish`] to send what is left.
+#[derive(Debug, Default)]
+pub struct Precopy {
+    /// Rounds so far.
+    pub rounds: Vec<RoundStats>,
+    /// Pages dirtied during the last round, sent by `finish`.
+    pending: Vec<(u64, u64)>,
+}
+
+impl Precopy {
+    /// Round 0 sends all RAM; later rounds send pages dirtied during the previous one, until
+    /// the remaining dirty set would fit in `opts.downtime` at the measured throughput or
+    /// `opts.max_rounds` is reached. `progress` sees each round. The dirty log must have been
+    /// started (and reset) before this call.
+    pub fn iterate<W: Write, S: DirtySource>(
+        &mut self,
+        w: &mut W,
+        src: &mut S,
+        opts: &PrecopyOptions,
+        mut progress: impl FnMut(&RoundStats),
+    ) -> Result<(), ProtocolError> {
+        let regions = src.regions();
+        let mut ranges = all_ranges(&regions);
+        loop {
+            let round = self.rounds.len() as u32;
+            let t = Instant::now();
+            let bytes = send_ranges(w, src, &ranges, opts.chunk)?;
+            let secs = t.elapsed().as_secs_f64();
+            let maps = src.take_dirty()?;
+            let (next, dirtied) = bitmap_ranges(&regions, &maps);
+            // Throughput of this round; a tiny round measures nothing useful, so floor it.
+            let rate = bytes as f64 / secs.max(1e-3);
+            let expected_downtime_ms = (dirtied * PAGE_SIZE) as f64 / rate.max(1.0) * 1e3;
+            let st = RoundStats {
+                round,
+                pages: bytes / PAGE_SIZE,
+                bytes,
+                secs,
+                dirtied,
+                expected_downtime_ms,
+            };
+            progress(&st);
+            self.rounds.push(st);
+            ranges = next;
+            if expected_downtime_ms <= opts.downtime.as_secs_f64() * 1e3 || round + 1 >= opts.max_rounds {
+                // What the last round left dirty goes out in `finish`, after the pause.
+                self.pending = ranges;
+                return Ok(());
+            }
+        }
+    }
+
+    /// After the VM is paused: send the pages dirtied since the last round (plus those left
+    /// from it). Returns bytes sent.
+    pub fn finish<W: Write, S: DirtySource>(
+        &mut self,
+        w: &mut W,
+        src: &mut S,
+        chunk: usize,
+    ) -> Result<u64, ProtocolError> {
+        let regions = src.regions();
+        let maps = src.take_dirty()?;
+        let (mut ranges, _) = bitmap_ranges(&regions, &maps);
+        ranges.append(&mut self.pending);
+        ranges.sort_unstable();
+        send_ranges(w, src, &ranges, chunk)
+    }
+}
+
+/// Destination side: write a Memory frame's chunks into RAM after checking each lies wholly
+/// inside one of `regions` (`(start, len)`); `write` does the copy.
+pub fn apply_memory(
+    chunks: &[(u64, Vec<u8>)],
+    regions: &[(u64, u64)],
+    mut write: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+) -> Result<u64, ProtocolError> {
+    let mut n = 0;
+    for (gpa, data) in chunks {
+        let end = gpa
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| ProtocolError::Invalid(format!("memory chunk at {gpa:#x} wraps")))?;
+        if !regions.iter().any(|(s, l)| *gpa >= *s && end <= s + l) {
+            return Err(ProtocolError::Invalid(format!(
+                "memory chunk {gpa:#x}..{end:#x} is outside guest RAM"
+            )));
+        }
+        write(*gpa, data)?;
+        n += data.len() as u64;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    struct FakeRam {
+        bytes: Vec<u8>,
+        dirty: Vec<u64>,
+        rounds: u32,
+    }
+
+    impl DirtySource for FakeRam {
+        fn regions(&self) -> Vec<(u64, u64)> {
+            vec![(0x10000, self.bytes.len() as u64)]
+        }
+        fn take_dirty(&mut self) -> std::io::Result<Vec<Vec<u64>>> {
+            // The "guest" dirties fewer pages each round and changes their contents.
+            self.rounds += 1;
+            let pages = (self.bytes.len() as u64 / PAGE_SIZE) >> self.rounds;
+            for p in 0..pages {
+                self.dirty[(p / 64) as usize] |= 1 << (p % 64);
+                self.bytes[(p * PAGE_SIZE) as usize] = self.rounds as u8;
+            }
+            let n = self.dirty.len();
+            Ok(vec![std::mem::replace(&mut self.dirty, vec![0; n])])
+        }
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            let o = (gpa - 0x10000) as usize;
+            buf.copy_from_slice(&self.bytes[o..o + buf.len()]);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn precopy_converges_and_the_destination_ends_identical() {
+        let pages = 256u64;
+        let mut src = FakeRam {
+            bytes: (0..pages * PAGE_SIZE).map(|i| (i % 251) as u8).collect(),
+            dirty: vec![0; (pages / 64) as usize],
+            rounds: 0,
+        };
+        let mut wire = Vec::new();
+        let mut pc = Precopy::default();
+        let opts = PrecopyOptions {
+            downtime: Duration::from_nanos(1),
+            max_rounds: 5,
+            chunk: 64 << 10,
+        };
+        pc.iterate(&mut wire, &mut src, &opts, |_| {}).unwrap();
+        assert_eq!(
+            pc.rounds.len(),
+            5,
+            "a 1 ns target is never met: max_rounds ends it"
+        );
+        assert_eq!(pc.rounds[0].pages, pages);
+        assert!(pc.rounds[1].pages < pages);
+        // "Pause", change memory once more, finish.
+        src.bytes[5] = 0xee;
+        src.dirty[0] |= 1;
+        pc.finish(&mut wire, &mut src, opts.chunk).unwrap();
+        let mut dst = vec![0u8; src.bytes.len()];
+        let mut r = &wire[..];
+        while !r.is_empty() {
+            match recv(&mut r, &FrameLimits::default()).unwrap() {
+                Message::Memory(chunks) => {
+                    apply_memory(&chunks, &src.regions(), |gpa, d| {
+                        let o = (gpa - 0x10000) as usize;
+                        dst[o..o + d.len()].copy_from_slice(d);
+                        Ok(())
+                    })
+                    .unwrap();
+                }
+                m => panic!("unexpected {m:?}"),
+            }
+        }
+        assert!(dst == src.bytes, "destination RAM differs from the source");
+    }
+
+    #[test]
+    fn memory_outside_ram_and_oversized_frames_are_refused() {
+        let regions = [(0x1000u64, 0x2000u64)];
+        assert!(apply_memory(&[(0x2000, vec![0; 0x1000])], &regions, |_, _| Ok(())).is_ok());
+        assert!(apply_memory(&[(0x2800, vec![0; 0x1000])], &regions, |_, _| Ok(())).is_err());
+        assert!(apply_memory(&[(u64::MAX, vec![0; 2])], &regions, |_, _| Ok(())).is_err());
+        let big = Message::State(vec![0; 100]).encode();
+        let tight = FrameLimits { max_frame: 10 };
+        assert!(matches!(
+            recv(&mut &big[..], &tight),
+            Err(ProtocolError::Invalid(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn messages_round_trip(kind in 0usize..8, data in proptest::collection::vec(any::<u8>(), 0..64), gpa in any::<u64>()) {
+            let s = String::from_utf8_lossy(&data).into_owned();
+            let m = match kind {
+                0 => Message::Hello { version: 7, compat: data.clone() },
+                1 => Message::Accept,
+                2 => Message::Refuse(s),
+                3 => Message::Memory(vec![(gpa, data.clone()), (gpa ^ 1, vec![])]),
+                4 => Message::State(data.clone()),
+                5 => Message::Ack,
+                6 => Message::Error(s),
+                _ => Message::Abandon(s),
+            };
+            let bytes = m.encode();
+            prop_assert_eq!(recv(&mut &bytes[..], &FrameLimits::default()).unwrap(), m);
+        }
+
+        #[test]
+        fn arbitrary_frames_never_panic(kind in any::<u8>(), data in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = Message::decode(kind, &data);
+        }
+    }
+}
