@@ -7,7 +7,9 @@
 //! | `PUT /api/v1/vm.resize` | `{"desired_vcpus": N}` | 204; 429 while a removal is pending; 400 out of range |
 //! | `PUT /api/v1/vm.add-cpu` | optional `{"id": N}` | 200 `{"id": N}` (lowest absent CPU without a body) |
 //! | `PUT /api/v1/vm.remove-cpu` | `{"id": N}` | 204; 400 for CPU 0 or an absent CPU; 429 if already pending |
-//! | `PUT /api/v1/vm.pause`, `vm.resume`, `vm.shutdown` | | 204 |
+//! | `PUT /api/v1/vm.pause`, `vm.resume`, `vm.shutdown` | | 204 (429 during a snapshot or migration) |
+//! | `PUT /api/v1/vm.snapshot` | `{"destination_url": "file:///DIR"}` (or a plain path) | 200 `{"state_bytes": N, "paused_ms": T}` |
+//! | `PUT /api/v1/vm.send-migration` | `{"destination_url": "unix:PATH"\|"tcp:HOST:PORT", "downtime_ms": 300, "max_rounds": 30}` | 200, the migration report; this VMM then exits 0 |
 //!
 //! Errors come back as `{"error": "..."}`. A malformed request gets a 4xx and the VM keeps
 //! running. The server is a few hundred lines on purpose: one request per connection, bodies
@@ -134,6 +136,22 @@ struct CpuId {
     id: u32,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotReq {
+    destination_url: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendMigration {
+    destination_url: String,
+    #[serde(default)]
+    downtime_ms: Option<u64>,
+    #[serde(default)]
+    max_rounds: Option<u32>,
+}
+
 fn body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, Response> {
     serde_json::from_slice(&req.body).map_err(|e| Response::error(400, format!("bad JSON body: {e}")))
 }
@@ -167,16 +185,44 @@ pub fn handle(vm: &VmInner, req: &Request) -> Response {
             Err(resp) => return resp,
         },
         "vm.pause" if want("PUT") => vm.pause().map(|_| Response::empty()),
-        "vm.resume" if want("PUT") => {
-            vm.resume();
-            Ok(Response::empty())
-        }
+        "vm.resume" if want("PUT") => vm.resume_checked().map(|_| Response::empty()),
         "vm.shutdown" if want("PUT") => {
             vm.request_shutdown();
             Ok(Response::empty())
         }
+        "vm.snapshot" if want("PUT") => match body::<SnapshotReq>(req) {
+            Ok(b) => {
+                let dir = b
+                    .destination_url
+                    .strip_prefix("file://")
+                    .unwrap_or(&b.destination_url);
+                if dir.is_empty() {
+                    return Response::error(400, "destination_url names no directory");
+                }
+                vm.snapshot(std::path::Path::new(dir)).map(|(n, ms)| {
+                    Response::json(200, &serde_json::json!({ "state_bytes": n, "paused_ms": ms }))
+                })
+            }
+            Err(resp) => return resp,
+        },
+        "vm.send-migration" if want("PUT") => match body::<SendMigration>(req) {
+            Ok(b) => {
+                let mut opts = vm_migration::protocol::PrecopyOptions::default();
+                if let Some(ms) = b.downtime_ms {
+                    opts.downtime = Duration::from_millis(ms);
+                }
+                if let Some(n) = b.max_rounds {
+                    opts.max_rounds = n.max(1);
+                }
+                vm.send_migration(&b.destination_url, &opts)
+                    .map(|r| Response::json(200, &r))
+            }
+            Err(resp) => return resp,
+        },
         "vm.info" | "vm.resize" | "vm.add-cpu" | "vm.remove-cpu" | "vm.pause" | "vm.resume"
-        | "vm.shutdown" => return Response::error(405, format!("{} not allowed on {op}", req.method)),
+        | "vm.shutdown" | "vm.snapshot" | "vm.send-migration" => {
+            return Response::error(405, format!("{} not allowed on {op}", req.method))
+        }
         _ => return Response::error(404, format!("no such endpoint {}", req.path)),
     };
     r.unwrap_or_else(control)
@@ -227,7 +273,7 @@ pub fn request(
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
     let mut s = UnixStream::connect(path)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_read_timeout(Some(Duration::from_secs(300)))?;
     let body = body.unwrap_or("");
     let req = format!(
         "{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",

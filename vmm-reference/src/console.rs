@@ -140,6 +140,12 @@ pub struct GuestStatus {
     pub present: u32,
     /// Online CPUs.
     pub online: u32,
+    /// SCIs the guest took.
+    pub sci: u64,
+    /// Insert events the guest handled.
+    pub inserts: u64,
+    /// CPUs the guest ejected.
+    pub ejects: u64,
     /// Per-CPU lines.
     pub cpus: Vec<CpuStatus>,
 }
@@ -168,6 +174,9 @@ impl GuestStatus {
             possible: field(head, "possible")?.parse().ok()?,
             present: field(head, "present")?.parse().ok()?,
             online: field(head, "online")?.parse().ok()?,
+            sci: field(head, "sci").and_then(|v| v.parse().ok()).unwrap_or(0),
+            inserts: field(head, "inserts").and_then(|v| v.parse().ok()).unwrap_or(0),
+            ejects: field(head, "ejects").and_then(|v| v.parse().ok()).unwrap_or(0),
             cpus,
         })
     }

@@ -130,6 +130,23 @@ impl SerialDevice {
         }
     }
 
+    /// COM1 with the registers and FIFO of a snapshot.
+    pub fn from_state(
+        state: &crate::snapshot::SerialSnapshot,
+        irq: EventFd,
+        out: ConsoleOut,
+    ) -> std::io::Result<Self> {
+        let serial = Serial::from_state(&state.into(), EventFdTrigger(irq), NoEvents, out).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("serial state: {e:?}"))
+        })?;
+        Ok(SerialDevice { serial })
+    }
+
+    /// Registers and FIFO.
+    pub fn state(&self) -> crate::snapshot::SerialSnapshot {
+        self.serial.state().into()
+    }
+
     /// Queue input bytes; returns how many were accepted (the FIFO holds 64).
     pub fn enqueue(&mut self, bytes: &[u8]) -> usize {
         let room = self.serial.fifo_capacity();
@@ -218,6 +235,15 @@ pub struct LevelIrq {
 impl LevelIrq {
     /// Register the line on `gsi` and start its resample thread.
     pub fn new(vm: &VmFd, gsi: u32) -> std::io::Result<Self> {
+        let line = LevelIrq::unregistered(gsi)?;
+        line.register(vm)?;
+        Ok(line)
+    }
+
+    /// The line for `gsi` with its resample thread, not yet attached to a VM: a restore
+    /// attaches it (with [`LevelIrq::register`]) only after the vCPUs and the IOAPIC state
+    /// exist, so a level that is high in the saved state cannot be delivered to nobody.
+    pub fn unregistered(gsi: u32) -> std::io::Result<Self> {
         let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
         let resample = EventFd::new(0)?;
         let level = Arc::new(AtomicBool::new(false));
@@ -227,7 +253,6 @@ impl LevelIrq {
             gsi,
             level,
         };
-        line.register(vm)?;
         let (l2, fd2) = (line.level.clone(), line.irqfd.try_clone()?);
         std::thread::Builder::new()
             .name(format!("irq{gsi}-resample"))

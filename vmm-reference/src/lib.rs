@@ -29,4 +29,6 @@ pub mod boot;
 pub mod config;
 pub mod console;
 pub mod devices;
+pub mod migration;
+pub mod snapshot;
 pub mod vm;

@@ -47,6 +47,12 @@ enum Cmd {
         /// Serial console: stdout | file=PATH | socket=PATH.
         #[arg(long, default_value = "stdout")]
         serial: String,
+        /// Restore the VM saved in DIR (by `ctl snapshot`) instead of booting one.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "incoming"])]
+        restore: Option<PathBuf>,
+        /// Wait for a live migration on unix:PATH or tcp:HOST:PORT and run the VM it brings.
+        #[arg(long, value_name = "ADDR", conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory"])]
+        incoming: Option<String>,
     },
     /// Write the ACPI tables a VM would get, one DIR/<SIG>.dat file per table.
     AcpiTables {
@@ -99,6 +105,19 @@ enum CtlOp {
     Resume,
     /// End the VM.
     Shutdown,
+    /// Save the VM into DIR (state.bin + memory.bin); it runs on afterwards.
+    Snapshot {
+        /// Snapshot directory (created if missing).
+        dir: PathBuf,
+    },
+    /// Live-migrate the VM to a VMM started with `run --incoming ADDR`.
+    Migrate {
+        /// unix:PATH or tcp:HOST:PORT.
+        destination: String,
+        /// Target downtime in milliseconds.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u64,
+    },
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -136,12 +155,28 @@ fn main() -> ExitCode {
             memory,
             api_socket,
             serial,
+            restore,
+            incoming,
         } => {
-            let config = match build_config(kernel, initramfs, cmdline, &cpus, &memory, &serial) {
-                Ok(c) => c,
-                Err(e) => return fail(e),
+            let start = match (restore, incoming) {
+                (Some(dir), _) => match parse_serial(&serial) {
+                    Ok(s) => Start::Restore(dir, s),
+                    Err(e) => return fail(e),
+                },
+                (None, Some(addr)) => match (
+                    vmm_reference::migration::Address::parse(&addr),
+                    parse_serial(&serial),
+                ) {
+                    (Ok(a), Ok(s)) => Start::Incoming(a, s),
+                    (Err(e), _) => return fail(format!("--incoming: {e}")),
+                    (_, Err(e)) => return fail(e),
+                },
+                (None, None) => match build_config(kernel, initramfs, cmdline, &cpus, &memory, &serial) {
+                    Ok(c) => Start::Boot(Box::new(c)),
+                    Err(e) => return fail(e),
+                },
             };
-            run(&config, api_socket.as_deref())
+            run(start, api_socket.as_deref())
         }
         Cmd::Ctl { api_socket, op } => ctl(&api_socket, op),
         Cmd::AcpiTables { cpus, out } => acpi_tables(&cpus, &out),
@@ -167,7 +202,17 @@ fn build_config(
     })
 }
 
-fn run(config: &VmConfig, api_socket: Option<&std::path::Path>) -> ExitCode {
+/// How `run` gets its VM.
+enum Start {
+    Boot(Box<VmConfig>),
+    Restore(PathBuf, vmm_reference::config::SerialMode),
+    Incoming(
+        vmm_reference::migration::Address,
+        vmm_reference::config::SerialMode,
+    ),
+}
+
+fn run(start: Start, api_socket: Option<&std::path::Path>) -> ExitCode {
     // Bind the API socket first, so a bad path fails before the guest starts.
     let listener = match api_socket {
         Some(p) => {
@@ -181,7 +226,16 @@ fn run(config: &VmConfig, api_socket: Option<&std::path::Path>) -> ExitCode {
         }
         None => None,
     };
-    let vm = match Vm::start(config) {
+    let vm = match &start {
+        Start::Boot(config) => Vm::start(config).map_err(|e| e.to_string()),
+        Start::Restore(dir, serial) => {
+            Vm::restore(dir, serial).map_err(|e| format!("restoring {}: {e}", dir.display()))
+        }
+        Start::Incoming(addr, serial) => {
+            vmm_reference::migration::receive(addr, serial).map_err(|e| format!("incoming migration: {e}"))
+        }
+    };
+    let vm = match vm {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };
@@ -204,6 +258,10 @@ fn run(config: &VmConfig, api_socket: Option<&std::path::Path>) -> ExitCode {
             log::info!("guest powered off");
             ExitCode::SUCCESS
         }
+        Some(VmOutcome::Migrated) => {
+            log::info!("the VM was migrated away");
+            ExitCode::SUCCESS
+        }
         Some(VmOutcome::Shutdown) => {
             log::info!("shut down through the API");
             ExitCode::SUCCESS
@@ -222,6 +280,21 @@ fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
         CtlOp::Pause => ("PUT", "vm.pause", None),
         CtlOp::Resume => ("PUT", "vm.resume", None),
         CtlOp::Shutdown => ("PUT", "vm.shutdown", None),
+        CtlOp::Snapshot { dir } => {
+            let dir = match std::path::absolute(dir) {
+                Ok(d) => d,
+                Err(e) => return fail(format!("{}: {e}", dir.display())),
+            };
+            let url = serde_json::json!({ "destination_url": format!("file://{}", dir.display()) });
+            ("PUT", "vm.snapshot", Some(url.to_string()))
+        }
+        CtlOp::Migrate {
+            destination,
+            downtime_ms,
+        } => {
+            let b = serde_json::json!({ "destination_url": destination, "downtime_ms": downtime_ms });
+            ("PUT", "vm.send-migration", Some(b.to_string()))
+        }
     };
     let (status, body) = match vmm_reference::api::request(sock, method, endpoint, body.as_deref()) {
         Ok(r) => r,

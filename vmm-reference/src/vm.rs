@@ -24,6 +24,7 @@ use crate::acpi::{self, AcpiConfig, COM1_IRQ, COM1_PORT};
 use crate::boot::{self, GuestMemory};
 use crate::config::{check_kernel_file, ConfigError, KernelSource, SerialMode, VmConfig};
 use crate::devices::{serve_socket, ConsoleOut, LevelIrq, SerialDevice, SocketConsole};
+use crate::snapshot::{KvmVmState, SavedVm};
 
 /// KVM_CAP_X2APIC_API flags: 32-bit x2APIC ids in the LAPIC state, no 0xff broadcast quirk.
 const X2APIC_API_FLAGS: u64 = (kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS
@@ -57,6 +58,9 @@ pub enum VmmError {
     /// vCPU management failed.
     #[error(transparent)]
     Vcpu(#[from] vcpu_manager::Error),
+    /// Snapshot or restore failed.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// An I/O or device setup step failed.
     #[error("{what}: {source}")]
     Io {
@@ -79,13 +83,17 @@ pub enum VmOutcome {
     PowerOff,
     /// The VMM was asked to shut the VM down (API).
     Shutdown,
+    /// The VM was live-migrated away; the destination runs it now.
+    Migrated,
     /// The guest failed (triple fault, emulation failure, ...).
     GuestError(String),
 }
 
-enum VmEvent {
+pub(crate) enum VmEvent {
     PowerOff,
     Shutdown,
+    /// The VM now runs on a migration destination.
+    Migrated,
     VcpuFailed(u32, VcpuExitReason),
 }
 
@@ -130,7 +138,7 @@ impl HotplugSink for HotplugEvents {
     }
 }
 
-struct Exits {
+pub(crate) struct Exits {
     io: IoManager,
     events: Mutex<mpsc::Sender<VmEvent>>,
 }
@@ -242,29 +250,33 @@ fn mp_state_name(s: u32) -> &'static str {
 /// State shared by the VM's owner, the API server and the eject worker.
 pub struct VmInner {
     // Field order is drop order: vCPU threads stop before the fds and memory go away.
-    vcpus: Mutex<VcpuManager>,
-    acpi_dev: Arc<Mutex<AcpiHotplugDevice>>,
-    hotplug_events: Arc<HotplugEvents>,
-    pending_removals: Mutex<BTreeSet<u32>>,
-    paused: AtomicBool,
-    events_tx: Mutex<mpsc::Sender<VmEvent>>,
-    topology: Topology,
-    msrs: Vec<u32>,
-    supported_cpuid: kvm_bindings::CpuId,
-    exits: Arc<Exits>,
-    serial_irq: EventFd,
-    sci: Arc<LevelIrq>,
-    vm: Mutex<VmFd>,
-    mem: GuestMemory,
-    kvm: Kvm,
+    pub(crate) vcpus: Mutex<VcpuManager>,
+    pub(crate) acpi_dev: Arc<Mutex<AcpiHotplugDevice>>,
+    pub(crate) hotplug_events: Arc<HotplugEvents>,
+    pub(crate) pending_removals: Mutex<BTreeSet<u32>>,
+    pub(crate) paused: AtomicBool,
+    pub(crate) events_tx: Mutex<mpsc::Sender<VmEvent>>,
+    pub(crate) topology: Topology,
+    pub(crate) boot_vcpus: u32,
+    pub(crate) msrs: Vec<u32>,
+    pub(crate) supported_cpuid: kvm_bindings::CpuId,
+    pub(crate) exits: Arc<Exits>,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) serial_irq: EventFd,
+    pub(crate) sci: Arc<LevelIrq>,
+    /// A snapshot or migration is in progress (control operations answer busy).
+    pub(crate) migrating: AtomicBool,
+    pub(crate) vm: Mutex<VmFd>,
+    pub(crate) mem: GuestMemory,
+    pub(crate) kvm: Kvm,
 }
 
 impl VmInner {
-    fn lock_vcpus(&self) -> std::sync::MutexGuard<'_, VcpuManager> {
+    pub(crate) fn lock_vcpus(&self) -> std::sync::MutexGuard<'_, VcpuManager> {
         self.vcpus.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lock_dev(&self) -> std::sync::MutexGuard<'_, AcpiHotplugDevice> {
+    pub(crate) fn lock_dev(&self) -> std::sync::MutexGuard<'_, AcpiHotplugDevice> {
         self.acpi_dev.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -277,6 +289,11 @@ impl VmInner {
 
     /// Hot-add CPU `index`: create (or reuse) its vCPU, start it, then tell the guest.
     pub fn add_cpu_index(&self, index: u32) -> Result<(), ControlError> {
+        if self.migrating.load(Ordering::SeqCst) {
+            return Err(ControlError::Busy(
+                "a snapshot or migration is in progress, retry".into(),
+            ));
+        }
         if index >= self.topology.max_vcpus() {
             return Err(ControlError::BadRequest(format!(
                 "CPU {index} is beyond the maximum of {} CPUs",
@@ -330,6 +347,11 @@ impl VmInner {
 
     /// Ask the guest to remove CPU `index`; the vCPU goes away when the guest ejects it.
     pub fn remove_cpu(&self, index: u32) -> Result<(), ControlError> {
+        if self.migrating.load(Ordering::SeqCst) {
+            return Err(ControlError::Busy(
+                "a snapshot or migration is in progress, retry".into(),
+            ));
+        }
         if index == 0 {
             return Err(ControlError::BadRequest(
                 "CPU 0 is the boot CPU and cannot be removed".into(),
@@ -350,6 +372,11 @@ impl VmInner {
 
     /// Make `desired` CPUs present: add the lowest absent ones or remove the highest present.
     pub fn resize(&self, desired: u32) -> Result<(), ControlError> {
+        if self.migrating.load(Ordering::SeqCst) {
+            return Err(ControlError::Busy(
+                "a snapshot or migration is in progress, retry".into(),
+            ));
+        }
         let max = self.topology.max_vcpus();
         if desired == 0 || desired > max {
             return Err(ControlError::BadRequest(format!(
@@ -380,11 +407,27 @@ impl VmInner {
 
     /// Pause every vCPU (none inside KVM_RUN, pending I/O completed).
     pub fn pause(&self) -> Result<(), ControlError> {
+        if self.migrating.load(Ordering::SeqCst) {
+            return Err(ControlError::Busy(
+                "a snapshot or migration is in progress, retry".into(),
+            ));
+        }
         let vcpus = self.lock_vcpus();
         vcpus
             .pause_all()
             .map_err(|e| ControlError::Internal(e.to_string()))?;
         self.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Resume every vCPU, unless a snapshot or migration owns the pause.
+    pub fn resume_checked(&self) -> Result<(), ControlError> {
+        if self.migrating.load(Ordering::SeqCst) {
+            return Err(ControlError::Busy(
+                "a snapshot or migration is in progress, retry".into(),
+            ));
+        }
+        self.resume();
         Ok(())
     }
 
@@ -517,73 +560,17 @@ impl VmInner {
         vm: &VmFd,
     ) -> Result<(VcpuManager, VmFd, (Vec<f64>, Vec<f64>)), ControlError> {
         let fail = |what: &str, e: &dyn std::fmt::Display| ControlError::Internal(format!("{what}: {e}"));
-        let conv = vcpus.conventions();
-        let mut save_us = Vec::new();
-        let mut states = Vec::new();
-        for index in vcpus.running() {
-            let r = vcpus.runner(index).ok_or_else(|| fail("vCPU", &index))?;
-            let (id, m) = (self.topology.apic_id(index), self.msrs.clone());
-            let t = std::time::Instant::now();
-            let st = r
-                .with_vcpu(vcpu_manager::VCPU_TIMEOUT, move |fd| {
-                    vcpu_manager::save_vcpu(fd, id, &m, &conv)
-                })
-                .ok_or_else(|| fail("vCPU did not answer", &index))?
-                .map_err(|e| fail(&format!("saving vCPU {index}"), &e))?;
-            save_us.push(t.elapsed().as_secs_f64() * 1e6);
-            states.push((index, st));
-        }
-        // VM-wide state after the vCPUs are quiet: 8259s, IOAPIC, PIT, clock.
-        let mut chips = Vec::new();
-        for chip_id in [
-            kvm_bindings::KVM_IRQCHIP_PIC_MASTER,
-            kvm_bindings::KVM_IRQCHIP_PIC_SLAVE,
-            kvm_bindings::KVM_IRQCHIP_IOAPIC,
-        ] {
-            let mut c = kvm_bindings::kvm_irqchip {
-                chip_id,
-                ..Default::default()
-            };
-            vm.get_irqchip(&mut c).map_err(|e| fail("KVM_GET_IRQCHIP", &e))?;
-            chips.push(c);
-        }
-        let pit = vm.get_pit2().map_err(|e| fail("KVM_GET_PIT2", &e))?;
-        let clock = vm.get_clock().map_err(|e| fail("KVM_GET_CLOCK", &e))?;
+        let (states, kvm_state, save_us) = capture(vcpus, vm, &self.msrs).map_err(ControlError::Internal)?;
         let new_vm = create_kvm_vm(&self.kvm, &self.topology, &self.mem).map_err(|e| fail("new VM", &e))?;
-        for c in &chips {
-            new_vm.set_irqchip(c).map_err(|e| fail("KVM_SET_IRQCHIP", &e))?;
-        }
-        new_vm.set_pit2(&pit).map_err(|e| fail("KVM_SET_PIT2", &e))?;
-        // The VM clock before any vCPU runs.
-        new_vm
-            .set_clock(&kvm_bindings::kvm_clock_data {
-                clock: clock.clock,
-                ..Default::default()
-            })
-            .map_err(|e| fail("KVM_SET_CLOCK", &e))?;
+        restore_kvm_vm_state(&new_vm, &kvm_state).map_err(ControlError::Internal)?;
         let mut fresh = VcpuManager::new(
             self.topology,
             self.supported_cpuid.clone(),
             self.exits.clone(),
-            conv,
+            vcpus.conventions(),
         );
-        // One IA32_TSC for all vCPUs, so their TSC offsets are equal after the restore.
-        let tsc = states
-            .first()
-            .and_then(|(_, s)| s.msrs.as_slice().iter().find(|e| e.index == 0x10).map(|e| e.data));
-        let mut restore_us = Vec::new();
-        for (index, st) in &states {
-            let t = std::time::Instant::now();
-            let fd = fresh
-                .prepare(&new_vm, *index)
-                .map_err(|e| fail(&format!("creating vCPU {index}"), &e))?;
-            vcpu_manager::restore_vcpu(&fd, st, &conv, tsc)
-                .map_err(|e| fail(&format!("restoring vCPU {index}"), &e))?;
-            restore_us.push(t.elapsed().as_secs_f64() * 1e6);
-            fresh
-                .start_paused(*index, fd)
-                .map_err(|e| fail(&format!("starting vCPU {index}"), &e))?;
-        }
+        let restore_us =
+            restore_vcpus(&self.kvm, &new_vm, &mut fresh, &states).map_err(ControlError::Internal)?;
         // Move the interrupt lines last: an eventfd can feed only one VM's irqfd at a time.
         let _ = vm.unregister_irqfd(&self.serial_irq, COM1_IRQ);
         let _ = self.sci.unregister(vm);
@@ -598,6 +585,66 @@ impl VmInner {
             return Err(e);
         }
         Ok((fresh, new_vm, (save_us, restore_us)))
+    }
+
+    /// Pause the VM (if it runs), save every vCPU, the KVM VM state and the devices, and
+    /// resume it (if it ran). The state of the paused VM is returned with the pause still in
+    /// effect when `keep_paused` (migration), so RAM can be copied consistently.
+    pub(crate) fn save_paused(&self, vcpus: &VcpuManager) -> Result<SavedVm, ControlError> {
+        let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        let (states, kvm_state, _) = capture(vcpus, &vm, &self.msrs).map_err(ControlError::Internal)?;
+        drop(vm);
+        let acpi = self.lock_dev().state();
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner()).state();
+        let pending_removals = self
+            .pending_removals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        Ok(SavedVm {
+            vm: crate::snapshot::VmState {
+                max_vcpus: self.topology.max_vcpus(),
+                boot_vcpus: self.boot_vcpus,
+                memory: vm_migration::memory::MemoryLayout::of(&self.mem),
+                conventions: vcpus.conventions(),
+                msrs: self.msrs.clone(),
+                kvm: kvm_state,
+                acpi,
+                serial,
+                pending_removals,
+                paused: self.paused.load(Ordering::SeqCst),
+            },
+            vcpus: states,
+        })
+    }
+
+    /// Write a snapshot of the VM into `dir` (`state.bin` + `memory.bin`). The VM is paused
+    /// meanwhile and runs on afterwards (unless it was paused before). Returns
+    /// (state bytes, milliseconds the VM was paused).
+    pub fn snapshot(&self, dir: &std::path::Path) -> Result<(u64, f64), ControlError> {
+        if self.migrating.swap(true, Ordering::SeqCst) {
+            return Err(ControlError::Busy(
+                "a snapshot or migration is in progress".into(),
+            ));
+        }
+        let t = std::time::Instant::now();
+        let vcpus = self.lock_vcpus();
+        let result = vcpus
+            .pause_all()
+            .map_err(|e| ControlError::Internal(e.to_string()))
+            .and_then(|_| self.save_paused(&vcpus))
+            .and_then(|saved| {
+                crate::snapshot::write_dir(dir, &saved, &self.mem)
+                    .map_err(|e| ControlError::Internal(format!("writing the snapshot: {e}")))
+            });
+        if !self.paused.load(Ordering::SeqCst) {
+            vcpus.resume_all();
+        }
+        drop(vcpus);
+        self.migrating.store(false, Ordering::SeqCst);
+        result.map(|n| (n, t.elapsed().as_secs_f64() * 1e3))
     }
 
     /// Save every vCPU (the VM must be paused).
@@ -662,23 +709,52 @@ pub fn open_kvm() -> Result<Kvm, VmmError> {
     Kvm::new().map_err(kvm_err("opening /dev/kvm"))
 }
 
+/// How a VM comes to life: booted from a kernel, or restored from saved state.
+enum Origin {
+    /// Fresh boot: the BSP enters the kernel at `entry`.
+    Boot(boot::EntryPoint),
+    /// Restore: vCPUs, KVM VM state and devices from `SavedVm`; RAM is already in place.
+    Restore(Box<SavedVm>),
+}
+
+fn check_caps(kvm: &Kvm) -> Result<(), VmmError> {
+    for cap in [Cap::Irqchip, Cap::Irqfd, Cap::ImmediateExit, Cap::UserMemory] {
+        if !kvm.check_extension(cap) {
+            return Err(VmmError::Io {
+                what: format!("KVM lacks {cap:?}"),
+                source: std::io::Error::from(std::io::ErrorKind::Unsupported),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The CPUID this VMM would give CPU 0 of a `topology` VM on this host (for compatibility checks).
+pub fn host_cpuid(kvm: &Kvm, topology: &Topology) -> Result<kvm_bindings::CpuId, VmmError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    Ok(vcpu_manager::cpuid::for_vcpu(&supported, topology, 0))
+}
+
+/// Check that this host can run `saved` (CPU count, vendor, CPU features, memory).
+pub fn check_compat(kvm: &Kvm, saved: &SavedVm) -> Result<(), VmmError> {
+    let topology = Topology::new(saved.vm.max_vcpus);
+    let cpuid = host_cpuid(kvm, &topology)?;
+    saved
+        .compat()
+        .check(kvm.get_max_vcpus() as u32, &cpuid)
+        .map_err(VmmError::Snapshot)
+}
+
 impl Vm {
     /// Build the VM described by `config` and start its boot vCPUs.
     pub fn start(config: &VmConfig) -> Result<Vm, VmmError> {
         let kvm = open_kvm()?;
         validate(config, &kvm)?;
-        for cap in [Cap::Irqchip, Cap::Irqfd, Cap::ImmediateExit, Cap::UserMemory] {
-            if !kvm.check_extension(cap) {
-                return Err(VmmError::Io {
-                    what: format!("KVM lacks {cap:?}"),
-                    source: std::io::Error::from(std::io::ErrorKind::Unsupported),
-                });
-            }
-        }
+        check_caps(&kvm)?;
         let topology = Topology::new(config.cpus.max);
         let mem = boot::create_memory(config.memory)?;
-        let vm = create_kvm_vm(&kvm, &topology, &mem)?;
-
         let layout = HotplugLayout::default();
         let tables = acpi::build(&AcpiConfig {
             topology,
@@ -700,12 +776,78 @@ impl Vm {
             config.cmdline.as_deref(),
             acpi::RSDP_ADDR,
         )?;
+        Vm::assemble(
+            kvm,
+            topology,
+            config.cpus.boot,
+            mem,
+            &config.serial,
+            Origin::Boot(entry),
+        )
+    }
 
+    /// Restore a VM saved by [`VmInner::snapshot`] into this process: RAM is mapped
+    /// copy-on-write from the snapshot's memory image, every saved vCPU comes back with its
+    /// exact mp_state, LAPIC and registers, devices with their registers and pending events.
+    /// The VM runs afterwards unless it was paused when saved.
+    pub fn restore(dir: &std::path::Path, serial: &SerialMode) -> Result<Vm, VmmError> {
+        let (saved, mem) = crate::snapshot::read_dir(dir).map_err(VmmError::Snapshot)?;
+        Vm::from_saved(saved, mem, serial, false)
+    }
+
+    /// Restore from an already decoded state and RAM (restore and live migration). With
+    /// `hold`, the vCPUs stay paused until [`VmInner::resume`] (a migration destination
+    /// resumes only once the source has its acknowledgement).
+    pub fn from_saved(
+        saved: SavedVm,
+        mem: GuestMemory,
+        serial: &SerialMode,
+        hold: bool,
+    ) -> Result<Vm, VmmError> {
+        let kvm = open_kvm()?;
+        check_caps(&kvm)?;
+        check_compat(&kvm, &saved)?;
+        if !saved.vm.memory.matches(&mem) {
+            return Err(VmmError::Snapshot(crate::snapshot::SnapshotError::Incompatible(
+                "guest RAM does not match the saved memory layout".into(),
+            )));
+        }
+        let topology = Topology::new(saved.vm.max_vcpus);
+        let boot_vcpus = saved.vm.boot_vcpus;
+        let mut saved = saved;
+        saved.vm.paused |= hold;
+        Vm::assemble(
+            kvm,
+            topology,
+            boot_vcpus,
+            mem,
+            serial,
+            Origin::Restore(Box::new(saved)),
+        )
+    }
+
+    fn assemble(
+        kvm: Kvm,
+        topology: Topology,
+        boot_vcpus: u32,
+        mem: GuestMemory,
+        serial_mode: &SerialMode,
+        origin: Origin,
+    ) -> Result<Vm, VmmError> {
+        let vm = create_kvm_vm(&kvm, &topology, &mem)?;
+        if let Origin::Restore(saved) = &origin {
+            // The irqchip, PIT and clock before any vCPU or interrupt line exists.
+            restore_kvm_vm_state(&vm, &saved.vm.kvm).map_err(|e| VmmError::Io {
+                what: e,
+                source: std::io::Error::other("restoring KVM VM state"),
+            })?;
+        }
+        let layout = HotplugLayout::default();
         let (ev_tx, events) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let mut io = IoManager::new();
 
-        // COM1 on GSI 4 through an irqfd.
+        // COM1 on GSI 4 through an irqfd (attached to the VM once the vCPUs exist).
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Io {
             what: "eventfd".into(),
             source,
@@ -714,11 +856,9 @@ impl Vm {
             what: "eventfd".into(),
             source,
         })?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(kvm_err("KVM_IRQFD(serial)"))?;
         let mut console = None;
         let mut listener: Option<UnixListener> = None;
-        let out = match &config.serial {
+        let out = match serial_mode {
             SerialMode::Stdout => ConsoleOut::Stdout(std::io::stdout()),
             SerialMode::File(p) => ConsoleOut::File(
                 std::fs::OpenOptions::new()
@@ -740,7 +880,16 @@ impl Vm {
                 ConsoleOut::Socket(c)
             }
         };
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
+        let serial_dev =
+            match &origin {
+                Origin::Boot(_) => SerialDevice::new(serial_irq, out),
+                Origin::Restore(saved) => SerialDevice::from_state(&saved.vm.serial, serial_irq, out)
+                    .map_err(|source| VmmError::Io {
+                        what: "restoring COM1".into(),
+                        source,
+                    })?,
+            };
+        let serial = Arc::new(Mutex::new(serial_dev));
         register(&mut io, COM1_PORT, 8, serial.clone())?;
         if let (Some(c), Some(l)) = (console.clone(), listener) {
             let (s, st) = (serial.clone(), stop.clone());
@@ -751,7 +900,7 @@ impl Vm {
                     what: "console thread".into(),
                     source,
                 })?;
-        } else if config.serial == SerialMode::Stdout {
+        } else if *serial_mode == SerialMode::Stdout {
             let (s, st) = (serial.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("stdin".into())
@@ -764,7 +913,7 @@ impl Vm {
 
         // ACPI PM1/GPE0 and the CPU hotplug block, with the SCI as a level line.
         let sci = Arc::new(
-            LevelIrq::new(&vm, u32::from(layout.pm.sci_irq)).map_err(|source| VmmError::Io {
+            LevelIrq::unregistered(u32::from(layout.pm.sci_irq)).map_err(|source| VmmError::Io {
                 what: "SCI irqfd".into(),
                 source,
             })?,
@@ -775,14 +924,30 @@ impl Vm {
             ejected: Mutex::default(),
             worker: Mutex::new(eject_tx),
         });
-        let acpi_dev = Arc::new(Mutex::new(AcpiHotplugDevice::new(
-            layout,
-            &apic_ids,
-            config.cpus.boot,
-            sci.clone(),
-            Arc::new(PowerButton(Mutex::new(ev_tx.clone()))),
-            hotplug_events.clone(),
-        )));
+        let power = Arc::new(PowerButton(Mutex::new(ev_tx.clone())));
+        let acpi_dev = match &origin {
+            Origin::Boot(_) => AcpiHotplugDevice::new(
+                layout,
+                &apic_ids,
+                boot_vcpus,
+                sci.clone(),
+                power,
+                hotplug_events.clone(),
+            ),
+            Origin::Restore(saved) => AcpiHotplugDevice::from_state(
+                layout,
+                &apic_ids,
+                &saved.vm.acpi,
+                sci.clone(),
+                power,
+                hotplug_events.clone(),
+            )
+            .map_err(|e| VmmError::Io {
+                what: format!("restoring the ACPI hotplug device: {e}"),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+            })?,
+        };
+        let acpi_dev = Arc::new(Mutex::new(acpi_dev));
         for (base, len) in layout.pio_ranges() {
             register(&mut io, base, len, acpi_dev.clone())?;
         }
@@ -800,47 +965,68 @@ impl Vm {
             exits.clone(),
             KvmConventions::CANONICAL,
         );
-        let mut fds = Vec::new();
-        for i in 0..config.cpus.boot {
-            let fd = vcpus.prepare(&vm, i)?;
-            if i == 0 {
-                // The BSP enters the kernel directly in 64-bit mode.
-                let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                fd.set_sregs(&boot::bsp_sregs(sregs))
-                    .map_err(kvm_err("KVM_SET_SREGS"))?;
-                fd.set_regs(&boot::bsp_regs(entry))
-                    .map_err(kvm_err("KVM_SET_REGS"))?;
-                fd.set_fpu(&boot::boot_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
-                // The LAPIC conventions this VM's KVM uses (id format, ICR layout, LVTs).
-                let conv =
-                    KvmConventions::detect(&kvm, &fd, topology.needs_x2apic()).map_err(|e| VmmError::Io {
-                        what: e.to_string(),
-                        source: std::io::Error::other("LAPIC conventions"),
-                    })?;
-                vcpus.set_conventions(conv);
+        let (msrs, pending, paused) = match &origin {
+            Origin::Boot(entry) => {
+                let mut fds = Vec::new();
+                for i in 0..boot_vcpus {
+                    let fd = vcpus.prepare(&vm, i)?;
+                    if i == 0 {
+                        // The BSP enters the kernel directly in 64-bit mode.
+                        let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+                        fd.set_sregs(&boot::bsp_sregs(sregs))
+                            .map_err(kvm_err("KVM_SET_SREGS"))?;
+                        fd.set_regs(&boot::bsp_regs(*entry))
+                            .map_err(kvm_err("KVM_SET_REGS"))?;
+                        fd.set_fpu(&boot::boot_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
+                        vcpus.set_conventions(detect_conventions(&kvm, &fd, &topology)?);
+                    }
+                    fds.push(fd);
+                }
+                let msrs = match fds.first() {
+                    Some(fd) => vcpu_manager::msr_list(&kvm, fd)?,
+                    None => Vec::new(),
+                };
+                for (i, fd) in fds.into_iter().enumerate() {
+                    vcpus.start_paused(i as u32, fd)?;
+                }
+                (msrs, BTreeSet::new(), false)
             }
-            fds.push(fd);
-        }
-        let msrs = match fds.first() {
-            Some(fd) => vcpu_manager::msr_list(&kvm, fd)?,
-            None => Vec::new(),
+            Origin::Restore(saved) => {
+                restore_vcpus(&kvm, &vm, &mut vcpus, &saved.vcpus).map_err(|e| VmmError::Io {
+                    what: e,
+                    source: std::io::Error::other("restoring vCPUs"),
+                })?;
+                (
+                    saved.vm.msrs.clone(),
+                    saved.vm.pending_removals.iter().copied().collect(),
+                    saved.vm.paused,
+                )
+            }
         };
-        for (i, fd) in fds.into_iter().enumerate() {
-            vcpus.start(i as u32, fd)?;
-        }
+        // Interrupt lines last: the IOAPIC state and every LAPIC exist, so a line that is
+        // high in the saved state is delivered, not dropped.
+        vm.register_irqfd(&serial_irq_clone, COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD(serial)"))?;
+        sci.register(&vm).map_err(|source| VmmError::Io {
+            what: "KVM_IRQFD(SCI)".into(),
+            source,
+        })?;
         let inner = Arc::new(VmInner {
             vcpus: Mutex::new(vcpus),
             acpi_dev,
             hotplug_events,
-            pending_removals: Mutex::default(),
-            paused: AtomicBool::new(false),
+            pending_removals: Mutex::new(pending),
+            paused: AtomicBool::new(paused),
             events_tx: Mutex::new(ev_tx),
             topology,
+            boot_vcpus,
             msrs,
             supported_cpuid: supported,
             exits,
+            serial,
             serial_irq: serial_irq_clone,
             sci,
+            migrating: AtomicBool::new(false),
             vm: Mutex::new(vm),
             mem,
             kvm,
@@ -861,6 +1047,9 @@ impl Vm {
                 what: "eject worker thread".into(),
                 source,
             })?;
+        if !paused {
+            inner.lock_vcpus().resume_all();
+        }
         Ok(Vm {
             inner,
             events,
@@ -883,6 +1072,7 @@ impl Vm {
         Some(match ev {
             VmEvent::PowerOff => VmOutcome::PowerOff,
             VmEvent::Shutdown => VmOutcome::Shutdown,
+            VmEvent::Migrated => VmOutcome::Migrated,
             VmEvent::VcpuFailed(i, r) => VmOutcome::GuestError(format!("vCPU {i}: {r}")),
         })
     }
@@ -950,6 +1140,120 @@ impl Drop for Vm {
     }
 }
 
+/// The LAPIC conventions this host's KVM uses (id format, ICR layout, LVTs), probed on `fd`.
+fn detect_conventions(
+    kvm: &Kvm,
+    fd: &kvm_ioctls::VcpuFd,
+    topology: &Topology,
+) -> Result<KvmConventions, VmmError> {
+    KvmConventions::detect(kvm, fd, topology.needs_x2apic()).map_err(|e| VmmError::Io {
+        what: e.to_string(),
+        source: std::io::Error::other("LAPIC conventions"),
+    })
+}
+
+/// Save every running vCPU (on its own thread, VM paused) and then the VM-wide KVM state.
+/// Returns the states and the per-vCPU save times in microseconds.
+#[allow(clippy::type_complexity)]
+fn capture(
+    vcpus: &VcpuManager,
+    vm: &VmFd,
+    msrs: &[u32],
+) -> Result<(Vec<(u32, vcpu_manager::VcpuState)>, KvmVmState, Vec<f64>), String> {
+    let conv = vcpus.conventions();
+    let topology = vcpus.topology();
+    let mut save_us = Vec::new();
+    let mut states = Vec::new();
+    for index in vcpus.running() {
+        let r = vcpus
+            .runner(index)
+            .ok_or_else(|| format!("vCPU {index} vanished"))?;
+        let (id, m) = (topology.apic_id(index), msrs.to_vec());
+        let cpuid = vcpus
+            .cpuid(index)
+            .cloned()
+            .ok_or_else(|| format!("vCPU {index} has no recorded CPUID"))?;
+        let t = std::time::Instant::now();
+        let st = r
+            .with_vcpu(vcpu_manager::VCPU_TIMEOUT, move |fd| {
+                vcpu_manager::save_vcpu(fd, id, &cpuid, &m, &conv)
+            })
+            .ok_or_else(|| format!("vCPU {index} did not answer"))?
+            .map_err(|e| format!("saving vCPU {index}: {e}"))?;
+        save_us.push(t.elapsed().as_secs_f64() * 1e6);
+        states.push((index, st));
+    }
+    // VM-wide state after the vCPUs are quiet: 8259s, IOAPIC, PIT, clock.
+    let mut irqchips = Vec::new();
+    for chip_id in [
+        kvm_bindings::KVM_IRQCHIP_PIC_MASTER,
+        kvm_bindings::KVM_IRQCHIP_PIC_SLAVE,
+        kvm_bindings::KVM_IRQCHIP_IOAPIC,
+    ] {
+        let mut c = kvm_bindings::kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut c)
+            .map_err(|e| format!("KVM_GET_IRQCHIP: {e}"))?;
+        irqchips.push(c);
+    }
+    let pit = vm.get_pit2().map_err(|e| format!("KVM_GET_PIT2: {e}"))?;
+    let clock = vm.get_clock().map_err(|e| format!("KVM_GET_CLOCK: {e}"))?.clock;
+    Ok((states, KvmVmState { irqchips, pit, clock }, save_us))
+}
+
+/// Put the irqchip, PIT and clock into a new VM, before any vCPU runs.
+fn restore_kvm_vm_state(vm: &VmFd, st: &KvmVmState) -> Result<(), String> {
+    for c in &st.irqchips {
+        vm.set_irqchip(c).map_err(|e| format!("KVM_SET_IRQCHIP: {e}"))?;
+    }
+    vm.set_pit2(&st.pit).map_err(|e| format!("KVM_SET_PIT2: {e}"))?;
+    // The VM clock before any vCPU runs, so kvmclock readers see no jump backwards.
+    vm.set_clock(&kvm_bindings::kvm_clock_data {
+        clock: st.clock,
+        ..Default::default()
+    })
+    .map_err(|e| format!("KVM_SET_CLOCK: {e}"))
+}
+
+/// Create every saved vCPU with its original id and restore it (vcpu-manager's ordered
+/// restore), started paused. Returns the per-vCPU restore times in microseconds.
+fn restore_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    vcpus: &mut VcpuManager,
+    states: &[(u32, vcpu_manager::VcpuState)],
+) -> Result<Vec<f64>, String> {
+    // One IA32_TSC for all vCPUs, so their TSC offsets are equal after the restore.
+    let tsc = states
+        .first()
+        .and_then(|(_, s)| s.msrs.as_slice().iter().find(|e| e.index == 0x10).map(|e| e.data));
+    let topology = vcpus.topology();
+    let mut detected = false;
+    let mut restore_us = Vec::new();
+    for (index, st) in states {
+        let t = std::time::Instant::now();
+        let fd = vcpus
+            .prepare(vm, *index)
+            .map_err(|e| format!("creating vCPU {index}: {e}"))?;
+        if !detected {
+            // The destination's own conventions: the saved LAPICs are canonical.
+            let conv = detect_conventions(kvm, &fd, &topology).map_err(|e| e.to_string())?;
+            vcpus.set_conventions(conv);
+            detected = true;
+        }
+        vcpu_manager::restore_vcpu(&fd, st, &vcpus.conventions(), tsc)
+            .map_err(|e| format!("restoring vCPU {index}: {e}"))?;
+        vcpus.record_cpuid(*index, st.cpuid.clone());
+        restore_us.push(t.elapsed().as_secs_f64() * 1e6);
+        vcpus
+            .start_paused(*index, fd)
+            .map_err(|e| format!("starting vCPU {index}: {e}"))?;
+    }
+    Ok(restore_us)
+}
+
 /// A KVM VM with the in-kernel irqchip and PIT, the x2APIC API when APIC ids need it, and
 /// `mem` registered. Used at boot and when the VM is rebuilt from saved state.
 fn create_kvm_vm(kvm: &Kvm, topology: &Topology, mem: &GuestMemory) -> Result<VmFd, VmmError> {
@@ -972,6 +1276,13 @@ fn create_kvm_vm(kvm: &Kvm, topology: &Topology, mem: &GuestMemory) -> Result<Vm
         vm.enable_cap(&cap)
             .map_err(kvm_err("KVM_ENABLE_CAP(X2APIC_API)"))?;
     }
+    register_memory(&vm, mem, 0)?;
+    Ok(vm)
+}
+
+/// Register (or re-register with other `flags`, e.g. `KVM_MEM_LOG_DIRTY_PAGES`) every RAM
+/// region of `mem` as KVM memory slots 0.. in order.
+pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemory, flags: u32) -> Result<(), VmmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
@@ -981,7 +1292,7 @@ fn create_kvm_vm(kvm: &Kvm, topology: &Topology, mem: &GuestMemory) -> Result<Vm
             })?;
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
@@ -990,7 +1301,7 @@ fn create_kvm_vm(kvm: &Kvm, topology: &Topology, mem: &GuestMemory) -> Result<Vm
         // as any VM fd it created exists (field order in `VmInner`).
         unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
-    Ok(vm)
+    Ok(())
 }
 
 fn register<D>(io: &mut IoManager, base: u16, len: u16, dev: Arc<D>) -> Result<(), VmmError>

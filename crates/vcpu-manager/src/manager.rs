@@ -44,6 +44,8 @@ pub struct VcpuManager {
     conv: KvmConventions,
     slots: Vec<Slot>,
     power_on: Vec<Option<PowerOn>>,
+    /// The CPUID set on each created vCPU (what its state saves).
+    cpuids: Vec<Option<CpuId>>,
     reused: u64,
 }
 
@@ -74,6 +76,7 @@ impl VcpuManager {
             conv,
             slots: (0..n).map(|_| Slot::Absent).collect(),
             power_on: vec![None; n],
+            cpuids: vec![None; n],
             reused: 0,
         }
     }
@@ -118,6 +121,19 @@ impl VcpuManager {
         self.slots.iter().filter(|s| matches!(s, Slot::Parked(_))).count()
     }
 
+    /// The CPUID set on CPU `index`'s vCPU (by [`VcpuManager::prepare`] or recorded with
+    /// [`VcpuManager::record_cpuid`] after a restore).
+    pub fn cpuid(&self, index: u32) -> Option<&CpuId> {
+        self.cpuids.get(index as usize)?.as_ref()
+    }
+
+    /// Record that CPU `index`'s vCPU now has `cpuid` (a restore set the saved one).
+    pub fn record_cpuid(&mut self, index: u32, cpuid: CpuId) {
+        if let Some(c) = self.cpuids.get_mut(index as usize) {
+            *c = Some(cpuid);
+        }
+    }
+
     /// How many hot-adds reused a parked fd.
     pub fn reused(&self) -> u64 {
         self.reused
@@ -154,9 +170,10 @@ impl VcpuManager {
         }
     }
 
-    fn configure(&self, fd: &VcpuFd, index: u32) -> Result<()> {
-        fd.set_cpuid2(&cpuid::for_vcpu(&self.cpuid, &self.topology, index))
-            .map_err(ioctl("KVM_SET_CPUID2"))?;
+    fn configure(&mut self, fd: &VcpuFd, index: u32) -> Result<()> {
+        let c = cpuid::for_vcpu(&self.cpuid, &self.topology, index);
+        fd.set_cpuid2(&c).map_err(ioctl("KVM_SET_CPUID2"))?;
+        self.cpuids[index as usize] = Some(c);
         let mut lapic = LapicPage::from(fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?);
         // LINT0 = ExtINT (the 8259), LINT1 = NMI: the wiring firmware leaves for the OS.
         lapic.set_lint_boot_defaults();
@@ -264,8 +281,9 @@ impl VcpuManager {
         for index in self.running() {
             let r = self.runner(index).ok_or(Error::NotRunning(index))?;
             let (id, m, c) = (self.topology.apic_id(index), msrs.to_vec(), self.conv);
+            let cpuid = self.cpuid(index).cloned().ok_or(Error::NotRunning(index))?;
             let st = r
-                .with_vcpu(VCPU_TIMEOUT, move |fd| save_vcpu(fd, id, &m, &c))
+                .with_vcpu(VCPU_TIMEOUT, move |fd| save_vcpu(fd, id, &cpuid, &m, &c))
                 .ok_or(Error::Unresponsive(index))??;
             out.push((index, st));
         }

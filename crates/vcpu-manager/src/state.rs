@@ -3,7 +3,7 @@
 
 use kvm_bindings::{
     kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    CpuId, Msrs,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 use lapic_state::timer::{deadline_to_save, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
@@ -95,7 +95,19 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Msrs> {
 }
 
 /// Save `vcpu` (which must be out of `KVM_RUN`, with any PIO/MMIO completed).
-pub fn save_vcpu(vcpu: &VcpuFd, vcpu_id: u32, msrs: &[u32], conv: &KvmConventions) -> Result<VcpuState> {
+///
+/// `cpuid` is the CPUID the VMM set on this vCPU. It is saved as given, not read back with
+/// `KVM_GET_CPUID2`: KVM forbids changing CPUID after the first `KVM_RUN`, so what was set is
+/// what the guest sees, while some KVM backends (PVM) answer `KVM_GET_CPUID2` with host bits
+/// that were never set (AVX, AVX-512, XSAVE, ...) and drop leaves, which a restore would then
+/// hand to the guest.
+pub fn save_vcpu(
+    vcpu: &VcpuFd,
+    vcpu_id: u32,
+    cpuid: &CpuId,
+    msrs: &[u32],
+    conv: &KvmConventions,
+) -> Result<VcpuState> {
     // MP state first: KVM_GET_MP_STATE processes pending INIT/SIPI and may change CS/RIP.
     let mp_state = vcpu.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?;
     let regs = vcpu.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
@@ -112,9 +124,7 @@ pub fn save_vcpu(vcpu: &VcpuFd, vcpu_id: u32, msrs: &[u32], conv: &KvmConvention
     // KVM reports 0 when the deadline fired but was not injected yet: keep the tick.
     let tsc_deadline = deadline_to_save(&lapic.page, conv, reported, tsc);
     let tsc_khz = vcpu.get_tsc_khz().ok();
-    let cpuid = vcpu
-        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-        .map_err(ioctl("KVM_GET_CPUID2"))?;
+    let cpuid = cpuid.clone();
     // VCPU_EVENTS last: it reflects pending events as of the end of the save.
     let vcpu_events = vcpu.get_vcpu_events().map_err(ioctl("KVM_GET_VCPU_EVENTS"))?;
     Ok(VcpuState {

@@ -78,11 +78,22 @@ fn mp_states_registers_and_lapic_survive_into_a_new_vm() {
     r0.rax = 0xdead_beef;
     src[0].set_regs(&r0).unwrap();
 
+    let topo = Topology::new(4);
+    let sup = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+    let set: Vec<_> = (0..4).map(|i| cpuid::for_vcpu(&sup, &topo, i)).collect();
     let saved: Vec<_> = src
         .iter()
         .enumerate()
-        .map(|(i, fd)| save_vcpu(fd, i as u32, &msrs, &conv).unwrap())
+        .map(|(i, fd)| save_vcpu(fd, i as u32, &set[i], &msrs, &conv).unwrap())
         .collect();
+    // The CPUID saved is the one set (KVM_GET_CPUID2 on PVM reports host bits never set).
+    for (s, c) in saved.iter().zip(&set) {
+        assert!(
+            s.cpuid == *c,
+            "vCPU {} saved a CPUID other than the one set",
+            s.vcpu_id
+        );
+    }
     // Through serde, as a snapshot would carry it.
     let json = serde_json::to_vec(&saved).unwrap();
     let saved: Vec<vcpu_manager::VcpuState> = serde_json::from_slice(&json).unwrap();

@@ -3,9 +3,12 @@
 #![allow(dead_code)]
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmm_reference::console::{GuestConsole, GuestStatus};
 
 /// Whether `/dev/kvm` can be opened and a VM created. When it cannot, the test is skipped with
 /// a printed reason, except under `VMM_REQUIRE_KVM=1` (set by ci/test.sh when /dev/kvm is
@@ -81,5 +84,139 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> std::process::Output 
         status,
         stdout: out,
         stderr: err,
+    }
+}
+
+/// Default timeout of the end-to-end helpers.
+pub const T: Duration = Duration::from_secs(30);
+
+/// A VMM process whose console is not connected yet.
+pub struct Unattached {
+    pub child: Child,
+    pub api: PathBuf,
+    sock: PathBuf,
+    dir: PathBuf,
+}
+
+impl Unattached {
+    /// Connect the console (retrying until the VMM creates it).
+    pub fn attach(self) -> Vmm {
+        let con = GuestConsole::connect(&self.sock, T).expect("console");
+        Vmm {
+            child: Some(self.child),
+            con,
+            api: self.api,
+            _dir: self.dir,
+        }
+    }
+}
+
+/// A running VMM process driven through its API socket and guest console.
+pub struct Vmm {
+    pub child: Option<Child>,
+    pub con: GuestConsole,
+    pub api: PathBuf,
+    _dir: PathBuf,
+}
+
+impl Vmm {
+    /// Boot the test guest with `cpus` and 128 MiB; returns once the guest is READY.
+    pub fn start(test: &str, cpus: &str) -> Vmm {
+        let mut vm = Vmm::spawn(&temp_dir(test), "vm", &["--cpus", cpus, "--memory", "128M"]);
+        vm.con.wait_for("READY", T).expect("READY");
+        vm
+    }
+
+    /// Start `vmm-reference run <args>` with an API socket and a socket console named after
+    /// `name` in `dir`, and connect the console (no READY wait: a restored guest is past it).
+    pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Vmm {
+        Vmm::spawn_unattached(dir, name, args).attach()
+    }
+
+    /// Like [`Vmm::spawn`] without connecting the console yet (a migration destination has
+    /// none until the VM arrives).
+    pub fn spawn_unattached(dir: &Path, name: &str, args: &[&str]) -> Unattached {
+        let (api, sock) = (
+            dir.join(format!("{name}-api.sock")),
+            dir.join(format!("{name}-con.sock")),
+        );
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend([
+            "--api-socket".into(),
+            api.display().to_string(),
+            "--serial".into(),
+            format!("socket={}", sock.display()),
+        ]);
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        Unattached {
+            child: spawn_vmm(&refs),
+            api,
+            sock,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn api(&self, method: &str, ep: &str, body: Option<&str>) -> (u16, Value) {
+        let (status, body) = vmm_reference::api::request(&self.api, method, ep, body).expect("API request");
+        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    }
+
+    pub fn info(&self) -> Value {
+        let (s, v) = self.api("GET", "vm.info", None);
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+
+    pub fn guest(&mut self, cmd: &str) -> Vec<String> {
+        self.con
+            .command(cmd, T)
+            .unwrap_or_else(|e| panic!("{cmd}: {e}; transcript {:?}", self.con.transcript))
+    }
+
+    pub fn status(&mut self) -> GuestStatus {
+        self.con.status(T).expect("status")
+    }
+
+    pub fn event(&mut self, prefix: &str) -> String {
+        self.con
+            .wait_for(prefix, T)
+            .unwrap_or_else(|e| panic!("waiting for {prefix}: {e}"))
+    }
+
+    /// Poll vm.info until `pred` holds.
+    pub fn until(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + T;
+        loop {
+            let v = self.info();
+            if pred(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {v}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn poweroff(mut self) {
+        self.guest("poweroff");
+        let out = wait_child(self.child.as_mut().unwrap(), T);
+        self.child = None;
+        assert!(
+            out.status.success(),
+            "VMM exit: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

@@ -1,0 +1,458 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Live migration between two VMM processes over a Unix or TCP socket, with KVM dirty
+//! logging and `vm-migration`'s pre-copy driver.
+//!
+//! Source (`PUT /api/v1/vm.send-migration`): connect, send Hello with the VM's compatibility
+//! description and wait for Accept (the destination checks CPU count, vendor, CPU features,
+//! memory and versions *before* anything is paused), turn on dirty logging, copy all RAM and
+//! then dirty pages in rounds until the rest fits the downtime target, pause, send the last
+//! dirty pages and the state, and stop only once the destination says it has restored the
+//! VM. Any failure before that acknowledgement turns dirty logging off and resumes the VM:
+//! nothing is lost.
+//!
+//! Destination (`vmm-reference run --incoming ADDR`): accept one connection, check the Hello,
+//! receive RAM into fresh anonymous memory (every chunk bounds-checked), restore from the
+//! state exactly like a snapshot restore, acknowledge, then resume.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use serde::Serialize;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_migration::memory::MemoryLayout;
+use vm_migration::protocol::{
+    apply_memory, recv, send, DirtySource, FrameLimits, Message, Precopy, PrecopyOptions, RoundStats,
+    PROTOCOL_VERSION,
+};
+
+use crate::boot::GuestMemory;
+use crate::config::SerialMode;
+use crate::snapshot::{Compat, SavedVm};
+use crate::vm::{register_memory, ControlError, Vm, VmEvent, VmInner, VmmError};
+
+/// A byte stream to the peer.
+pub trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// Where to migrate to / listen on: `unix:PATH` or `tcp:HOST:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Address {
+    /// A Unix stream socket path.
+    Unix(std::path::PathBuf),
+    /// A TCP `host:port`.
+    Tcp(String),
+}
+
+impl Address {
+    /// Parse `unix:PATH` or `tcp:HOST:PORT`.
+    pub fn parse(s: &str) -> Result<Address, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("unix: needs a socket path".into());
+            }
+            Ok(Address::Unix(p.into()))
+        } else if let Some(a) = s.strip_prefix("tcp:") {
+            if !a.contains(':') {
+                return Err(format!("tcp:{a} needs HOST:PORT"));
+            }
+            Ok(Address::Tcp(a.into()))
+        } else {
+            Err(format!(
+                "migration address {s:?} must be unix:PATH or tcp:HOST:PORT"
+            ))
+        }
+    }
+
+    fn connect(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(match self {
+            Address::Unix(p) => Box::new(UnixStream::connect(p)?),
+            Address::Tcp(a) => {
+                let s = TcpStream::connect(a)?;
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+        })
+    }
+
+    /// Bind, then accept exactly one connection.
+    pub fn accept_one(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(match self {
+            Address::Unix(p) => {
+                if p.exists() {
+                    std::fs::remove_file(p)?;
+                }
+                let l = UnixListener::bind(p)?;
+                let (s, _) = l.accept()?;
+                let _ = std::fs::remove_file(p);
+                Box::new(s)
+            }
+            Address::Tcp(a) => {
+                let l = TcpListener::bind(a)?;
+                let (s, _) = l.accept()?;
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+        })
+    }
+}
+
+/// The source's report, returned by `vm.send-migration`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MigrationReport {
+    /// Pre-copy rounds (round 0 is all RAM).
+    pub rounds: Vec<RoundReport>,
+    /// Bytes of RAM sent after the pause.
+    pub final_bytes: u64,
+    /// Bytes of state sent.
+    pub state_bytes: u64,
+    /// Time from the pause to the destination's acknowledgement (ms).
+    pub downtime_ms: f64,
+    /// Whole migration (ms).
+    pub total_ms: f64,
+}
+
+/// One pre-copy round.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundReport {
+    /// Round number.
+    pub round: u32,
+    /// Bytes sent.
+    pub bytes: u64,
+    /// Seconds.
+    pub secs: f64,
+    /// Pages dirtied meanwhile.
+    pub dirtied_pages: u64,
+    /// Dirty rate (pages/s).
+    pub dirty_rate: f64,
+    /// Expected downtime for what was left (ms).
+    pub expected_downtime_ms: f64,
+}
+
+impl From<&RoundStats> for RoundReport {
+    fn from(r: &RoundStats) -> Self {
+        RoundReport {
+            round: r.round,
+            bytes: r.bytes,
+            secs: r.secs,
+            dirtied_pages: r.dirtied,
+            dirty_rate: r.dirtied as f64 / r.secs.max(1e-6),
+            expected_downtime_ms: r.expected_downtime_ms,
+        }
+    }
+}
+
+/// KVM's dirty log over the VM's RAM slots.
+struct KvmDirty<'a> {
+    inner: &'a VmInner,
+}
+
+impl DirtySource for KvmDirty<'_> {
+    fn regions(&self) -> Vec<(u64, u64)> {
+        self.inner
+            .mem
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect()
+    }
+    fn take_dirty(&mut self) -> std::io::Result<Vec<Vec<u64>>> {
+        let vm = self.inner.vm.lock().unwrap_or_else(|e| e.into_inner());
+        // The VMM's own devices never write guest RAM (COM1 and the ACPI block are port I/O),
+        // so KVM's log is the whole dirty set.
+        self.inner
+            .mem
+            .iter()
+            .enumerate()
+            .map(|(slot, r)| {
+                vm.get_dirty_log(slot as u32, r.len() as usize)
+                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+            })
+            .collect()
+    }
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner
+            .mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+fn internal(what: &str) -> impl Fn(&dyn std::fmt::Display) -> ControlError + '_ {
+    move |e| ControlError::Internal(format!("{what}: {e}"))
+}
+
+impl VmInner {
+    /// Live-migrate this VM to the VMM listening at `dest`. On success the VM runs there and
+    /// this VMM ends (its `wait` returns `Migrated`); on any failure the VM keeps running here.
+    pub fn send_migration(&self, dest: &str, opts: &PrecopyOptions) -> Result<MigrationReport, ControlError> {
+        let addr = Address::parse(dest).map_err(ControlError::BadRequest)?;
+        if self.migrating.swap(true, Ordering::SeqCst) {
+            return Err(ControlError::Busy(
+                "a snapshot or migration is in progress".into(),
+            ));
+        }
+        let was_paused = self.paused.load(Ordering::SeqCst);
+        let mut logging = false;
+        let result = self.migrate_inner(&addr, opts, &mut logging);
+        if result.is_err() {
+            // Nothing was handed over: logging off, vCPUs on, the VM is ours as before.
+            if logging {
+                let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(e) = register_memory(&vm, &self.mem, 0) {
+                    log::error!("turning dirty logging off: {e}");
+                }
+            }
+            if !was_paused {
+                self.lock_vcpus().resume_all();
+            }
+            self.migrating.store(false, Ordering::SeqCst);
+        }
+        result
+    }
+
+    fn migrate_inner(
+        &self,
+        addr: &Address,
+        opts: &PrecopyOptions,
+        logging: &mut bool,
+    ) -> Result<MigrationReport, ControlError> {
+        let start = Instant::now();
+        let mut conn = addr
+            .connect()
+            .map_err(|e| ControlError::BadRequest(format!("connecting to {addr:?}: {e}")))?;
+        let limits = FrameLimits::default();
+        let cpuid = vcpu_manager::cpuid::for_vcpu(&self.supported_cpuid, &self.topology, 0);
+        let compat = Compat::of(self.topology.max_vcpus(), MemoryLayout::of(&self.mem), &cpuid);
+        let compat = serde_json::to_vec(&compat).map_err(|e| internal("compat")(&e))?;
+        send(
+            &mut conn,
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+                compat,
+            },
+        )
+        .map_err(|e| internal("sending Hello")(&e))?;
+        match recv(&mut conn, &limits).map_err(|e| internal("waiting for the destination")(&e))? {
+            Message::Accept => {}
+            Message::Refuse(why) => {
+                return Err(ControlError::BadRequest(format!(
+                    "the destination refused: {why}"
+                )))
+            }
+            m => {
+                return Err(ControlError::Internal(format!(
+                    "unexpected answer to Hello: {m:?}"
+                )))
+            }
+        }
+        // Dirty logging on (fresh: every page counts from here), then all RAM and dirty rounds.
+        {
+            let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+            register_memory(&vm, &self.mem, kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES)
+                .map_err(|e| internal("enabling dirty logging")(&e))?;
+            *logging = true;
+        }
+        let mut src = KvmDirty { inner: self };
+        let mut pc = Precopy::default();
+        let abandon = |conn: &mut Box<dyn Stream>, why: &str| {
+            let _ = send(conn, &Message::Abandon(why.into()));
+        };
+        if let Err(e) = pc.iterate(&mut conn, &mut src, opts, |r| {
+            log::info!(
+                "migration round {}: {} bytes in {:.3}s, {} pages dirtied, expected downtime {:.1} ms",
+                r.round,
+                r.bytes,
+                r.secs,
+                r.dirtied,
+                r.expected_downtime_ms
+            );
+        }) {
+            abandon(&mut conn, &e.to_string());
+            return Err(internal("pre-copy")(&e));
+        }
+        // Downtime starts: pause, last pages, state.
+        let paused_at = Instant::now();
+        let vcpus = self.lock_vcpus();
+        if let Err(e) = vcpus.pause_all() {
+            drop(vcpus);
+            abandon(&mut conn, "pause failed");
+            return Err(internal("pausing")(&e));
+        }
+        let saved = match self.save_paused(&vcpus) {
+            Ok(s) => s,
+            Err(e) => {
+                drop(vcpus);
+                abandon(&mut conn, &e.to_string());
+                return Err(e);
+            }
+        };
+        drop(vcpus);
+        let final_bytes = pc
+            .finish(&mut conn, &mut src, opts.chunk)
+            .map_err(|e| internal("sending the last pages")(&e))?;
+        let state = saved.encode().map_err(|e| internal("encoding the state")(&e))?;
+        send(&mut conn, &Message::State(state.clone())).map_err(|e| internal("sending the state")(&e))?;
+        match recv(&mut conn, &limits).map_err(|e| internal("waiting for the acknowledgement")(&e))? {
+            Message::Ack => {}
+            Message::Error(why) => {
+                return Err(ControlError::Internal(format!(
+                    "the destination could not restore the VM: {why}"
+                )))
+            }
+            m => {
+                return Err(ControlError::Internal(format!(
+                    "unexpected answer to State: {m:?}"
+                )))
+            }
+        }
+        // The destination runs the VM now: this side stays paused and ends.
+        let report = MigrationReport {
+            rounds: pc.rounds.iter().map(RoundReport::from).collect(),
+            final_bytes,
+            state_bytes: state.len() as u64,
+            downtime_ms: paused_at.elapsed().as_secs_f64() * 1e3,
+            total_ms: start.elapsed().as_secs_f64() * 1e3,
+        };
+        log::info!(
+            "migration complete after {:.1} ms with a downtime of {:.1} ms",
+            report.total_ms,
+            report.downtime_ms
+        );
+        let _ = self
+            .events_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(VmEvent::Migrated);
+        Ok(report)
+    }
+}
+
+fn refuse(conn: &mut Box<dyn Stream>, why: String) -> VmmError {
+    let _ = send(conn, &Message::Refuse(why.clone()));
+    VmmError::Snapshot(crate::snapshot::SnapshotError::Incompatible(why))
+}
+
+/// Destination: wait for one incoming migration on `addr`, restore the VM and return it
+/// running. Errors leave nothing behind; the source keeps its VM.
+pub fn receive(addr: &Address, serial: &SerialMode) -> Result<Vm, VmmError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source: std::io::Error| VmmError::Io { what, source }
+    };
+    let mut conn = addr.accept_one().map_err(io(&format!("--incoming {addr:?}")))?;
+    let limits = FrameLimits::default();
+    let proto = |e: vm_migration::protocol::ProtocolError| VmmError::Io {
+        what: format!("migration stream: {e}"),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+    };
+    let compat = match recv(&mut conn, &limits).map_err(proto)? {
+        Message::Hello { version, compat } => {
+            if version > PROTOCOL_VERSION {
+                return Err(refuse(
+                    &mut conn,
+                    format!("protocol version {version} is newer than this VMM's {PROTOCOL_VERSION}"),
+                ));
+            }
+            match serde_json::from_slice::<Compat>(&compat) {
+                Ok(c) => c,
+                Err(e) => {
+                    return Err(refuse(
+                        &mut conn,
+                        format!("malformed compatibility description: {e}"),
+                    ))
+                }
+            }
+        }
+        m => return Err(refuse(&mut conn, format!("expected Hello, got {m:?}"))),
+    };
+    let kvm = crate::vm::open_kvm()?;
+    let cpuid = crate::vm::host_cpuid(&kvm, &vcpu_manager::Topology::new(compat.max_vcpus.max(1)))?;
+    if let Err(e) = compat.check(kvm.get_max_vcpus() as u32, &cpuid) {
+        return Err(refuse(&mut conn, e.to_string()));
+    }
+    drop(kvm);
+    let ranges: Vec<(GuestAddress, usize)> = compat
+        .memory
+        .regions
+        .iter()
+        .map(|r| (GuestAddress(r.guest_addr), r.len as usize))
+        .collect();
+    let mem = match GuestMemory::from_ranges(&ranges) {
+        Ok(m) => m,
+        Err(e) => return Err(refuse(&mut conn, format!("cannot allocate guest RAM: {e}"))),
+    };
+    send(&mut conn, &Message::Accept).map_err(proto)?;
+    let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    loop {
+        match recv(&mut conn, &limits).map_err(proto)? {
+            Message::Memory(chunks) => {
+                apply_memory(&chunks, &regions, |gpa, data| {
+                    mem.write_slice(data, GuestAddress(gpa))
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                })
+                .map_err(proto)?;
+            }
+            Message::State(bytes) => {
+                let restored = SavedVm::decode(&bytes)
+                    .map_err(VmmError::Snapshot)
+                    .and_then(|saved| {
+                        if saved.vm.memory != compat.memory {
+                            return Err(VmmError::Snapshot(crate::snapshot::SnapshotError::Incompatible(
+                                "the state's memory layout differs from the Hello's".into(),
+                            )));
+                        }
+                        let was_paused = saved.vm.paused;
+                        Vm::from_saved(saved, mem, serial, true).map(|vm| (vm, was_paused))
+                    });
+                return match restored {
+                    Ok((vm, was_paused)) => {
+                        // Resume only after the source has the acknowledgement: if it never
+                        // gets it, it resumes its own copy and this one must not run.
+                        send(&mut conn, &Message::Ack).map_err(proto)?;
+                        if !was_paused {
+                            vm.control().resume();
+                        }
+                        Ok(vm)
+                    }
+                    Err(e) => {
+                        let _ = send(&mut conn, &Message::Error(e.to_string()));
+                        Err(e)
+                    }
+                };
+            }
+            Message::Abandon(why) => {
+                return Err(VmmError::Io {
+                    what: format!("the source abandoned the migration: {why}"),
+                    source: std::io::Error::from(std::io::ErrorKind::ConnectionAborted),
+                })
+            }
+            m => {
+                return Err(proto(vm_migration::protocol::ProtocolError::Invalid(format!(
+                    "unexpected {m:?}"
+                ))))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            Address::parse("unix:/tmp/x").unwrap(),
+            Address::Unix("/tmp/x".into())
+        );
+        assert_eq!(
+            Address::parse("tcp:127.0.0.1:4000").unwrap(),
+            Address::Tcp("127.0.0.1:4000".into())
+        );
+        assert!(Address::parse("unix:").is_err());
+        assert!(Address::parse("tcp:nohost").is_err());
+        assert!(Address::parse("/tmp/x").is_err());
+    }
+}

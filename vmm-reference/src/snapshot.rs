@@ -1,0 +1,429 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! What a snapshot (and the final step of a live migration) carries, how it is written to a
+//! directory, and how it is checked when it comes back from an untrusted file or peer.
+//!
+//! A snapshot directory holds `state.bin` (a `vm-migration` container: section `vm` with the
+//! VM-wide state, one section `vcpu/<index>` per vCPU that existed, all JSON inside a
+//! versioned, CRC-checked envelope) and `memory.bin` (raw RAM, restored copy-on-write).
+//!
+//! Only vCPUs that had a running thread are saved: present CPUs whatever the guest did with
+//! them (online, offlined, never onlined, between INIT and SIPI) and CPUs with a removal
+//! pending. Ejected CPUs (parked fds) are not: on restore they are absent, and a later
+//! hot-add creates them afresh, which the guest cannot tell from a reused fd.
+
+use std::fs::File;
+use std::path::Path;
+
+use acpi_cpu_hotplug::AcpiHotplugState;
+use kvm_bindings::{kvm_irqchip, kvm_pit_state2, CpuId};
+use lapic_state::KvmConventions;
+use serde::{Deserialize, Serialize};
+use vcpu_manager::{Topology, VcpuState};
+use vm_migration::memory::{map_image_private, write_image, MemoryLayout};
+use vm_migration::{Limits, Snapshot};
+
+use crate::boot::GuestMemory;
+
+/// Name of the state file in a snapshot directory.
+pub const STATE_FILE: &str = "state.bin";
+/// Name of the memory image in a snapshot directory.
+pub const MEMORY_FILE: &str = "memory.bin";
+/// Largest guest RAM a snapshot may describe (checked before mapping anything).
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// Most possible CPUs a snapshot may describe (KVM's own limit is lower; checked again
+/// against it before restoring).
+pub const MAX_VCPUS: u32 = 4096;
+/// Largest state file accepted.
+pub const MAX_STATE_FILE: u64 = 256 << 20;
+
+/// Snapshot and restore errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A file could not be read or written.
+    #[error("{what}: {source}")]
+    Io {
+        /// Which file or step.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The container is damaged, truncated, or from a newer format.
+    #[error("snapshot container: {0}")]
+    Container(#[from] vm_migration::Error),
+    /// A section does not parse or is inconsistent.
+    #[error("snapshot section {section}: {reason}")]
+    Section {
+        /// Section name.
+        section: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The memory image or layout is unusable.
+    #[error("snapshot memory: {0}")]
+    Memory(#[from] vm_migration::memory::MemoryError),
+    /// This host cannot run the saved VM; every mismatch is listed.
+    #[error("snapshot is not compatible with this host: {0}")]
+    Incompatible(String),
+}
+
+fn section_err(section: &str, reason: impl std::fmt::Display) -> SnapshotError {
+    SnapshotError::Section {
+        section: section.into(),
+        reason: reason.to_string(),
+    }
+}
+
+/// COM1 registers and FIFO (vm-superio's `SerialState`, which has no serde).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// DLL.
+    pub baud_divisor_low: u8,
+    /// DLM.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+    /// Receive FIFO.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<vm_superio::serial::SerialState> for SerialSnapshot {
+    fn from(s: vm_superio::serial::SerialState) -> Self {
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for vm_superio::serial::SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+/// The in-kernel irqchip (8259 master, slave, IOAPIC), PIT and kvmclock of a VM.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KvmVmState {
+    /// `KVM_GET_IRQCHIP` for PIC master, PIC slave, IOAPIC (in that order).
+    pub irqchips: Vec<kvm_irqchip>,
+    /// `KVM_GET_PIT2`.
+    pub pit: kvm_pit_state2,
+    /// `KVM_GET_CLOCK` (ns).
+    pub clock: u64,
+}
+
+/// VM-wide state: everything but the vCPUs and RAM.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmState {
+    /// Possible CPUs (the topology; APIC ids follow from it).
+    pub max_vcpus: u32,
+    /// CPUs present at boot (the MADT the guest read).
+    pub boot_vcpus: u32,
+    /// RAM regions.
+    pub memory: MemoryLayout,
+    /// LAPIC conventions of the source (informational: LAPIC states are canonical).
+    pub conventions: KvmConventions,
+    /// MSRs saved per vCPU.
+    pub msrs: Vec<u32>,
+    /// 8259s, IOAPIC, PIT, clock.
+    pub kvm: KvmVmState,
+    /// PM1/GPE0/SCI and the CPU hotplug controller (per-CPU flags, selector, `_OST`).
+    pub acpi: AcpiHotplugState,
+    /// COM1.
+    pub serial: SerialSnapshot,
+    /// Removals the VMM requested whose eject has not happened yet.
+    pub pending_removals: Vec<u32>,
+    /// The VM was paused through the API when saved.
+    pub paused: bool,
+}
+
+/// A whole saved VM (without RAM).
+#[derive(Debug)]
+pub struct SavedVm {
+    /// VM-wide state.
+    pub vm: VmState,
+    /// `(CPU index, state)` of every vCPU that had a thread.
+    pub vcpus: Vec<(u32, VcpuState)>,
+}
+
+/// The CPUID words whose feature bits a destination must offer (leaf, subleaf, register
+/// index 0..4 = eax, ebx, ecx, edx, name).
+const FEATURE_WORDS: [(u32, u32, usize, &str); 7] = [
+    (1, 0, 2, "1.ECX"),
+    (1, 0, 3, "1.EDX"),
+    (7, 0, 1, "7.0.EBX"),
+    (7, 0, 2, "7.0.ECX"),
+    (7, 0, 3, "7.0.EDX"),
+    (0x8000_0001, 0, 2, "80000001.ECX"),
+    (0x8000_0001, 0, 3, "80000001.EDX"),
+];
+
+fn cpuid_word(c: &CpuId, leaf: u32, sub: u32, reg: usize) -> u32 {
+    c.as_slice()
+        .iter()
+        .find(|e| {
+            e.function == leaf
+                && (e.index == sub || e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0)
+        })
+        .map_or(0, |e| [e.eax, e.ebx, e.ecx, e.edx][reg])
+}
+
+fn vendor(c: &CpuId) -> String {
+    let w = [
+        cpuid_word(c, 0, 0, 1),
+        cpuid_word(c, 0, 0, 3),
+        cpuid_word(c, 0, 0, 2),
+    ];
+    w.iter()
+        .flat_map(|x| x.to_le_bytes())
+        .map(|b| if b.is_ascii_graphic() { b as char } else { '?' })
+        .collect()
+}
+
+/// What a destination needs to know before it accepts a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compat {
+    /// Possible CPUs.
+    pub max_vcpus: u32,
+    /// RAM regions.
+    pub memory: MemoryLayout,
+    /// CPU vendor string of the guest CPUID.
+    pub vendor: String,
+    /// Feature words the guest was given: `(name, bits)`.
+    pub features: Vec<(String, u32)>,
+    /// Snapshot format version.
+    pub format: u32,
+}
+
+impl Compat {
+    /// The description of a VM whose first vCPU has `cpuid`.
+    pub fn of(max_vcpus: u32, memory: MemoryLayout, cpuid: &CpuId) -> Compat {
+        Compat {
+            max_vcpus,
+            memory,
+            vendor: vendor(cpuid),
+            features: FEATURE_WORDS
+                .iter()
+                .map(|(l, s, r, n)| (n.to_string(), cpuid_word(cpuid, *l, *s, *r)))
+                .collect(),
+            format: vm_migration::FORMAT_VERSION,
+        }
+    }
+
+    /// Check this VM against a host with `kvm_max_vcpus` and `host_cpuid` (the CPUID this VMM
+    /// would give CPU 0 there). Returns every mismatch, or Ok.
+    pub fn check(&self, kvm_max_vcpus: u32, host_cpuid: &CpuId) -> Result<(), SnapshotError> {
+        let mut why = Vec::new();
+        if self.format > vm_migration::FORMAT_VERSION {
+            why.push(format!(
+                "state format {} is newer than this VMM's {}",
+                self.format,
+                vm_migration::FORMAT_VERSION
+            ));
+        }
+        if self.max_vcpus == 0 || self.max_vcpus > kvm_max_vcpus {
+            why.push(format!(
+                "the VM has {} possible CPUs, KVM here allows {kvm_max_vcpus}",
+                self.max_vcpus
+            ));
+        }
+        if let Err(e) = self.memory.validate(MAX_MEMORY) {
+            why.push(e.to_string());
+        }
+        let host_vendor = vendor(host_cpuid);
+        if host_vendor != self.vendor {
+            why.push(format!(
+                "CPU vendor {} here, {} in the VM",
+                host_vendor, self.vendor
+            ));
+        }
+        for ((name, bits), (l, s, r, _)) in self.features.iter().zip(FEATURE_WORDS.iter()) {
+            let have = cpuid_word(host_cpuid, *l, *s, *r);
+            let missing = bits & !have;
+            if missing != 0 {
+                why.push(format!("CPUID {name} bits {missing:#x} are not available here"));
+            }
+        }
+        if self.features.len() != FEATURE_WORDS.len() {
+            why.push("malformed feature list".into());
+        }
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(SnapshotError::Incompatible(why.join("; ")))
+        }
+    }
+}
+
+impl SavedVm {
+    /// The compatibility description of this VM.
+    pub fn compat(&self) -> Compat {
+        let empty = CpuId::new(0).ok();
+        let cpuid = self.vcpus.first().map(|(_, s)| &s.cpuid).or(empty.as_ref());
+        match cpuid {
+            Some(c) => Compat::of(self.vm.max_vcpus, self.vm.memory.clone(), c),
+            None => Compat {
+                max_vcpus: self.vm.max_vcpus,
+                memory: self.vm.memory.clone(),
+                vendor: String::new(),
+                features: Vec::new(),
+                format: vm_migration::FORMAT_VERSION,
+            },
+        }
+    }
+
+    /// The container bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, SnapshotError> {
+        let mut s = Snapshot::default();
+        let vm = serde_json::to_vec(&self.vm).map_err(|e| section_err("vm", e))?;
+        s.add("vm", vm)?;
+        for (index, st) in &self.vcpus {
+            let name = format!("vcpu/{index}");
+            let b = serde_json::to_vec(st).map_err(|e| section_err(&name, e))?;
+            s.add(&name, b)?;
+        }
+        Ok(s.encode())
+    }
+
+    /// Parse and check container bytes from an untrusted file or peer: sizes, CPU indices,
+    /// vCPU ids against the topology, device state against the CPU count, memory layout.
+    pub fn decode(bytes: &[u8]) -> Result<SavedVm, SnapshotError> {
+        let snap = Snapshot::decode(bytes, &Limits::default())?;
+        let vm_bytes = snap.section("vm").ok_or_else(|| section_err("vm", "missing"))?;
+        let vm: VmState = serde_json::from_slice(vm_bytes).map_err(|e| section_err("vm", e))?;
+        if vm.max_vcpus == 0 || vm.max_vcpus > MAX_VCPUS {
+            return Err(section_err(
+                "vm",
+                format!("max_vcpus {} out of range", vm.max_vcpus),
+            ));
+        }
+        if vm.acpi.cpus.cpus.len() != vm.max_vcpus as usize {
+            return Err(section_err(
+                "vm",
+                "the hotplug controller state does not match the CPU count",
+            ));
+        }
+        vm.memory.validate(MAX_MEMORY)?;
+        if vm.kvm.irqchips.len() != 3 {
+            return Err(section_err("vm", "expected 3 irqchip states"));
+        }
+        if vm.serial.in_buffer.len() > 64 {
+            return Err(section_err("vm", "serial FIFO longer than 64 bytes"));
+        }
+        if vm.pending_removals.iter().any(|i| *i >= vm.max_vcpus) {
+            return Err(section_err("vm", "pending removal of a CPU beyond max_vcpus"));
+        }
+        let topology = Topology::new(vm.max_vcpus);
+        let mut vcpus = Vec::new();
+        for name in snap.names() {
+            let Some(index) = name.strip_prefix("vcpu/") else {
+                continue;
+            };
+            let index: u32 = index
+                .parse()
+                .ok()
+                .filter(|i| *i < vm.max_vcpus)
+                .ok_or_else(|| section_err(name, "not a possible CPU"))?;
+            let bytes = snap.section(name).unwrap_or_default();
+            let st: VcpuState = serde_json::from_slice(bytes).map_err(|e| section_err(name, e))?;
+            if st.vcpu_id != topology.apic_id(index) {
+                return Err(section_err(
+                    name,
+                    format!(
+                        "vCPU id {} is not CPU {index}'s APIC id {}",
+                        st.vcpu_id,
+                        topology.apic_id(index)
+                    ),
+                ));
+            }
+            vcpus.push((index, st));
+        }
+        vcpus.sort_by_key(|(i, _)| *i);
+        if vcpus.first().map(|(i, _)| *i) != Some(0) {
+            return Err(section_err("vcpu/0", "the boot CPU is missing"));
+        }
+        Ok(SavedVm { vm, vcpus })
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let what = what.into();
+    move |source| SnapshotError::Io { what, source }
+}
+
+/// Write `saved` and `mem` into `dir` (created if missing). The state file is written to a
+/// temporary name and renamed last, so a crash never leaves a directory that looks complete.
+pub fn write_dir(dir: &Path, saved: &SavedVm, mem: &GuestMemory) -> Result<u64, SnapshotError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let state_path = dir.join(STATE_FILE);
+    let _ = std::fs::remove_file(&state_path);
+    let mem_path = dir.join(MEMORY_FILE);
+    let mut f = File::options()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&mem_path)
+        .map_err(io(format!("creating {}", mem_path.display())))?;
+    let layout = write_image(mem, &mut f)?;
+    if layout != saved.vm.memory {
+        return Err(section_err("vm", "memory layout changed while saving"));
+    }
+    let bytes = saved.encode()?;
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    std::fs::write(&tmp, &bytes).map_err(io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, &state_path).map_err(io(format!("renaming {}", tmp.display())))?;
+    Ok(bytes.len() as u64)
+}
+
+/// Read and check a snapshot directory; RAM is mapped copy-on-write from `memory.bin`.
+pub fn read_dir(dir: &Path) -> Result<(SavedVm, GuestMemory), SnapshotError> {
+    let state_path = dir.join(STATE_FILE);
+    let len = std::fs::metadata(&state_path)
+        .map_err(io(format!("reading {}", state_path.display())))?
+        .len();
+    if len > MAX_STATE_FILE {
+        return Err(section_err(
+            STATE_FILE,
+            format!("{len} bytes is beyond the limit"),
+        ));
+    }
+    let bytes = std::fs::read(&state_path).map_err(io(format!("reading {}", state_path.display())))?;
+    let saved = SavedVm::decode(&bytes)?;
+    let mem_path = dir.join(MEMORY_FILE);
+    let f = File::open(&mem_path).map_err(io(format!("opening {}", mem_path.display())))?;
+    let mem = map_image_private(&f, &saved.vm.memory)?;
+    Ok((saved, mem))
+}

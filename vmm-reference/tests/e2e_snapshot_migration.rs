@@ -1,0 +1,363 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The hard case, end to end on the real /dev/kvm with the test guest: snapshot/restore and
+//! live migration of a VM whose CPU set is partially offline — a CPU the guest offlined, one
+//! hot-added but never onlined, a pending insert and a pending removal the guest has not seen
+//! yet — with nothing lost and nothing doubled. Plus the failure paths: a migration that
+//! fails or is refused leaves the source running; a damaged snapshot is refused.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use vm_migration::protocol::{recv, send, FrameLimits, Message};
+use vmm_reference::console::GuestStatus;
+
+/// Per-CPU fields of `vm.info` that must survive exactly.
+const KEPT: [&str; 10] = [
+    "present",
+    "apic_id",
+    "vcpu",
+    "apic_mode",
+    "apic_sw_enabled",
+    "inserting",
+    "removing",
+    "remove_requested",
+    "ost_event",
+    "ost_status",
+];
+
+/// boot=2,max=8; CPUs 2..4 hot-added and online; CPU 3 offlined by the guest; CPU 5 hot-added
+/// and never onlined; CPU 6 inserted and CPU 4 asked to go while the guest's GPE is off, so
+/// both events wait in GPE0_STS. Returns the VMM's and the guest's view.
+fn partially_offline(vm: &mut Vmm) -> (Value, GuestStatus) {
+    assert_eq!(vm.api("PUT", "vm.resize", Some(r#"{"desired_vcpus":5}"#)).0, 204);
+    for _ in 0..3 {
+        let e = vm.event("EVENT insert");
+        assert!(e.ends_with("online=1"), "{e}");
+    }
+    assert_eq!(vm.guest("offline 3").last().unwrap(), "OK");
+    assert_eq!(vm.guest("autoonline off").last().unwrap(), "OK");
+    assert_eq!(vm.api("PUT", "vm.add-cpu", Some(r#"{"id":5}"#)).0, 200);
+    assert_eq!(vm.event("EVENT insert"), "EVENT insert cpu=5 online=0");
+    assert_eq!(vm.guest("gpe off").last().unwrap(), "OK");
+    assert_eq!(vm.api("PUT", "vm.add-cpu", Some(r#"{"id":6}"#)).0, 200);
+    assert_eq!(vm.api("PUT", "vm.remove-cpu", Some(r#"{"id":4}"#)).0, 204);
+    std::thread::sleep(Duration::from_millis(100));
+    let info = vm.info();
+    let status = vm.status();
+    let c = |i: usize| &info["cpus"][i];
+    assert_eq!(
+        (c(3)["mp_state"].as_str(), c(3)["apic_sw_enabled"].as_bool()),
+        (Some("HALTED"), Some(false))
+    );
+    assert_eq!(c(5)["mp_state"], "UNINITIALIZED");
+    assert_eq!(
+        (c(6)["mp_state"].as_str(), c(6)["inserting"].as_bool()),
+        (Some("UNINITIALIZED"), Some(true))
+    );
+    assert_eq!(
+        (c(4)["removing"].as_bool(), c(4)["remove_requested"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let states: Vec<&str> = status.cpus.iter().map(|c| c.state.as_str()).collect();
+    assert_eq!(
+        states,
+        ["online", "online", "online", "offline", "online", "stopped", "absent", "absent"],
+        "{status:?}"
+    );
+    (info, status)
+}
+
+/// The restored/migrated VM shows exactly the saved CPU set, keeps ticking, and then delivers
+/// each pending event exactly once; every CPU can be brought online; it powers off cleanly.
+fn same_vm_and_nothing_lost(mut vm: Vmm, before: &(Value, GuestStatus)) {
+    let vm = &mut vm;
+    let (info0, status0) = before;
+    let info = vm.info();
+    for i in 0..8 {
+        for k in KEPT {
+            assert_eq!(info["cpus"][i][k], info0["cpus"][i][k], "CPU {i} {k}: {info}");
+        }
+        let (m0, m) = (&info0["cpus"][i]["mp_state"], &info["cpus"][i]["mp_state"]);
+        if status0.cpus[i].state == "online" {
+            assert!(matches!(m.as_str(), Some("HALTED" | "RUNNABLE")), "CPU {i}: {m}");
+        } else {
+            assert_eq!(
+                m, m0,
+                "CPU {i} mp_state (offline/never-onlined CPUs come back exactly)"
+            );
+        }
+    }
+    assert_eq!(info["pending_removals"], serde_json::json!([4]));
+    assert_eq!(info["paused"], false);
+    let s1 = vm.status();
+    let states = |s: &GuestStatus| s.cpus.iter().map(|c| c.state.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        states(&s1),
+        states(status0),
+        "the guest's view of its CPUs changed"
+    );
+    assert_eq!(
+        (s1.sci, s1.inserts, s1.ejects),
+        (status0.sci, status0.inserts, status0.ejects)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let s2 = vm.status();
+    for c in [0, 1, 2, 4] {
+        assert!(
+            s2.cpus[c].ticks > s1.cpus[c].ticks,
+            "online CPU {c} stopped ticking"
+        );
+        assert!(
+            s2.cpus[c].ticks >= status0.cpus[c].ticks,
+            "CPU {c} tick count went back"
+        );
+    }
+    // The two events that waited in GPE0_STS fire now, once each.
+    let mut lines = vm.guest("gpe on");
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while let Ok(l) = vm
+        .con
+        .read_line(deadline.saturating_duration_since(Instant::now()))
+    {
+        lines.push(l);
+    }
+    let mut events: Vec<&String> = lines.iter().filter(|l| l.starts_with("EVENT")).collect();
+    events.sort();
+    assert_eq!(
+        events,
+        ["EVENT insert cpu=6 online=0", "EVENT remove cpu=4 ejected=1"],
+        "pending hotplug events must be delivered exactly once: {lines:?}"
+    );
+    vm.until("CPU 4's eject", |v| {
+        v["cpus"][4]["vcpu"] == "parked" && v["pending_removals"] == serde_json::json!([])
+    });
+    for c in [3, 5, 6] {
+        assert_eq!(
+            vm.guest(&format!("online {c}")).last().unwrap(),
+            "OK",
+            "online {c}"
+        );
+    }
+    let s3 = vm.status();
+    std::thread::sleep(Duration::from_millis(300));
+    let s4 = vm.status();
+    for c in [0, 1, 2, 3, 5, 6] {
+        assert_eq!(s4.cpus[c].state, "online", "CPU {c}");
+        assert!(
+            s4.cpus[c].ticks > s3.cpus[c].ticks,
+            "CPU {c} is online but not ticking"
+        );
+    }
+    assert_eq!(s4.cpus[4].state, "absent");
+    vm.guest("poweroff");
+    let out = wait_child(vm.child.as_mut().unwrap(), T);
+    vm.child = None;
+    assert!(
+        out.status.success(),
+        "VMM exit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn snapshot_restore_of_a_partially_offline_vm_loses_nothing() {
+    if !kvm_or_skip("snapshot_restore_of_a_partially_offline_vm_loses_nothing") {
+        return;
+    }
+    let mut src = Vmm::start("snaprestore", "boot=2,max=8");
+    let before = partially_offline(&mut src);
+    let dir = temp_dir("snaprestore-snap");
+    let url = serde_json::json!({ "destination_url": format!("file://{}", dir.display()) }).to_string();
+    let (s, v) = src.api("PUT", "vm.snapshot", Some(&url));
+    assert_eq!(s, 200, "{v}");
+    assert!(v["state_bytes"].as_u64().unwrap() > 0);
+    // The source runs on after the snapshot; then it goes away for good.
+    let after = src.status();
+    assert_eq!(after.online, before.1.online);
+    drop(src);
+    let restored = Vmm::spawn(&dir, "restored", &["--restore", dir.to_str().unwrap()]);
+    same_vm_and_nothing_lost(restored, &before);
+}
+
+#[test]
+fn live_migration_of_a_partially_offline_vm_loses_nothing() {
+    if !kvm_or_skip("live_migration_of_a_partially_offline_vm_loses_nothing") {
+        return;
+    }
+    let mut src = Vmm::start("livemig", "boot=2,max=8");
+    let before = partially_offline(&mut src);
+    let dir = temp_dir("livemig-dst");
+    let mig = dir.join("mig.sock");
+    let incoming = format!("unix:{}", mig.display());
+    let dst = Vmm::spawn_unattached(&dir, "dst", &["--incoming", &incoming]);
+    wait_for_path(&mig);
+    let body = serde_json::json!({ "destination_url": incoming, "downtime_ms": 50 }).to_string();
+    let (s, report) = src.api("PUT", "vm.send-migration", Some(&body));
+    assert_eq!(s, 200, "{report}");
+    let rounds = report["rounds"].as_array().expect("rounds");
+    assert!(!rounds.is_empty());
+    assert!(
+        rounds[0]["bytes"].as_u64().unwrap() >= 128 << 20,
+        "round 0 copies all RAM: {report}"
+    );
+    eprintln!(
+        "live migration: {} rounds, downtime {:.1} ms, total {:.1} ms",
+        rounds.len(),
+        report["downtime_ms"].as_f64().unwrap_or(0.0),
+        report["total_ms"].as_f64().unwrap_or(0.0)
+    );
+    // The source hands over and exits cleanly; the destination has the VM.
+    let out = wait_child(src.child.as_mut().unwrap(), T);
+    src.child = None;
+    assert!(
+        out.status.success(),
+        "source exit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    same_vm_and_nothing_lost(dst.attach(), &before);
+}
+
+fn wait_for_path(p: &Path) {
+    let deadline = Instant::now() + T;
+    while !p.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", p.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A fake destination: answers Hello with `answer`, then reads `frames` frames and hangs up.
+fn fake_destination(path: &Path, answer: Message, frames: usize) -> std::thread::JoinHandle<()> {
+    let l = UnixListener::bind(path).expect("bind fake destination");
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        let limits = FrameLimits::default();
+        assert!(matches!(recv(&mut s, &limits), Ok(Message::Hello { .. })));
+        send(&mut s, &answer).expect("answer");
+        for _ in 0..frames {
+            if recv(&mut s, &limits).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[test]
+fn failed_or_refused_migrations_leave_the_source_running() {
+    if !kvm_or_skip("failed_or_refused_migrations_leave_the_source_running") {
+        return;
+    }
+    let mut vm = Vmm::start("migfail", "boot=2,max=4");
+    let dir = temp_dir("migfail-peers");
+    let ticking = |vm: &mut Vmm| {
+        let a = vm.status();
+        std::thread::sleep(Duration::from_millis(200));
+        let b = vm.status();
+        assert!(b.cpus[0].ticks > a.cpus[0].ticks && b.cpus[1].ticks > a.cpus[1].ticks);
+        assert_eq!(vm.info()["paused"], false);
+    };
+    // Nobody listening.
+    let body =
+        |p: &Path| serde_json::json!({ "destination_url": format!("unix:{}", p.display()) }).to_string();
+    let (s, v) = vm.api("PUT", "vm.send-migration", Some(&body(&dir.join("nobody.sock"))));
+    assert_eq!(s, 400, "{v}");
+    ticking(&mut vm);
+    // Refused before anything is paused.
+    let p = dir.join("refuse.sock");
+    let t = fake_destination(&p, Message::Refuse("test refusal".into()), 0);
+    let (s, v) = vm.api("PUT", "vm.send-migration", Some(&body(&p)));
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("test refusal"), "{v}");
+    t.join().unwrap();
+    ticking(&mut vm);
+    // Accepted, then the destination dies in the middle of the memory copy.
+    let p = dir.join("die.sock");
+    let t = fake_destination(&p, Message::Accept, 3);
+    let (s, v) = vm.api("PUT", "vm.send-migration", Some(&body(&p)));
+    assert_eq!(s, 500, "{v}");
+    t.join().unwrap();
+    ticking(&mut vm);
+    // Control operations work again (the migration released the VM).
+    assert_eq!(vm.api("PUT", "vm.add-cpu", None).0, 200);
+    assert!(vm.event("EVENT insert").ends_with("online=1"));
+    // Malformed requests are 4xx.
+    assert_eq!(
+        vm.api("PUT", "vm.send-migration", Some(r#"{"destination_url":"ftp:x"}"#))
+            .0,
+        400
+    );
+    assert_eq!(vm.api("PUT", "vm.snapshot", Some(r#"{"nope":1}"#)).0, 400);
+    vm.poweroff();
+}
+
+#[test]
+fn incompatible_or_damaged_input_is_refused_with_a_reason() {
+    if !kvm_or_skip("incompatible_or_damaged_input_is_refused_with_a_reason") {
+        return;
+    }
+    let dir = temp_dir("refusals");
+    // A destination refuses a VM it cannot run, and says why, before the source pauses.
+    let mig = dir.join("mig.sock");
+    let mut dst = spawn_vmm(&[
+        "--incoming",
+        &format!("unix:{}", mig.display()),
+        "--serial",
+        "file=/dev/null",
+    ]);
+    wait_for_path(&mig);
+    let mut s = std::os::unix::net::UnixStream::connect(&mig).unwrap();
+    let compat = serde_json::json!({
+        "max_vcpus": 100000,
+        "memory": { "regions": [{ "guest_addr": 0, "len": 4096, "file_offset": 0 }] },
+        "vendor": "NoSuchVendor",
+        "features": [["1.ECX", 0], ["1.EDX", 0], ["7.0.EBX", 0], ["7.0.ECX", 0], ["7.0.EDX", 0],
+                     ["80000001.ECX", 0], ["80000001.EDX", 0]],
+        "format": 1
+    });
+    send(
+        &mut s,
+        &Message::Hello {
+            version: 1,
+            compat: compat.to_string().into_bytes(),
+        },
+    )
+    .unwrap();
+    match recv(&mut s, &FrameLimits::default()).unwrap() {
+        Message::Refuse(why) => {
+            assert!(why.contains("100000 possible CPUs"), "{why}");
+            assert!(why.contains("NoSuchVendor"), "{why}");
+        }
+        m => panic!("expected Refuse, got {m:?}"),
+    }
+    let out = wait_child(&mut dst, T);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+
+    // A snapshot with one flipped byte is refused with a clear error, nothing runs.
+    let vm = Vmm::start("refusals-src", "boot=1,max=2");
+    let snap = dir.join("snap");
+    let url = serde_json::json!({ "destination_url": snap.display().to_string() }).to_string();
+    assert_eq!(vm.api("PUT", "vm.snapshot", Some(&url)).0, 200);
+    vm.poweroff();
+    let state = snap.join("state.bin");
+    let mut bytes = Vec::new();
+    std::fs::File::open(&state)
+        .unwrap()
+        .read_to_end(&mut bytes)
+        .unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::File::create(&state).unwrap().write_all(&bytes).unwrap();
+    let mut child = spawn_vmm(&["--restore", snap.to_str().unwrap(), "--serial", "file=/dev/null"]);
+    let out = wait_child(&mut child, T);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("checksum"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+}
