@@ -35,6 +35,8 @@ const KEPT: [&str; 10] = [
 /// and never onlined; CPU 6 inserted and CPU 4 asked to go while the guest's GPE is off, so
 /// both events wait in GPE0_STS. Returns the VMM's and the guest's view.
 fn partially_offline(vm: &mut Vmm) -> (Value, GuestStatus) {
+    // The guest rewrites pages of a 8 MiB region on every tick of every online CPU.
+    assert_eq!(vm.guest("dirty start 2048").last().unwrap(), "OK");
     assert_eq!(vm.api("PUT", "vm.resize", Some(r#"{"desired_vcpus":5}"#)).0, 204);
     for _ in 0..3 {
         let e = vm.event("EVENT insert");
@@ -118,6 +120,13 @@ fn same_vm_and_nothing_lost(mut vm: Vmm, before: &(Value, GuestStatus)) {
             "CPU {c} tick count went back"
         );
     }
+    // Every page of the dirtying workload holds what the guest last wrote there.
+    let check = vm.guest("dirty check");
+    let line = check.last().unwrap();
+    assert!(
+        line.starts_with("OK dirty pages=2048 bad=0 ") && line.ends_with("running=1"),
+        "{check:?}"
+    );
     // The two events that waited in GPE0_STS fire now, once each.
     let mut lines = vm.guest("gpe on");
     let deadline = Instant::now() + Duration::from_millis(1500);
@@ -197,7 +206,10 @@ fn live_migration_of_a_partially_offline_vm_loses_nothing() {
     let incoming = format!("unix:{}", mig.display());
     let dst = Vmm::spawn_unattached(&dir, "dst", &["--incoming", &incoming]);
     wait_for_path(&mig);
-    let body = serde_json::json!({ "destination_url": incoming, "downtime_ms": 50 }).to_string();
+    // A 1 ms downtime target is never met while the guest dirties pages: the source iterates
+    // up to max_rounds, re-sending what the dirty log reports, then pauses.
+    let body =
+        serde_json::json!({ "destination_url": incoming, "downtime_ms": 1, "max_rounds": 4 }).to_string();
     let (s, report) = src.api("PUT", "vm.send-migration", Some(&body));
     assert_eq!(s, 200, "{report}");
     let rounds = report["rounds"].as_array().expect("rounds");
@@ -340,11 +352,30 @@ fn incompatible_or_damaged_input_is_refused_with_a_reason() {
     assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
 
     // A snapshot with one flipped byte is refused with a clear error, nothing runs.
-    let vm = Vmm::start("refusals-src", "boot=1,max=2");
+    let mut vm = Vmm::start("refusals-src", "boot=1,max=2");
+    assert_eq!(vm.guest("dirty start 16").last().unwrap(), "OK");
     let snap = dir.join("snap");
     let url = serde_json::json!({ "destination_url": snap.display().to_string() }).to_string();
     assert_eq!(vm.api("PUT", "vm.snapshot", Some(&url)).0, 200);
     vm.poweroff();
+    // memory.bin is mapped lazily and carries no checksum: a changed page reaches the guest,
+    // whose own checksums catch it (this is what proves the migration tests' `bad=0`).
+    let image = snap.join("memory.bin");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .unwrap();
+    let page = 32u64 << 20; // the workload's first page (guest-physical = file offset here)
+    std::os::unix::fs::FileExt::write_all_at(&mut f, &[0x55; 8], page + 8).unwrap();
+    drop(f);
+    let mut bad = Vmm::spawn(&dir, "bad-mem", &["--restore", snap.to_str().unwrap()]);
+    let reply = bad.guest("dirty check");
+    assert!(
+        reply.last().unwrap().starts_with("ERR dirty pages=16 bad=1 "),
+        "{reply:?}"
+    );
+    bad.poweroff();
     let state = snap.join("state.bin");
     let mut bytes = Vec::new();
     std::fs::File::open(&state)

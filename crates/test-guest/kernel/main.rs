@@ -13,6 +13,7 @@
 mod acpi;
 mod apic;
 mod arch;
+mod dirty;
 mod hotplug;
 
 use core::ptr::addr_of;
@@ -205,6 +206,7 @@ extern "C" fn timer_interrupt() {
         c.max_gap.store(now - last, Ordering::Relaxed);
     }
     c.last_tsc.store(now, Ordering::Relaxed);
+    dirty::tick();
     apic::eoi();
 }
 
@@ -589,11 +591,41 @@ fn execute(line: &[u8]) {
             }
             puts("OK\n");
         }
+        b"dirty" => cmd_dirty(arg),
         b"triple-fault" => triple_fault(),
         b"help" => {
-            puts("commands: status | online N | offline N | eject N | autoonline on|off | gpe on|off | scan | resetgaps | poweroff | triple-fault | help\nOK\n");
+            puts("commands: status | online N | offline N | eject N | autoonline on|off | gpe on|off | scan | resetgaps | dirty start N|stop|check | poweroff | triple-fault | help\nOK\n");
         }
         _ => err("unknown command"),
+    }
+}
+
+fn cmd_dirty(arg: &[u8]) {
+    let mut parts = arg.splitn(2, |&c| c == b' ');
+    let sub = parts.next().unwrap_or(&[]);
+    match sub {
+        b"start" => match parse_num(trim(parts.next().unwrap_or(&[]))) {
+            Some(n) if dirty::start(n) => puts("OK\n"),
+            _ => err("usage: dirty start <pages 1..4096>"),
+        },
+        b"stop" => {
+            dirty::stop();
+            puts("OK\n");
+        }
+        b"check" => {
+            let (pages, bad, writes) = dirty::check();
+            puts(if bad == 0 { "OK dirty" } else { "ERR dirty" });
+            puts(" pages=");
+            putdec(pages);
+            puts(" bad=");
+            putdec(bad);
+            puts(" writes=");
+            putdec(writes);
+            puts(" running=");
+            putdec(u64::from(dirty::running()));
+            puts("\n");
+        }
+        _ => err("usage: dirty start N | stop | check"),
     }
 }
 
