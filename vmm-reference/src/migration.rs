@@ -144,6 +144,23 @@ impl From<&RoundStats> for RoundReport {
     }
 }
 
+/// What `vm.info` shows while a migration runs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MigrationStatus {
+    /// `connecting`, `precopy`, `stopping` (paused, last pages and state), `done`, `failed`.
+    pub phase: &'static str,
+    /// Pre-copy rounds finished.
+    pub rounds: u32,
+    /// Bytes of RAM sent so far.
+    pub bytes_sent: u64,
+    /// Dirty rate of the last round (pages/s).
+    pub dirty_rate: f64,
+    /// Expected downtime after the last round (ms).
+    pub expected_downtime_ms: f64,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+}
+
 /// KVM's dirty log over the VM's RAM slots.
 struct KvmDirty<'a> {
     inner: &'a VmInner,
@@ -195,7 +212,12 @@ impl VmInner {
         }
         let was_paused = self.paused.load(Ordering::SeqCst);
         let mut logging = false;
+        self.set_migration_phase("connecting", None);
         let result = self.migrate_inner(&addr, opts, &mut logging);
+        match &result {
+            Ok(_) => self.set_migration_phase("done", None),
+            Err(e) => self.set_migration_phase("failed", Some(e.to_string())),
+        }
         if result.is_err() {
             // Nothing was handed over: logging off, vCPUs on, the VM is ours as before.
             if logging {
@@ -210,6 +232,17 @@ impl VmInner {
             self.migrating.store(false, Ordering::SeqCst);
         }
         result
+    }
+
+    fn set_migration_phase(&self, phase: &'static str, error: Option<String>) {
+        let mut st = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = st.take().unwrap_or_default();
+        if phase == "connecting" {
+            s = MigrationStatus::default();
+        }
+        s.phase = phase;
+        s.error = error;
+        *st = Some(s);
     }
 
     fn migrate_inner(
@@ -259,7 +292,14 @@ impl VmInner {
         let abandon = |conn: &mut Box<dyn Stream>, why: &str| {
             let _ = send(conn, &Message::Abandon(why.into()));
         };
+        self.set_migration_phase("precopy", None);
         if let Err(e) = pc.iterate(&mut conn, &mut src, opts, |r| {
+            if let Some(st) = self.migration.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                st.rounds = r.round + 1;
+                st.bytes_sent += r.bytes;
+                st.dirty_rate = r.dirtied as f64 / r.secs.max(1e-6);
+                st.expected_downtime_ms = r.expected_downtime_ms;
+            }
             log::info!(
                 "migration round {}: {} bytes in {:.3}s, {} pages dirtied, expected downtime {:.1} ms",
                 r.round,
@@ -273,6 +313,7 @@ impl VmInner {
             return Err(internal("pre-copy")(&e));
         }
         // Downtime starts: pause, last pages, state.
+        self.set_migration_phase("stopping", None);
         let paused_at = Instant::now();
         let vcpus = self.lock_vcpus();
         if let Err(e) = vcpus.pause_all() {

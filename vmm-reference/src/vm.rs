@@ -215,7 +215,7 @@ pub struct CpuInfo {
 }
 
 /// `vm.info`.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct VmInfo {
     /// Possible CPUs.
     pub max_vcpus: u32,
@@ -233,6 +233,8 @@ pub struct VmInfo {
     pub parked_vcpu_fds: u32,
     /// Per possible CPU.
     pub cpus: Vec<CpuInfo>,
+    /// The current or last outgoing live migration.
+    pub migration: Option<crate::migration::MigrationStatus>,
 }
 
 fn mp_state_name(s: u32) -> &'static str {
@@ -266,6 +268,8 @@ pub struct VmInner {
     pub(crate) sci: Arc<LevelIrq>,
     /// A snapshot or migration is in progress (control operations answer busy).
     pub(crate) migrating: AtomicBool,
+    /// Progress of the current or last outgoing migration.
+    pub(crate) migration: Mutex<Option<crate::migration::MigrationStatus>>,
     pub(crate) vm: Mutex<VmFd>,
     pub(crate) mem: GuestMemory,
     pub(crate) kvm: Kvm,
@@ -506,6 +510,7 @@ impl VmInner {
             reused_vcpu_fds: vcpus.reused(),
             parked_vcpu_fds: vcpus.parked() as u32,
             cpus,
+            migration: self.migration.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
 
@@ -1027,6 +1032,7 @@ impl Vm {
             serial_irq: serial_irq_clone,
             sci,
             migrating: AtomicBool::new(false),
+            migration: Mutex::new(None),
             vm: Mutex::new(vm),
             mem,
             kvm,

@@ -294,6 +294,9 @@ fn failed_or_refused_migrations_leave_the_source_running() {
     assert_eq!(s, 500, "{v}");
     t.join().unwrap();
     ticking(&mut vm);
+    let m = &vm.info()["migration"];
+    assert_eq!(m["phase"], "failed", "{m}");
+    assert!(m["error"].as_str().is_some_and(|e| !e.is_empty()), "{m}");
     // Control operations work again (the migration released the VM).
     assert_eq!(vm.api("PUT", "vm.add-cpu", None).0, 200);
     assert!(vm.event("EVENT insert").ends_with("online=1"));

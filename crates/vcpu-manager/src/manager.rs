@@ -266,10 +266,16 @@ impl VcpuManager {
         Ok(())
     }
 
-    /// Resume every paused vCPU.
+    /// Resume every paused vCPU. Each gets `KVM_KVMCLOCK_CTRL` first, which tells a guest
+    /// using kvmclock that the vCPU was stopped by the host, so its soft-lockup watchdog does
+    /// not fire after a long pause, snapshot or migration (KVM answers EINVAL when the guest
+    /// has no kvmclock; that is fine).
     pub fn resume_all(&self) {
         for s in &self.slots {
             if let Slot::Running(r) = s {
+                if r.is_paused() {
+                    let _ = r.with_vcpu(VCPU_TIMEOUT, |fd| fd.kvmclock_ctrl().ok());
+                }
                 r.resume();
             }
         }
