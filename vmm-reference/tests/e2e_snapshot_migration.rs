@@ -370,7 +370,7 @@ fn incompatible_or_damaged_input_is_refused_with_a_reason() {
         .open(&image)
         .unwrap();
     let page = 32u64 << 20; // the workload's first page (guest-physical = file offset here)
-    std::os::unix::fs::FileExt::write_all_at(&mut f, &[0x55; 8], page + 8).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x55; 8], page + 8).unwrap();
     drop(f);
     let mut bad = Vmm::spawn(&dir, "bad-mem", &["--restore", snap.to_str().unwrap()]);
     let reply = bad.guest("dirty check");
