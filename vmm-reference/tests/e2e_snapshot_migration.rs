@@ -364,7 +364,7 @@ fn incompatible_or_damaged_input_is_refused_with_a_reason() {
     // memory.bin is mapped lazily and carries no checksum: a changed page reaches the guest,
     // whose own checksums catch it (this is what proves the migration tests' `bad=0`).
     let image = snap.join("memory.bin");
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&image)
