@@ -164,7 +164,7 @@ pub fn write_image<B: Bitmap>(
             mem.read_slice(&mut buf[..n], GuestAddress(r.guest_addr + off))
                 .map_err(|e| MemoryError::Guest(e.to_string()))?;
             // Pages of zeroes stay holes in the (sparse) file.
-            if buf[..n].iter().any(|b| *b != 0) {
+            if !crate::protocol::is_zero(&buf[..n]) {
                 file.write_all_at(&buf[..n], r.file_offset + off)?;
             }
             off += n as u64;

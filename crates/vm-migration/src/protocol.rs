@@ -247,24 +247,49 @@ pub struct RoundStats {
     pub expected_downtime_ms: f64,
 }
 
-/// Send the given byte ranges of the regions as Memory frames; returns bytes sent.
+/// Whether a buffer is all zeroes (word at a time).
+pub fn is_zero(buf: &[u8]) -> bool {
+    let words = buf.chunks_exact(8);
+    let rest = words.remainder();
+    words.fold(0u64, |acc, w| {
+        acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+    }) == 0
+        && rest.iter().all(|b| *b == 0)
+}
+
+/// Send the given byte ranges of the regions as Memory frames; returns bytes sent. With
+/// `skip_zero`, all-zero pages are left out (the destination's RAM starts zeroed).
 fn send_ranges<W: Write, S: DirtySource>(
     w: &mut W,
     src: &S,
     ranges: &[(u64, u64)],
     chunk: usize,
+    skip_zero: bool,
 ) -> Result<u64, ProtocolError> {
     let mut frame: Vec<(u64, Vec<u8>)> = Vec::new();
     let (mut in_frame, mut sent) = (0usize, 0u64);
+    let mut buf = vec![0u8; chunk.max(PAGE_SIZE as usize)];
     for &(gpa, len) in ranges {
         let mut off = 0;
         while off < len {
-            let n = (len - off).min(chunk as u64) as usize;
-            let mut buf = vec![0u8; n];
-            src.read(gpa + off, &mut buf)?;
-            frame.push((gpa + off, buf));
-            in_frame += n;
-            sent += n as u64;
+            let n = (len - off).min(buf.len() as u64) as usize;
+            src.read(gpa + off, &mut buf[..n])?;
+            // Runs of pages to send (all of them unless zero pages are skipped).
+            let mut p = 0;
+            while p < n {
+                let page_end = |q: usize| (q + PAGE_SIZE as usize).min(n);
+                if skip_zero && is_zero(&buf[p..page_end(p)]) {
+                    p = page_end(p);
+                    continue;
+                }
+                let start = p;
+                while p < n && !(skip_zero && is_zero(&buf[p..page_end(p)])) {
+                    p = page_end(p);
+                }
+                frame.push((gpa + off + start as u64, buf[start..p].to_vec()));
+                in_frame += p - start;
+                sent += (p - start) as u64;
+            }
             off += n as u64;
             if in_frame >= chunk {
                 send(w, &Message::Memory(std::mem::take(&mut frame)))?;
@@ -303,7 +328,8 @@ pub struct Precopy {
 }
 
 impl Precopy {
-    /// Round 0 sends all RAM; later rounds send pages dirtied during the previous one, until
+    /// Round 0 sends all RAM except all-zero pages (the destination's RAM must start zeroed);
+    /// later rounds send every page dirtied during the previous one, until
     /// the remaining dirty set would fit in `opts.downtime` at the measured throughput or
     /// `opts.max_rounds` is reached. `progress` sees each round. The dirty log must have been
     /// started (and reset) before this call.
@@ -319,7 +345,8 @@ impl Precopy {
         loop {
             let round = self.rounds.len() as u32;
             let t = Instant::now();
-            let bytes = send_ranges(w, src, &ranges, opts.chunk)?;
+            // Round 0 leaves zero pages out: the destination starts from zeroed RAM.
+            let bytes = send_ranges(w, src, &ranges, opts.chunk, round == 0)?;
             let secs = t.elapsed().as_secs_f64();
             let maps = src.take_dirty()?;
             let (next, dirtied) = bitmap_ranges(&regions, &maps);
@@ -358,7 +385,7 @@ impl Precopy {
         let (mut ranges, _) = bitmap_ranges(&regions, &maps);
         ranges.append(&mut self.pending);
         ranges.sort_unstable();
-        send_ranges(w, src, &ranges, chunk)
+        send_ranges(w, src, &ranges, chunk, false)
     }
 }
 
@@ -461,6 +488,46 @@ mod tests {
             }
         }
         assert!(dst == src.bytes, "destination RAM differs from the source");
+    }
+
+    #[test]
+    fn round_zero_skips_zero_pages_later_rounds_do_not() {
+        let pages = 128u64;
+        let mut bytes = vec![0u8; (pages * PAGE_SIZE) as usize];
+        bytes[5 * PAGE_SIZE as usize] = 1; // one non-zero page
+        let mut src = FakeRam {
+            bytes,
+            dirty: vec![0; 2],
+            rounds: 0,
+        };
+        let mut wire = Vec::new();
+        let mut pc = Precopy::default();
+        let opts = PrecopyOptions {
+            downtime: Duration::from_secs(3600),
+            max_rounds: 1,
+            chunk: 64 << 10,
+        };
+        pc.iterate(&mut wire, &mut src, &opts, |_| {}).unwrap();
+        assert_eq!(pc.rounds[0].pages, 1, "only the non-zero page goes in round 0");
+        // A page the guest zeroes later must still be sent.
+        src.bytes[5 * PAGE_SIZE as usize] = 0;
+        src.dirty = vec![1 << 5, 0];
+        let before = wire.len();
+        pc.finish(&mut wire, &mut src, opts.chunk).unwrap();
+        let mut r = &wire[before..];
+        let mut got = Vec::new();
+        while !r.is_empty() {
+            if let Message::Memory(c) = recv(&mut r, &FrameLimits::default()).unwrap() {
+                got.extend(c.into_iter().map(|(gpa, d)| (gpa, d.len())));
+            }
+        }
+        let page5 = 0x10000 + 5 * PAGE_SIZE;
+        assert!(
+            got.iter()
+                .any(|(gpa, len)| *gpa <= page5 && page5 + PAGE_SIZE <= gpa + *len as u64),
+            "the dirtied page is sent after round 0: {got:?}"
+        );
+        assert!(is_zero(&[0; 13]) && !is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
     }
 
     #[test]
