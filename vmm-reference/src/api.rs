@@ -17,6 +17,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -245,6 +246,9 @@ fn write_response(stream: &mut impl Write, resp: &Response) -> std::io::Result<(
     stream.write_all(out.as_bytes())
 }
 
+/// Requests being served right now.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
 fn serve_one(vm: &VmInner, mut stream: UnixStream) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let resp = match read_request(&mut stream) {
@@ -252,6 +256,17 @@ fn serve_one(vm: &VmInner, mut stream: UnixStream) {
         Err(resp) => resp,
     };
     let _ = write_response(&mut stream, &resp);
+    IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Wait (up to `timeout`) until no request is being served, so that the answer to the
+/// request that ended the VM (`vm.shutdown`, `vm.send-migration`) reaches its client before
+/// the process exits.
+pub fn wait_idle(timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while IN_FLIGHT.load(Ordering::SeqCst) != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Serve the API on `listener` until the VM is gone (one thread per connection).
@@ -259,9 +274,14 @@ pub fn serve(listener: UnixListener, vm: Arc<VmInner>) {
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
         let vm = vm.clone();
-        let _ = std::thread::Builder::new()
+        IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+        if std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || serve_one(&vm, stream));
+            .spawn(move || serve_one(&vm, stream))
+            .is_err()
+        {
+            IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 

@@ -249,6 +249,7 @@ fn run(start: Start, api_socket: Option<&std::path::Path>) -> ExitCode {
         }
     }
     let outcome = vm.wait(None);
+    vmm_reference::api::wait_idle(Duration::from_secs(5));
     if let Some(p) = api_socket {
         let _ = std::fs::remove_file(p);
     }
