@@ -227,9 +227,10 @@ fn live_migration_of_a_partially_offline_vm_loses_nothing() {
     assert_eq!(s, 200, "{report}");
     let rounds = report["rounds"].as_array().expect("rounds");
     assert!(!rounds.is_empty());
+    // Round 0 copies all non-zero RAM: at least the workload's 8 MiB region.
     assert!(
-        rounds[0]["bytes"].as_u64().unwrap() >= 128 << 20,
-        "round 0 copies all RAM: {report}"
+        rounds[0]["bytes"].as_u64().unwrap() >= 8 << 20,
+        "round 0: {report}"
     );
     eprintln!(
         "live migration: {} rounds, downtime {:.1} ms, total {:.1} ms",
