@@ -427,3 +427,160 @@ pub fn read_dir(dir: &Path) -> Result<(SavedVm, GuestMemory), SnapshotError> {
     let mem = map_image_private(&f, &saved.vm.memory)?;
     Ok((saved, mem))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use acpi_cpu_hotplug::CpuHotplugController;
+    use lapic_state::{ApicBase, LapicPage, LapicState};
+    use proptest::prelude::*;
+
+    fn vcpu(index: u32) -> VcpuState {
+        let conv = KvmConventions::CANONICAL;
+        VcpuState {
+            vcpu_id: index,
+            cpuid: CpuId::new(2).unwrap(),
+            mp_state: Default::default(),
+            regs: Default::default(),
+            sregs: Default::default(),
+            tsc_khz: Some(2_000_000),
+            xcrs: Default::default(),
+            xsave: Default::default(),
+            lapic: LapicState {
+                vcpu_id: index,
+                apic_base: ApicBase::power_on(index == 0),
+                page: LapicPage::power_on(index, index == 0, &conv),
+            },
+            msrs: kvm_bindings::Msrs::new(0).unwrap(),
+            tsc_deadline: 0,
+            vcpu_events: Default::default(),
+            debugregs: Default::default(),
+        }
+    }
+
+    fn sample() -> SavedVm {
+        let ctl = CpuHotplugController::new((0..4).collect(), 2, 0);
+        SavedVm {
+            vm: VmState {
+                max_vcpus: 4,
+                boot_vcpus: 2,
+                memory: MemoryLayout {
+                    regions: vec![vm_migration::memory::RegionDesc {
+                        guest_addr: 0,
+                        len: 1 << 20,
+                        file_offset: 0,
+                    }],
+                },
+                conventions: KvmConventions::CANONICAL,
+                msrs: vec![0x10],
+                kvm: KvmVmState {
+                    irqchips: vec![kvm_irqchip::default(); 3],
+                    pit: Default::default(),
+                    clock: 42,
+                },
+                acpi: AcpiHotplugState {
+                    pm: Default::default(),
+                    cpus: ctl.state(),
+                },
+                serial: SerialSnapshot::default(),
+                pending_removals: vec![1],
+                paused: false,
+            },
+            vcpus: vec![(0, vcpu(0)), (1, vcpu(1))],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_consistency_checks() {
+        let s = sample();
+        let back = SavedVm::decode(&s.encode().unwrap()).unwrap();
+        assert_eq!(back.vcpus.len(), 2);
+        assert_eq!(back.vm.pending_removals, vec![1]);
+        assert_eq!(back.vm.kvm.clock, 42);
+        let refuse = |f: &dyn Fn(&mut SavedVm)| {
+            let mut s = sample();
+            f(&mut s);
+            SavedVm::decode(&s.encode().unwrap()).unwrap_err()
+        };
+        // A vCPU whose id is not its CPU's APIC id, a CPU beyond max, no boot CPU, a
+        // hotplug state for another CPU count, an oversized FIFO, a bad memory layout.
+        assert!(refuse(&|s| s.vcpus[1].1.vcpu_id = 3)
+            .to_string()
+            .contains("APIC id"));
+        assert!(refuse(&|s| s.vcpus[1].0 = 9)
+            .to_string()
+            .contains("not a possible CPU"));
+        assert!(refuse(&|s| drop(s.vcpus.remove(0)))
+            .to_string()
+            .contains("boot CPU"));
+        assert!(refuse(&|s| s.vm.max_vcpus = 8)
+            .to_string()
+            .contains("hotplug controller"));
+        assert!(refuse(&|s| s.vm.serial.in_buffer = vec![0; 65])
+            .to_string()
+            .contains("FIFO"));
+        assert!(refuse(&|s| s.vm.memory.regions[0].len = 100)
+            .to_string()
+            .contains("memory"));
+        assert!(refuse(&|s| s.vm.pending_removals = vec![4])
+            .to_string()
+            .contains("removal"));
+        assert!(refuse(&|s| s.vm.kvm.irqchips.truncate(1))
+            .to_string()
+            .contains("irqchip"));
+    }
+
+    #[test]
+    fn compatibility_lists_every_mismatch() {
+        let mut host = CpuId::new(3).unwrap();
+        {
+            let e = host.as_mut_slice();
+            e[0].function = 0;
+            (e[0].ebx, e[0].edx, e[0].ecx) = (0x6874_7541, 0x6974_6e65, 0x444d_4163); // AuthenticAMD
+            e[1].function = 1;
+            e[1].ecx = 0x1;
+            e[2].function = 7;
+            e[2].flags = kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
+        }
+        let mut vm = host.clone();
+        vm.as_mut_slice()[1].ecx = 0x3; // a feature the host lacks
+        let c = Compat::of(4, sample().vm.memory, &vm);
+        let e = c.check(2, &host).unwrap_err().to_string();
+        assert!(
+            e.contains("4 possible CPUs") && e.contains("1.ECX bits 0x2"),
+            "{e}"
+        );
+        assert!(Compat::of(4, sample().vm.memory, &host).check(4, &host).is_ok());
+    }
+
+    proptest! {
+        // State files come from outside the trust boundary: no input panics the decoder,
+        // whether the envelope is damaged or the sections inside a valid envelope are.
+        #[test]
+        fn damaged_state_never_panics(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+                                      cut in any::<usize>()) {
+            let good = sample().encode().unwrap();
+            let mut bad = good.clone();
+            for (i, x) in &flips {
+                let i = i % bad.len();
+                bad[i] ^= x | 1;
+            }
+            prop_assert!(SavedVm::decode(&bad).is_err() || bad == good);
+            let _ = SavedVm::decode(&good[..cut % good.len()]);
+            // Damage inside the sections, behind a valid checksum.
+            let snap = Snapshot::decode(&good, &Limits::default()).unwrap();
+            let mut resealed = Snapshot::default();
+            for name in snap.names() {
+                let mut p = snap.section(name).unwrap().to_vec();
+                for (i, x) in &flips {
+                    if !p.is_empty() {
+                        let i = i % p.len();
+                        p[i] ^= x;
+                    }
+                }
+                resealed.add(name, p).unwrap();
+            }
+            let _ = SavedVm::decode(&resealed.encode());
+        }
+    }
+}

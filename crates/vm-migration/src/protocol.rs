@@ -130,7 +130,10 @@ impl Message {
 
     /// Parse one frame's payload of kind `kind` (untrusted).
     pub fn decode(kind: u8, p: &[u8]) -> Result<Message, ProtocolError> {
-        let text = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
+        let text = |p: &[u8]| {
+            String::from_utf8(p.to_vec())
+                .map_err(|_| ProtocolError::Invalid("message text is not UTF-8".into()))
+        };
         Ok(match kind {
             K_HELLO => {
                 let v = p
@@ -143,9 +146,9 @@ impl Message {
             }
             K_ACCEPT if p.is_empty() => Message::Accept,
             K_ACK if p.is_empty() => Message::Ack,
-            K_REFUSE => Message::Refuse(text(p)),
-            K_ERROR => Message::Error(text(p)),
-            K_ABANDON => Message::Abandon(text(p)),
+            K_REFUSE => Message::Refuse(text(p)?),
+            K_ERROR => Message::Error(text(p)?),
+            K_ABANDON => Message::Abandon(text(p)?),
             K_STATE => Message::State(p.to_vec()),
             K_MEMORY => {
                 let mut chunks = Vec::new();
