@@ -574,8 +574,8 @@ impl VmInner {
             self.exits.clone(),
             vcpus.conventions(),
         );
-        let restore_us =
-            restore_vcpus(&self.kvm, &new_vm, &mut fresh, &states).map_err(ControlError::Internal)?;
+        let restore_us = restore_vcpus(&self.kvm, &new_vm, &mut fresh, &states, Some(vcpus.conventions()))
+            .map_err(ControlError::Internal)?;
         // Move the interrupt lines last: an eventfd can feed only one VM's irqfd at a time.
         let _ = vm.unregister_irqfd(&self.serial_irq, COM1_IRQ);
         let _ = self.sci.unregister(vm);
@@ -714,12 +714,44 @@ pub fn open_kvm() -> Result<Kvm, VmmError> {
     Kvm::new().map_err(kvm_err("opening /dev/kvm"))
 }
 
+/// A KVM VM created ahead of a restore for RAM `mem`, with this host's LAPIC conventions
+/// probed: what a migration destination builds while pages still arrive.
+pub struct Prepared {
+    kvm: Kvm,
+    vm: VmFd,
+    conv: Option<KvmConventions>,
+    topology: Topology,
+}
+
+impl Prepared {
+    /// Create the VM (irqchip, PIT, x2APIC API as `topology` needs, `mem` registered) and probe
+    /// the LAPIC conventions on a scratch vCPU configured like CPU 0 will be.
+    pub fn new(topology: Topology, mem: &GuestMemory) -> Result<Prepared, VmmError> {
+        let kvm = open_kvm()?;
+        check_caps(&kvm)?;
+        let vm = create_kvm_vm(&kvm, &topology, mem)?;
+        let scratch = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        scratch.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let fd = scratch.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&host_cpuid(&kvm, &topology)?)
+            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let conv = detect_conventions(&kvm, &fd, &topology)?;
+        Ok(Prepared {
+            kvm,
+            vm,
+            conv: Some(conv),
+            topology,
+        })
+    }
+}
+
 /// How a VM comes to life: booted from a kernel, or restored from saved state.
 enum Origin {
     /// Fresh boot: the BSP enters the kernel at `entry`.
     Boot(boot::EntryPoint),
     /// Restore: vCPUs, KVM VM state and devices from `SavedVm`; RAM is already in place.
-    Restore(Box<SavedVm>),
+    /// With conventions given (probed ahead of time), no probe runs on the restore path.
+    Restore(Box<SavedVm>, Option<KvmConventions>),
 }
 
 fn check_caps(kvm: &Kvm) -> Result<(), VmmError> {
@@ -781,8 +813,10 @@ impl Vm {
             config.cmdline.as_deref(),
             acpi::RSDP_ADDR,
         )?;
+        let vm = create_kvm_vm(&kvm, &topology, &mem)?;
         Vm::assemble(
             kvm,
+            vm,
             topology,
             config.cpus.boot,
             mem,
@@ -797,50 +831,68 @@ impl Vm {
     /// The VM runs afterwards unless it was paused when saved.
     pub fn restore(dir: &std::path::Path, serial: &SerialMode) -> Result<Vm, VmmError> {
         let (saved, mem) = crate::snapshot::read_dir(dir).map_err(VmmError::Snapshot)?;
-        Vm::from_saved(saved, mem, serial, false)
+        Vm::from_saved(saved, mem, serial, false, None)
     }
 
     /// Restore from an already decoded state and RAM (restore and live migration). With
     /// `hold`, the vCPUs stay paused until [`VmInner::resume`] (a migration destination
-    /// resumes only once the source has its acknowledgement).
+    /// resumes only once the source has its acknowledgement). `prepared` is a KVM VM made
+    /// ahead of time by [`Prepared::new`] for this RAM, which keeps VM creation, memory
+    /// registration and the LAPIC conventions probe out of a migration's downtime.
     pub fn from_saved(
         saved: SavedVm,
         mem: GuestMemory,
         serial: &SerialMode,
         hold: bool,
+        prepared: Option<Prepared>,
     ) -> Result<Vm, VmmError> {
-        let kvm = open_kvm()?;
-        check_caps(&kvm)?;
-        check_compat(&kvm, &saved)?;
+        let topology = Topology::new(saved.vm.max_vcpus);
+        let prepared = match prepared {
+            Some(p) if p.topology == topology => p,
+            _ => {
+                let kvm = open_kvm()?;
+                check_caps(&kvm)?;
+                let vm = create_kvm_vm(&kvm, &topology, &mem)?;
+                Prepared {
+                    kvm,
+                    vm,
+                    conv: None,
+                    topology,
+                }
+            }
+        };
+        check_compat(&prepared.kvm, &saved)?;
         if !saved.vm.memory.matches(&mem) {
             return Err(VmmError::Snapshot(crate::snapshot::SnapshotError::Incompatible(
                 "guest RAM does not match the saved memory layout".into(),
             )));
         }
-        let topology = Topology::new(saved.vm.max_vcpus);
         let boot_vcpus = saved.vm.boot_vcpus;
         let mut saved = saved;
         saved.vm.paused |= hold;
+        let Prepared { kvm, vm, conv, .. } = prepared;
         Vm::assemble(
             kvm,
+            vm,
             topology,
             boot_vcpus,
             mem,
             serial,
-            Origin::Restore(Box::new(saved)),
+            Origin::Restore(Box::new(saved), conv),
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         kvm: Kvm,
+        vm: VmFd,
         topology: Topology,
         boot_vcpus: u32,
         mem: GuestMemory,
         serial_mode: &SerialMode,
         origin: Origin,
     ) -> Result<Vm, VmmError> {
-        let vm = create_kvm_vm(&kvm, &topology, &mem)?;
-        if let Origin::Restore(saved) = &origin {
+        if let Origin::Restore(saved, _) = &origin {
             // The irqchip, PIT and clock before any vCPU or interrupt line exists.
             restore_kvm_vm_state(&vm, &saved.vm.kvm).map_err(|e| VmmError::Io {
                 what: e,
@@ -885,15 +937,14 @@ impl Vm {
                 ConsoleOut::Socket(c)
             }
         };
-        let serial_dev =
-            match &origin {
-                Origin::Boot(_) => SerialDevice::new(serial_irq, out),
-                Origin::Restore(saved) => SerialDevice::from_state(&saved.vm.serial, serial_irq, out)
-                    .map_err(|source| VmmError::Io {
-                        what: "restoring COM1".into(),
-                        source,
-                    })?,
-            };
+        let serial_dev = match &origin {
+            Origin::Boot(_) => SerialDevice::new(serial_irq, out),
+            Origin::Restore(saved, _) => SerialDevice::from_state(&saved.vm.serial, serial_irq, out)
+                .map_err(|source| VmmError::Io {
+                    what: "restoring COM1".into(),
+                    source,
+                })?,
+        };
         let serial = Arc::new(Mutex::new(serial_dev));
         register(&mut io, COM1_PORT, 8, serial.clone())?;
         if let (Some(c), Some(l)) = (console.clone(), listener) {
@@ -939,7 +990,7 @@ impl Vm {
                 power,
                 hotplug_events.clone(),
             ),
-            Origin::Restore(saved) => AcpiHotplugDevice::from_state(
+            Origin::Restore(saved, _) => AcpiHotplugDevice::from_state(
                 layout,
                 &apic_ids,
                 &saved.vm.acpi,
@@ -996,8 +1047,8 @@ impl Vm {
                 }
                 (msrs, BTreeSet::new(), false)
             }
-            Origin::Restore(saved) => {
-                restore_vcpus(&kvm, &vm, &mut vcpus, &saved.vcpus).map_err(|e| VmmError::Io {
+            Origin::Restore(saved, conv) => {
+                restore_vcpus(&kvm, &vm, &mut vcpus, &saved.vcpus, *conv).map_err(|e| VmmError::Io {
                     what: e,
                     source: std::io::Error::other("restoring vCPUs"),
                 })?;
@@ -1230,13 +1281,17 @@ fn restore_vcpus(
     vm: &VmFd,
     vcpus: &mut VcpuManager,
     states: &[(u32, vcpu_manager::VcpuState)],
+    conv: Option<KvmConventions>,
 ) -> Result<Vec<f64>, String> {
     // One IA32_TSC for all vCPUs, so their TSC offsets are equal after the restore.
     let tsc = states
         .first()
         .and_then(|(_, s)| s.msrs.as_slice().iter().find(|e| e.index == 0x10).map(|e| e.data));
     let topology = vcpus.topology();
-    let mut detected = false;
+    if let Some(c) = conv {
+        vcpus.set_conventions(c);
+    }
+    let mut detected = conv.is_some();
     let mut restore_us = Vec::new();
     for (index, st) in states {
         let t = std::time::Instant::now();

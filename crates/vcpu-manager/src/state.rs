@@ -98,9 +98,10 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Msrs> {
 ///
 /// `cpuid` is the CPUID the VMM set on this vCPU. It is saved as given, not read back with
 /// `KVM_GET_CPUID2`: KVM forbids changing CPUID after the first `KVM_RUN`, so what was set is
-/// what the guest sees, while some KVM backends (PVM) answer `KVM_GET_CPUID2` with host bits
-/// that were never set (AVX, AVX-512, XSAVE, ...) and drop leaves, which a restore would then
-/// hand to the guest.
+/// the VM's CPU model, while some KVM backends (PVM) answer `KVM_GET_CPUID2` with bits that
+/// were never set (AVX, AVX-512, XSAVE, ...) and without some leaves. Saving those would make
+/// the snapshot claim features the VM was never given, and a destination's compatibility
+/// check would compare the wrong thing.
 pub fn save_vcpu(
     vcpu: &VcpuFd,
     vcpu_id: u32,
