@@ -194,6 +194,16 @@ impl DirtySource for KvmDirty<'_> {
             .read_slice(buf, GuestAddress(gpa))
             .map_err(|e| std::io::Error::other(e.to_string()))
     }
+    fn populated(&self, index: usize) -> Option<Vec<u64>> {
+        let r = self.inner.mem.iter().nth(index)?;
+        // Only anonymous RAM: a page never touched there is zero. (RAM restored from a
+        // snapshot is file-backed: its untouched pages hold the image's bytes.)
+        if r.file_offset().is_some() {
+            return None;
+        }
+        let host = self.inner.mem.get_host_address(r.start_addr()).ok()? as u64;
+        vm_migration::memory::populated_pages(host, r.len()).ok()
+    }
 }
 
 fn internal(what: &str) -> impl Fn(&dyn std::fmt::Display) -> ControlError + '_ {

@@ -225,6 +225,42 @@ pub fn dirty_ranges(bitmap: &[u64], len: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// Pages of the host mapping `host_addr..host_addr + len` that are populated (present in RAM
+/// or swapped out), one bit per 4 KiB page, from `/proc/self/pagemap`. For private anonymous
+/// memory a page that is neither has never been written (or was discarded) and reads as
+/// zero, so it need not be copied. Do not use it for file-backed mappings: their unpopulated
+/// pages read from the file.
+pub fn populated_pages(host_addr: u64, len: u64) -> std::io::Result<Vec<u64>> {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    if host_addr % PAGE_SIZE != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "unaligned mapping",
+        ));
+    }
+    let pages = len.div_ceil(PAGE_SIZE);
+    let f = File::open("/proc/self/pagemap")?;
+    let mut map = vec![0u64; pages.div_ceil(64) as usize];
+    // One 8-byte entry per page; read in batches of 64 Ki entries.
+    let mut buf = vec![0u8; 8 * 65536];
+    let mut page = 0u64;
+    while page < pages {
+        let n = (pages - page).min(65536);
+        let bytes = &mut buf[..(n * 8) as usize];
+        f.read_exact_at(bytes, (host_addr / PAGE_SIZE + page) * 8)?;
+        for (i, e) in bytes.chunks_exact(8).enumerate() {
+            let e = u64::from_ne_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            if e & (PRESENT | SWAPPED) != 0 {
+                let p = page + i as u64;
+                map[(p / 64) as usize] |= 1 << (p % 64);
+            }
+        }
+        page += n;
+    }
+    Ok(map)
+}
+
 /// Number of set bits (dirty pages) in a bitmap.
 pub fn dirty_pages(bitmap: &[u64]) -> u64 {
     bitmap.iter().map(|w| u64::from(w.count_ones())).sum()
@@ -291,6 +327,16 @@ mod tests {
         wrap.regions[1].guest_addr = u64::MAX - 4095;
         assert!(wrap.validate(u64::MAX).is_err());
         assert!(MemoryLayout::default().validate(1 << 30).is_err());
+    }
+
+    #[test]
+    fn populated_pages_of_anonymous_memory() {
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 256 << 10)]).unwrap();
+        m.write_slice(&[1], GuestAddress(0x3000)).unwrap();
+        m.write_slice(&[1], GuestAddress(0x3f000)).unwrap();
+        let host = m.get_host_address(GuestAddress(0)).unwrap() as u64;
+        let map = populated_pages(host, 256 << 10).unwrap();
+        assert_eq!(map, vec![(1 << 3) | (1 << 63)], "only the two written pages");
     }
 
     #[test]

@@ -210,6 +210,14 @@ pub trait DirtySource {
     fn take_dirty(&mut self) -> std::io::Result<Vec<Vec<u64>>>;
     /// Read guest memory.
     fn read(&self, gpa: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// Pages of region `index` that may hold anything but zeroes (one bit per 4 KiB page),
+    /// if the source can tell (asked after dirty logging started, so a page populated later is
+    /// in the dirty log), e.g. from [`crate::memory::populated_pages`] for anonymous
+    /// memory. Round 0 reads only those. `None` (the default): every page is read.
+    fn populated(&self, index: usize) -> Option<Vec<u64>> {
+        let _ = index;
+        None
+    }
 }
 
 /// Pre-copy tuning.
@@ -306,8 +314,16 @@ fn send_ranges<W: Write, S: DirtySource>(
     Ok(sent)
 }
 
-fn all_ranges(regions: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    regions.to_vec()
+/// Round 0: every region, or only its populated pages where the source knows them.
+fn initial_ranges<S: DirtySource>(src: &S, regions: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for (i, (start, len)) in regions.iter().enumerate() {
+        match src.populated(i) {
+            Some(map) => out.extend(dirty_ranges(&map, *len).into_iter().map(|(o, l)| (start + o, l))),
+            None => out.push((*start, *len)),
+        }
+    }
+    out
 }
 
 fn bitmap_ranges(regions: &[(u64, u64)], maps: &[Vec<u64>]) -> (Vec<(u64, u64)>, u64) {
@@ -344,7 +360,7 @@ impl Precopy {
         mut progress: impl FnMut(&RoundStats),
     ) -> Result<(), ProtocolError> {
         let regions = src.regions();
-        let mut ranges = all_ranges(&regions);
+        let mut ranges = initial_ranges(src, &regions);
         loop {
             let round = self.rounds.len() as u32;
             let t = Instant::now();
