@@ -434,12 +434,13 @@ pub fn receive(addr: &Address, serial: &SerialMode) -> Result<Vm, VmmError> {
         Ok(m) => m,
         Err(e) => return Err(refuse(&mut conn, format!("cannot allocate guest RAM: {e}"))),
     };
-    // The KVM VM and the LAPIC conventions probe are made while pages arrive, not in the
-    // downtime.
-    let (topology, mem2) = (vcpu_manager::Topology::new(compat.max_vcpus), mem.clone());
-    let preparing = std::thread::spawn(move || crate::vm::Prepared::new(topology, &mem2));
+    // The KVM VM and the LAPIC conventions probe are made before Accept: the source then
+    // copies RAM into a VM that is ready, and none of it lands in the downtime.
+    let prepared = match crate::vm::Prepared::new(vcpu_manager::Topology::new(compat.max_vcpus), &mem) {
+        Ok(p) => p,
+        Err(e) => return Err(refuse(&mut conn, format!("cannot create the VM: {e}"))),
+    };
     send(&mut conn, &Message::Accept).map_err(proto)?;
-    let mut preparing = Some(preparing);
     let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
     loop {
         match recv(&mut conn, &limits).map_err(proto)? {
@@ -451,14 +452,6 @@ pub fn receive(addr: &Address, serial: &SerialMode) -> Result<Vm, VmmError> {
                 .map_err(proto)?;
             }
             Message::State(bytes) => {
-                let prepared = match preparing.take().map(|h| h.join()) {
-                    Some(Ok(Ok(p))) => Some(p),
-                    Some(Ok(Err(e))) => {
-                        let _ = send(&mut conn, &Message::Error(e.to_string()));
-                        return Err(e);
-                    }
-                    _ => None,
-                };
                 let restored = SavedVm::decode(&bytes)
                     .map_err(VmmError::Snapshot)
                     .and_then(|saved| {
@@ -468,7 +461,7 @@ pub fn receive(addr: &Address, serial: &SerialMode) -> Result<Vm, VmmError> {
                             )));
                         }
                         let was_paused = saved.vm.paused;
-                        Vm::from_saved(saved, mem, serial, true, prepared).map(|vm| (vm, was_paused))
+                        Vm::from_saved(saved, mem, serial, true, Some(prepared)).map(|vm| (vm, was_paused))
                     });
                 return match restored {
                     Ok((vm, was_paused)) => {

@@ -155,19 +155,35 @@ pub fn write_image<B: Bitmap>(
     file: &mut File,
 ) -> Result<MemoryLayout, MemoryError> {
     let layout = MemoryLayout::of(mem);
+    // Start from an empty sparse file: what is not written below reads as zero.
+    file.set_len(0)?;
     file.set_len(layout.image_len())?;
-    for r in &layout.regions {
-        let mut off = 0;
-        let mut buf = vec![0u8; 1 << 20];
-        while off < r.len {
-            let n = (r.len - off).min(buf.len() as u64) as usize;
-            mem.read_slice(&mut buf[..n], GuestAddress(r.guest_addr + off))
-                .map_err(|e| MemoryError::Guest(e.to_string()))?;
-            // Pages of zeroes stay holes in the (sparse) file.
-            if !crate::protocol::is_zero(&buf[..n]) {
-                file.write_all_at(&buf[..n], r.file_offset + off)?;
+    let mut buf = vec![0u8; 1 << 20];
+    for (r, region) in layout.regions.iter().zip(mem.iter()) {
+        // Anonymous RAM: only populated pages can be non-zero, and reading the others would
+        // fault them in (and make them look populated to the next migration).
+        let ranges = match region.file_offset() {
+            None => {
+                let host = mem
+                    .get_host_address(GuestAddress(r.guest_addr))
+                    .map_err(|e| MemoryError::Guest(e.to_string()))?;
+                dirty_ranges(&populated_pages(host as u64, r.len)?, r.len)
             }
-            off += n as u64;
+            Some(_) => vec![(0, r.len)],
+        };
+        for (start, len) in ranges {
+            let mut off = 0;
+            while off < len {
+                let n = (len - off).min(buf.len() as u64) as usize;
+                let at = start + off;
+                mem.read_slice(&mut buf[..n], GuestAddress(r.guest_addr + at))
+                    .map_err(|e| MemoryError::Guest(e.to_string()))?;
+                // Pages of zeroes stay holes in the (sparse) file.
+                if !crate::protocol::is_zero(&buf[..n]) {
+                    file.write_all_at(&buf[..n], r.file_offset + at)?;
+                }
+                off += n as u64;
+            }
         }
     }
     file.sync_data()?;
