@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use vmm_reference::console::GuestConsole;
 
+mod common;
+use common::{env_count, kvm_or_skip, pct};
+
 fn status_kib(pid: u32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
@@ -19,26 +22,11 @@ fn status_kib(pid: u32, key: &str) -> Option<u64> {
         .ok()
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() - 1) as f64 * p).round() as usize;
-    v[i]
-}
-
 fn main() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!("boot benchmark skipped: /dev/kvm is not usable");
+    if !kvm_or_skip("boot") {
         return;
     }
-    let runs: usize = std::env::var("BOOT_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let runs = env_count("BOOT_BENCH_RUNS", 10);
     let cpus = std::env::var("BOOT_BENCH_CPUS").unwrap_or_else(|_| "boot=2,max=8".into());
     let dir = std::env::temp_dir().join(format!("vmmref-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -14,12 +14,13 @@ use vmm_reference::config::{CpuConfig, KernelSource, SerialMode, VmConfig};
 use vmm_reference::console::GuestConsole;
 use vmm_reference::vm::Vm;
 
+mod common;
+use common::{env_count, kvm_or_skip, pct};
+
 const T: Duration = Duration::from_secs(60);
 
 fn stats(v: &mut [f64]) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
-    (at(0.5), at(0.99), v[v.len() - 1])
+    (pct(v, 0.5), pct(v, 0.99), pct(v, 1.0))
 }
 
 fn info(api: &Path) -> serde_json::Value {
@@ -28,19 +29,10 @@ fn info(api: &Path) -> serde_json::Value {
 }
 
 fn main() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!("hotplug benchmark skipped: /dev/kvm is not usable");
+    if !kvm_or_skip("hotplug") {
         return;
     }
-    let samples: usize = std::env::var("HOTPLUG_BENCH_SAMPLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let samples = env_count("HOTPLUG_BENCH_SAMPLES", 20);
     let dir = std::env::temp_dir().join(format!("vmmref-hpbench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (api, con_path) = (dir.join("api.sock"), dir.join("con.sock"));

@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 use vmm_reference::api::request;
 use vmm_reference::console::GuestConsole;
 
+mod common;
+use common::{env_count, kvm_or_skip, pct};
+
 const T: Duration = Duration::from_secs(60);
 
 struct Proc {
@@ -65,8 +68,7 @@ fn ok(p: &mut Proc, cmd: &str) {
 }
 
 fn stats(v: &mut [f64]) -> (f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    (v[v.len() / 2], v[v.len() - 1])
+    (pct(v, 0.5), pct(v, 1.0))
 }
 
 /// Migrate `src` to a new process; returns (the new process, total ms, downtime ms, rounds).
@@ -93,20 +95,10 @@ fn migrate(dir: &Path, src: Proc, n: usize) -> (Proc, f64, f64, usize) {
 }
 
 fn main() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!("migration benchmark skipped: /dev/kvm is not usable");
+    if !kvm_or_skip("migration") {
         return;
     }
-    let n: usize = std::env::var("MIGRATION_BENCH_SAMPLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5)
-        .max(1);
+    let n = env_count("MIGRATION_BENCH_SAMPLES", 5).max(1);
     let dir = std::env::temp_dir().join(format!("vmmref-migbench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
 

@@ -78,7 +78,6 @@ fn partially_offline(vm: &mut Vmm) -> (Value, GuestStatus) {
 /// The restored/migrated VM shows exactly the saved CPU set, keeps ticking, and then delivers
 /// each pending event exactly once; every CPU can be brought online; it powers off cleanly.
 fn same_vm_and_nothing_lost(mut vm: Vmm, before: &(Value, GuestStatus)) {
-    let vm = &mut vm;
     let (info0, status0) = before;
     let info = vm.info();
     for i in 0..8 {
@@ -164,14 +163,7 @@ fn same_vm_and_nothing_lost(mut vm: Vmm, before: &(Value, GuestStatus)) {
         );
     }
     assert_eq!(s4.cpus[4].state, "absent");
-    vm.guest("poweroff");
-    let out = wait_child(vm.child.as_mut().unwrap(), T);
-    vm.child = None;
-    assert!(
-        out.status.success(),
-        "VMM exit: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vm.poweroff();
 }
 
 #[test]
