@@ -412,3 +412,82 @@ fn incompatible_or_damaged_input_is_refused_with_a_reason() {
     assert!(err.contains("checksum"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
 }
+
+/// Snapshot `vm` into a fresh directory and restore it in a new process.
+fn snapshot_and_restore(vm: &Vmm, test: &str) -> Vmm {
+    let dir = temp_dir(test);
+    let url = serde_json::json!({ "destination_url": dir.display().to_string() }).to_string();
+    let (s, v) = vm.api("PUT", "vm.snapshot", Some(&url));
+    assert_eq!(s, 200, "{v}");
+    Vmm::spawn(&dir, "restored", &["--restore", dir.to_str().unwrap()])
+}
+
+#[test]
+fn x2apic_ids_above_255_survive_snapshot_and_restore() {
+    if !kvm_or_skip("x2apic_ids_above_255_survive_snapshot_and_restore") {
+        return;
+    }
+    // 32-bit x2APIC ids (KVM_CAP_X2APIC_API) on both sides: CPU 280 online, CPU 290 offlined.
+    let mut vm = Vmm::start("x2snap", "boot=2,max=300");
+    for id in [280u32, 290] {
+        assert_eq!(
+            vm.api("PUT", "vm.add-cpu", Some(&format!(r#"{{"id":{id}}}"#))).0,
+            200
+        );
+        assert_eq!(
+            vm.event("EVENT insert"),
+            format!("EVENT insert cpu={id} online=1")
+        );
+    }
+    assert_eq!(vm.guest("offline 290").last().unwrap(), "OK");
+    let mut r = snapshot_and_restore(&vm, "x2snap-dir");
+    vm.poweroff();
+    let info = r.info();
+    assert_eq!(
+        (
+            info["cpus"][280]["apic_mode"].as_str(),
+            info["cpus"][280]["apic_sw_enabled"].as_bool()
+        ),
+        (Some("x2apic"), Some(true))
+    );
+    assert_eq!(
+        (
+            info["cpus"][290]["mp_state"].as_str(),
+            info["cpus"][290]["apic_sw_enabled"].as_bool()
+        ),
+        (Some("HALTED"), Some(false))
+    );
+    let a = r.status();
+    std::thread::sleep(Duration::from_millis(200));
+    let b = r.status();
+    assert!(
+        b.cpus[280].ticks > a.cpus[280].ticks,
+        "CPU 280 (APIC id 280) ticks after restore"
+    );
+    assert_eq!(r.guest("online 290").last().unwrap(), "OK");
+    assert_eq!(r.status().cpus[290].state, "online");
+    r.poweroff();
+}
+
+#[test]
+fn a_paused_vm_comes_back_paused() {
+    if !kvm_or_skip("a_paused_vm_comes_back_paused") {
+        return;
+    }
+    let vm = Vmm::start("pausedsnap", "boot=2,max=4");
+    assert_eq!(vm.api("PUT", "vm.pause", None).0, 204);
+    let mut r = snapshot_and_restore(&vm, "pausedsnap-dir");
+    drop(vm);
+    assert_eq!(r.info()["paused"], true);
+    // Paused: the guest does not answer until resumed, and then it does.
+    r.con.send("status").unwrap();
+    assert!(
+        r.con.read_line(Duration::from_millis(300)).is_err(),
+        "a paused guest answered"
+    );
+    assert_eq!(r.api("PUT", "vm.resume", None).0, 204);
+    let line = r.con.wait_for("STATUS", T).expect("reply after resume");
+    assert!(line.contains("online=2"), "{line}");
+    r.con.wait_for("OK", T).unwrap();
+    r.poweroff();
+}
