@@ -592,9 +592,9 @@ impl VmInner {
         Ok((fresh, new_vm, (save_us, restore_us)))
     }
 
-    /// Pause the VM (if it runs), save every vCPU, the KVM VM state and the devices, and
-    /// resume it (if it ran). The state of the paused VM is returned with the pause still in
-    /// effect when `keep_paused` (migration), so RAM can be copied consistently.
+    /// Save every vCPU, the KVM VM state and the devices of the VM, whose vCPUs the caller has
+    /// paused (`vcpus` is the held manager). The caller decides when to resume: a snapshot
+    /// right after writing RAM, a migration only if it fails.
     pub(crate) fn save_paused(&self, vcpus: &VcpuManager) -> Result<SavedVm, ControlError> {
         let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
         let (states, kvm_state, _) = capture(vcpus, &vm, &self.msrs).map_err(ControlError::Internal)?;
