@@ -9,7 +9,7 @@
 //! | `PUT /api/v1/vm.remove-cpu` | `{"id": N}` | 204; 400 for CPU 0 or an absent CPU; 429 if already pending |
 //! | `PUT /api/v1/vm.pause`, `vm.resume`, `vm.shutdown` | | 204 (429 during a snapshot or migration) |
 //! | `PUT /api/v1/vm.snapshot` | `{"destination_url": "file:///DIR"}` (or a plain path) | 200 `{"state_bytes": N, "paused_ms": T}` |
-//! | `PUT /api/v1/vm.send-migration` | `{"destination_url": "unix:PATH"\|"tcp:HOST:PORT", "downtime_ms": 300, "max_rounds": 30}` | 200, the migration report; this VMM then exits 0 |
+//! | `PUT /api/v1/vm.send-migration` | `{"destination_url": "unix:PATH"\|"tcp:HOST:PORT", "downtime_ms": 300, "max_rounds": 30, "timeout_ms": 30000}` | 200, the migration report; this VMM then exits 0 |
 //!
 //! Errors come back as `{"error": "..."}`. A malformed request gets a 4xx and the VM keeps
 //! running. The server is a few hundred lines on purpose: one request per connection, bodies
@@ -151,6 +151,8 @@ struct SendMigration {
     downtime_ms: Option<u64>,
     #[serde(default)]
     max_rounds: Option<u32>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
 }
 
 fn body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, Response> {
@@ -208,12 +210,15 @@ pub fn handle(vm: &VmInner, req: &Request) -> Response {
         },
         "vm.send-migration" if want("PUT") => match body::<SendMigration>(req) {
             Ok(b) => {
-                let mut opts = vm_migration::protocol::PrecopyOptions::default();
+                let mut opts = crate::migration::SendOptions::default();
                 if let Some(ms) = b.downtime_ms {
-                    opts.downtime = Duration::from_millis(ms);
+                    opts.precopy.downtime = Duration::from_millis(ms);
                 }
                 if let Some(n) = b.max_rounds {
-                    opts.max_rounds = n.max(1);
+                    opts.precopy.max_rounds = n.max(1);
+                }
+                if let Some(ms) = b.timeout_ms {
+                    opts.timeout = Duration::from_millis(ms.max(1));
                 }
                 vm.send_migration(&b.destination_url, &opts)
                     .map(|r| Response::json(200, &r))

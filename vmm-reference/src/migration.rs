@@ -18,7 +18,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -66,12 +66,21 @@ impl Address {
         }
     }
 
-    fn connect(&self) -> std::io::Result<Box<dyn Stream>> {
+    /// Connect; every read and write on the stream then fails after `timeout` without
+    /// progress, so a destination that hangs cannot keep the source paused.
+    fn connect(&self, timeout: Duration) -> std::io::Result<Box<dyn Stream>> {
         Ok(match self {
-            Address::Unix(p) => Box::new(UnixStream::connect(p)?),
+            Address::Unix(p) => {
+                let s = UnixStream::connect(p)?;
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))?;
+                Box::new(s)
+            }
             Address::Tcp(a) => {
                 let s = TcpStream::connect(a)?;
                 s.set_nodelay(true)?;
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))?;
                 Box::new(s)
             }
         })
@@ -96,6 +105,25 @@ impl Address {
                 Box::new(s)
             }
         })
+    }
+}
+
+/// How to migrate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SendOptions {
+    /// Pre-copy tuning (downtime target, round limit).
+    pub precopy: PrecopyOptions,
+    /// Longest wait for the destination on any one read or write (its Accept, its Ack, a
+    /// stalled copy); past it the migration fails and the VM resumes here.
+    pub timeout: Duration,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            precopy: PrecopyOptions::default(),
+            timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -213,7 +241,7 @@ fn internal(what: &str) -> impl Fn(&dyn std::fmt::Display) -> ControlError + '_ 
 impl VmInner {
     /// Live-migrate this VM to the VMM listening at `dest`. On success the VM runs there and
     /// this VMM ends (its `wait` returns `Migrated`); on any failure the VM keeps running here.
-    pub fn send_migration(&self, dest: &str, opts: &PrecopyOptions) -> Result<MigrationReport, ControlError> {
+    pub fn send_migration(&self, dest: &str, opts: &SendOptions) -> Result<MigrationReport, ControlError> {
         let addr = Address::parse(dest).map_err(ControlError::BadRequest)?;
         if self.migrating.swap(true, Ordering::SeqCst) {
             return Err(ControlError::Busy(
@@ -258,12 +286,13 @@ impl VmInner {
     fn migrate_inner(
         &self,
         addr: &Address,
-        opts: &PrecopyOptions,
+        opts: &SendOptions,
         logging: &mut bool,
     ) -> Result<MigrationReport, ControlError> {
         let start = Instant::now();
+        let (timeout, opts) = (opts.timeout, &opts.precopy);
         let mut conn = addr
-            .connect()
+            .connect(timeout)
             .map_err(|e| ControlError::BadRequest(format!("connecting to {addr:?}: {e}")))?;
         let limits = FrameLimits::default();
         let cpuid = vcpu_manager::cpuid::for_vcpu(&self.supported_cpuid, &self.topology, 0);

@@ -314,6 +314,30 @@ fn failed_or_refused_migrations_leave_the_source_running() {
     let m = &vm.info()["migration"];
     assert_eq!(m["phase"], "failed", "{m}");
     assert!(m["error"].as_str().is_some_and(|e| !e.is_empty()), "{m}");
+    // A destination that takes everything and never answers: the source gives up after its
+    // timeout and resumes; meanwhile control operations answer 429, never hang.
+    let p = dir.join("silent.sock");
+    let t = fake_destination(&p, Message::Accept, usize::MAX);
+    let api = vm.api.clone();
+    let b = serde_json::json!({ "destination_url": format!("unix:{}", p.display()), "timeout_ms": 1500 })
+        .to_string();
+    let mig =
+        std::thread::spawn(move || vmm_reference::api::request(&api, "PUT", "vm.send-migration", Some(&b)));
+    let deadline = Instant::now() + T;
+    while vm.info()["migration"]["phase"] != "stopping" {
+        assert!(
+            Instant::now() < deadline,
+            "the migration never reached its stop phase"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (s, v) = vm.api("PUT", "vm.add-cpu", None);
+    assert_eq!(s, 429, "{v}");
+    let (s, v) = mig.join().unwrap().unwrap();
+    assert_eq!(s, 500, "{v}");
+    assert!(v.contains("acknowledgement"), "{v}");
+    t.join().unwrap();
+    ticking(&mut vm);
     // Control operations work again (the migration released the VM).
     assert_eq!(vm.api("PUT", "vm.add-cpu", None).0, 200);
     assert!(vm.event("EVENT insert").ends_with("online=1"));
