@@ -337,6 +337,18 @@ fn info_table(v: &serde_json::Value) -> String {
         s(&v["parked_vcpu_fds"]),
         s(&v["reused_vcpu_fds"])
     );
+    let m = &v["migration"];
+    if !m.is_null() {
+        out.push_str(&format!(
+            "migration: {}  rounds {}  sent {} bytes  dirty rate {:.0} pages/s  expected downtime {:.1} ms{}\n",
+            s(&m["phase"]),
+            s(&m["rounds"]),
+            s(&m["bytes_sent"]),
+            m["dirty_rate"].as_f64().unwrap_or(0.0),
+            m["expected_downtime_ms"].as_f64().unwrap_or(0.0),
+            m["error"].as_str().map(|e| format!("  error: {e}")).unwrap_or_default()
+        ));
+    }
     out.push_str(&format!(
         "{:>4} {:>7} {:>7} {:>8} {:>13} {:>6} {:>6} {:>9} {:>8}\n",
         "cpu", "apic_id", "present", "vcpu", "mp_state", "apic", "apicSW", "pending", "ost"
