@@ -280,6 +280,16 @@ impl VmInner {
         self.vcpus.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Control operations answer "busy" while a snapshot or migration owns the VM.
+    fn not_migrating(&self) -> Result<(), ControlError> {
+        if self.migrating.load(Ordering::SeqCst) {
+            return Err(ControlError::Busy(
+                "a snapshot or migration is in progress, retry".into(),
+            ));
+        }
+        Ok(())
+    }
+
     pub(crate) fn lock_dev(&self) -> std::sync::MutexGuard<'_, AcpiHotplugDevice> {
         self.acpi_dev.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -293,11 +303,7 @@ impl VmInner {
 
     /// Hot-add CPU `index`: create (or reuse) its vCPU, start it, then tell the guest.
     pub fn add_cpu_index(&self, index: u32) -> Result<(), ControlError> {
-        if self.migrating.load(Ordering::SeqCst) {
-            return Err(ControlError::Busy(
-                "a snapshot or migration is in progress, retry".into(),
-            ));
-        }
+        self.not_migrating()?;
         if index >= self.topology.max_vcpus() {
             return Err(ControlError::BadRequest(format!(
                 "CPU {index} is beyond the maximum of {} CPUs",
@@ -351,11 +357,7 @@ impl VmInner {
 
     /// Ask the guest to remove CPU `index`; the vCPU goes away when the guest ejects it.
     pub fn remove_cpu(&self, index: u32) -> Result<(), ControlError> {
-        if self.migrating.load(Ordering::SeqCst) {
-            return Err(ControlError::Busy(
-                "a snapshot or migration is in progress, retry".into(),
-            ));
-        }
+        self.not_migrating()?;
         if index == 0 {
             return Err(ControlError::BadRequest(
                 "CPU 0 is the boot CPU and cannot be removed".into(),
@@ -376,11 +378,7 @@ impl VmInner {
 
     /// Make `desired` CPUs present: add the lowest absent ones or remove the highest present.
     pub fn resize(&self, desired: u32) -> Result<(), ControlError> {
-        if self.migrating.load(Ordering::SeqCst) {
-            return Err(ControlError::Busy(
-                "a snapshot or migration is in progress, retry".into(),
-            ));
-        }
+        self.not_migrating()?;
         let max = self.topology.max_vcpus();
         if desired == 0 || desired > max {
             return Err(ControlError::BadRequest(format!(
@@ -411,11 +409,7 @@ impl VmInner {
 
     /// Pause every vCPU (none inside KVM_RUN, pending I/O completed).
     pub fn pause(&self) -> Result<(), ControlError> {
-        if self.migrating.load(Ordering::SeqCst) {
-            return Err(ControlError::Busy(
-                "a snapshot or migration is in progress, retry".into(),
-            ));
-        }
+        self.not_migrating()?;
         let vcpus = self.lock_vcpus();
         vcpus
             .pause_all()
@@ -426,11 +420,7 @@ impl VmInner {
 
     /// Resume every vCPU, unless a snapshot or migration owns the pause.
     pub fn resume_checked(&self) -> Result<(), ControlError> {
-        if self.migrating.load(Ordering::SeqCst) {
-            return Err(ControlError::Busy(
-                "a snapshot or migration is in progress, retry".into(),
-            ));
-        }
+        self.not_migrating()?;
         self.resume();
         Ok(())
     }
@@ -531,6 +521,7 @@ impl VmInner {
     /// APIC, never-onlined ones stay UNINITIALIZED). Returns the per-vCPU save and restore
     /// times in microseconds.
     pub fn transplant(&self) -> Result<(Vec<f64>, Vec<f64>), ControlError> {
+        self.not_migrating()?;
         let mut vcpus = self.lock_vcpus();
         vcpus
             .pause_all()
