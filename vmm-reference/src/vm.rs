@@ -324,6 +324,9 @@ impl VmInner {
             )));
         }
         let mut vcpus = self.lock_vcpus();
+        // Again under the vCPU lock, which a snapshot or migration takes to capture the VM: a
+        // change that lands after the capture would be lost on the other side.
+        self.not_migrating()?;
         if self
             .lock_dev()
             .controller()
@@ -357,6 +360,8 @@ impl VmInner {
 
     /// Ask the guest to remove CPU `index`; the vCPU goes away when the guest ejects it.
     pub fn remove_cpu(&self, index: u32) -> Result<(), ControlError> {
+        // Under the vCPU lock, like add: the request must land before a capture or not at all.
+        let _vcpus = self.lock_vcpus();
         self.not_migrating()?;
         if index == 0 {
             return Err(ControlError::BadRequest(
@@ -409,8 +414,8 @@ impl VmInner {
 
     /// Pause every vCPU (none inside KVM_RUN, pending I/O completed).
     pub fn pause(&self) -> Result<(), ControlError> {
-        self.not_migrating()?;
         let vcpus = self.lock_vcpus();
+        self.not_migrating()?;
         vcpus
             .pause_all()
             .map_err(|e| ControlError::Internal(e.to_string()))?;
