@@ -515,3 +515,42 @@ fn a_paused_vm_comes_back_paused() {
     r.con.wait_for("OK", T).unwrap();
     r.poweroff();
 }
+
+#[test]
+fn a_restored_vm_snapshots_and_migrates_again() {
+    if !kvm_or_skip("a_restored_vm_snapshots_and_migrates_again") {
+        return;
+    }
+    // RAM of a restored VM is file-backed (copy-on-write over memory.bin): its snapshot and
+    // its migration read every page instead of only the populated ones. Chain both.
+    let mut vm = Vmm::start("chain", "boot=2,max=4");
+    assert_eq!(vm.guest("dirty start 512").last().unwrap(), "OK");
+    let mut r1 = snapshot_and_restore(&vm, "chain-1");
+    vm.poweroff();
+    assert!(r1.guest("dirty check").last().unwrap().contains(" bad=0 "));
+    let r2 = snapshot_and_restore(&r1, "chain-2");
+    r1.poweroff();
+    let dir = temp_dir("chain-3");
+    let mig = dir.join("mig.sock");
+    let incoming = format!("unix:{}", mig.display());
+    let dst = Vmm::spawn_unattached(&dir, "dst", &["--incoming", &incoming]);
+    wait_for_path(&mig);
+    let body = serde_json::json!({ "destination_url": incoming }).to_string();
+    let (s, v) = r2.api("PUT", "vm.send-migration", Some(&body));
+    assert_eq!(s, 200, "{v}");
+    let mut r2 = r2;
+    let out = wait_child(r2.child.as_mut().unwrap(), T);
+    r2.child = None;
+    assert!(out.status.success());
+    let mut r3 = dst.attach();
+    let check = r3.guest("dirty check");
+    assert!(
+        check.last().unwrap().starts_with("OK dirty pages=512 bad=0 "),
+        "{check:?}"
+    );
+    let a = r3.status();
+    std::thread::sleep(Duration::from_millis(200));
+    let b = r3.status();
+    assert!(b.cpus[0].ticks > a.cpus[0].ticks && b.cpus[1].ticks > a.cpus[1].ticks);
+    r3.poweroff();
+}
