@@ -2,7 +2,8 @@
 //! The reference VMM: boots the built-in test guest or a Linux kernel on KVM with full
 //! (non-hardware-reduced) ACPI, and wires together the workspace crates:
 //! `lapic-state` (LAPIC setup), `acpi-cpu-hotplug` (PM1/GPE0/SCI), `vcpu-manager` (topology,
-//! CPUID, vCPU threads).
+//! CPUID, vCPU threads), `vm-migration` (snapshot container, memory images, live-migration
+//! protocol).
 //!
 //! ```no_run
 //! use vmm_reference::config::{CpuConfig, KernelSource, SerialMode, VmConfig};
@@ -30,5 +31,6 @@ pub mod config;
 pub mod console;
 pub mod devices;
 pub mod migration;
+pub mod restore;
 pub mod snapshot;
 pub mod vm;

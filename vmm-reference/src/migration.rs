@@ -448,7 +448,7 @@ pub fn receive(addr: &Address, serial: &SerialMode) -> Result<Vm, VmmError> {
         m => return Err(refuse(&mut conn, format!("expected Hello, got {m:?}"))),
     };
     let kvm = crate::vm::open_kvm()?;
-    let cpuid = crate::vm::host_cpuid(&kvm, &vcpu_manager::Topology::new(compat.max_vcpus.max(1)))?;
+    let cpuid = crate::restore::host_cpuid(&kvm, &vcpu_manager::Topology::new(compat.max_vcpus.max(1)))?;
     if let Err(e) = compat.check(kvm.get_max_vcpus() as u32, &cpuid) {
         return Err(refuse(&mut conn, e.to_string()));
     }
@@ -465,7 +465,7 @@ pub fn receive(addr: &Address, serial: &SerialMode) -> Result<Vm, VmmError> {
     };
     // The KVM VM and the LAPIC conventions probe are made before Accept: the source then
     // copies RAM into a VM that is ready, and none of it lands in the downtime.
-    let prepared = match crate::vm::Prepared::new(vcpu_manager::Topology::new(compat.max_vcpus), &mem) {
+    let prepared = match crate::restore::Prepared::new(vcpu_manager::Topology::new(compat.max_vcpus), &mem) {
         Ok(p) => p,
         Err(e) => return Err(refuse(&mut conn, format!("cannot create the VM: {e}"))),
     };

@@ -24,7 +24,10 @@ use crate::acpi::{self, AcpiConfig, COM1_IRQ, COM1_PORT};
 use crate::boot::{self, GuestMemory};
 use crate::config::{check_kernel_file, ConfigError, KernelSource, SerialMode, VmConfig};
 use crate::devices::{serve_socket, ConsoleOut, LevelIrq, SerialDevice, SocketConsole};
-use crate::snapshot::{KvmVmState, SavedVm};
+use crate::restore::{
+    capture, check_compat, detect_conventions, restore_kvm_vm_state, restore_vcpus, Prepared,
+};
+use crate::snapshot::SavedVm;
 
 /// KVM_CAP_X2APIC_API flags: 32-bit x2APIC ids in the LAPIC state, no 0xff broadcast quirk.
 const X2APIC_API_FLAGS: u64 = (kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS
@@ -72,7 +75,7 @@ pub enum VmmError {
     },
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }
 
@@ -710,37 +713,6 @@ pub fn open_kvm() -> Result<Kvm, VmmError> {
     Kvm::new().map_err(kvm_err("opening /dev/kvm"))
 }
 
-/// A KVM VM created ahead of a restore for RAM `mem`, with this host's LAPIC conventions
-/// probed: what a migration destination builds while pages still arrive.
-pub struct Prepared {
-    kvm: Kvm,
-    vm: VmFd,
-    conv: Option<KvmConventions>,
-    topology: Topology,
-}
-
-impl Prepared {
-    /// Create the VM (irqchip, PIT, x2APIC API as `topology` needs, `mem` registered) and probe
-    /// the LAPIC conventions on a scratch vCPU configured like CPU 0 will be.
-    pub fn new(topology: Topology, mem: &GuestMemory) -> Result<Prepared, VmmError> {
-        let kvm = open_kvm()?;
-        check_caps(&kvm)?;
-        let vm = create_kvm_vm(&kvm, &topology, mem)?;
-        let scratch = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        scratch.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let fd = scratch.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        fd.set_cpuid2(&host_cpuid(&kvm, &topology)?)
-            .map_err(kvm_err("KVM_SET_CPUID2"))?;
-        let conv = detect_conventions(&kvm, &fd, &topology)?;
-        Ok(Prepared {
-            kvm,
-            vm,
-            conv: Some(conv),
-            topology,
-        })
-    }
-}
-
 /// How a VM comes to life: booted from a kernel, or restored from saved state.
 enum Origin {
     /// Fresh boot: the BSP enters the kernel at `entry`.
@@ -750,7 +722,7 @@ enum Origin {
     Restore(Box<SavedVm>, Option<KvmConventions>),
 }
 
-fn check_caps(kvm: &Kvm) -> Result<(), VmmError> {
+pub(crate) fn check_caps(kvm: &Kvm) -> Result<(), VmmError> {
     for cap in [Cap::Irqchip, Cap::Irqfd, Cap::ImmediateExit, Cap::UserMemory] {
         if !kvm.check_extension(cap) {
             return Err(VmmError::Io {
@@ -760,24 +732,6 @@ fn check_caps(kvm: &Kvm) -> Result<(), VmmError> {
         }
     }
     Ok(())
-}
-
-/// The CPUID this VMM would give CPU 0 of a `topology` VM on this host (for compatibility checks).
-pub fn host_cpuid(kvm: &Kvm, topology: &Topology) -> Result<kvm_bindings::CpuId, VmmError> {
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    Ok(vcpu_manager::cpuid::for_vcpu(&supported, topology, 0))
-}
-
-/// Check that this host can run `saved` (CPU count, vendor, CPU features, memory).
-pub fn check_compat(kvm: &Kvm, saved: &SavedVm) -> Result<(), VmmError> {
-    let topology = Topology::new(saved.vm.max_vcpus);
-    let cpuid = host_cpuid(kvm, &topology)?;
-    saved
-        .compat()
-        .check(kvm.get_max_vcpus() as u32, &cpuid)
-        .map_err(VmmError::Snapshot)
 }
 
 impl Vm {
@@ -1193,127 +1147,9 @@ impl Drop for Vm {
     }
 }
 
-/// The LAPIC conventions this host's KVM uses (id format, ICR layout, LVTs), probed on `fd`.
-fn detect_conventions(
-    kvm: &Kvm,
-    fd: &kvm_ioctls::VcpuFd,
-    topology: &Topology,
-) -> Result<KvmConventions, VmmError> {
-    KvmConventions::detect(kvm, fd, topology.needs_x2apic()).map_err(|e| VmmError::Io {
-        what: e.to_string(),
-        source: std::io::Error::other("LAPIC conventions"),
-    })
-}
-
-/// Save every running vCPU (on its own thread, VM paused) and then the VM-wide KVM state.
-/// Returns the states and the per-vCPU save times in microseconds.
-#[allow(clippy::type_complexity)]
-fn capture(
-    vcpus: &VcpuManager,
-    vm: &VmFd,
-    msrs: &[u32],
-) -> Result<(Vec<(u32, vcpu_manager::VcpuState)>, KvmVmState, Vec<f64>), String> {
-    let conv = vcpus.conventions();
-    let topology = vcpus.topology();
-    let mut save_us = Vec::new();
-    let mut states = Vec::new();
-    for index in vcpus.running() {
-        let r = vcpus
-            .runner(index)
-            .ok_or_else(|| format!("vCPU {index} vanished"))?;
-        let (id, m) = (topology.apic_id(index), msrs.to_vec());
-        let cpuid = vcpus
-            .cpuid(index)
-            .cloned()
-            .ok_or_else(|| format!("vCPU {index} has no recorded CPUID"))?;
-        let t = std::time::Instant::now();
-        let st = r
-            .with_vcpu(vcpu_manager::VCPU_TIMEOUT, move |fd| {
-                vcpu_manager::save_vcpu(fd, id, &cpuid, &m, &conv)
-            })
-            .ok_or_else(|| format!("vCPU {index} did not answer"))?
-            .map_err(|e| format!("saving vCPU {index}: {e}"))?;
-        save_us.push(t.elapsed().as_secs_f64() * 1e6);
-        states.push((index, st));
-    }
-    // VM-wide state after the vCPUs are quiet: 8259s, IOAPIC, PIT, clock.
-    let mut irqchips = Vec::new();
-    for chip_id in [
-        kvm_bindings::KVM_IRQCHIP_PIC_MASTER,
-        kvm_bindings::KVM_IRQCHIP_PIC_SLAVE,
-        kvm_bindings::KVM_IRQCHIP_IOAPIC,
-    ] {
-        let mut c = kvm_bindings::kvm_irqchip {
-            chip_id,
-            ..Default::default()
-        };
-        vm.get_irqchip(&mut c)
-            .map_err(|e| format!("KVM_GET_IRQCHIP: {e}"))?;
-        irqchips.push(c);
-    }
-    let pit = vm.get_pit2().map_err(|e| format!("KVM_GET_PIT2: {e}"))?;
-    let clock = vm.get_clock().map_err(|e| format!("KVM_GET_CLOCK: {e}"))?.clock;
-    Ok((states, KvmVmState { irqchips, pit, clock }, save_us))
-}
-
-/// Put the irqchip, PIT and clock into a new VM, before any vCPU runs.
-fn restore_kvm_vm_state(vm: &VmFd, st: &KvmVmState) -> Result<(), String> {
-    for c in &st.irqchips {
-        vm.set_irqchip(c).map_err(|e| format!("KVM_SET_IRQCHIP: {e}"))?;
-    }
-    vm.set_pit2(&st.pit).map_err(|e| format!("KVM_SET_PIT2: {e}"))?;
-    // The VM clock before any vCPU runs, so kvmclock readers see no jump backwards.
-    vm.set_clock(&kvm_bindings::kvm_clock_data {
-        clock: st.clock,
-        ..Default::default()
-    })
-    .map_err(|e| format!("KVM_SET_CLOCK: {e}"))
-}
-
-/// Create every saved vCPU with its original id and restore it (vcpu-manager's ordered
-/// restore), started paused. Returns the per-vCPU restore times in microseconds.
-fn restore_vcpus(
-    kvm: &Kvm,
-    vm: &VmFd,
-    vcpus: &mut VcpuManager,
-    states: &[(u32, vcpu_manager::VcpuState)],
-    conv: Option<KvmConventions>,
-) -> Result<Vec<f64>, String> {
-    // One IA32_TSC for all vCPUs, so their TSC offsets are equal after the restore.
-    let tsc = states
-        .first()
-        .and_then(|(_, s)| s.msrs.as_slice().iter().find(|e| e.index == 0x10).map(|e| e.data));
-    let topology = vcpus.topology();
-    if let Some(c) = conv {
-        vcpus.set_conventions(c);
-    }
-    let mut detected = conv.is_some();
-    let mut restore_us = Vec::new();
-    for (index, st) in states {
-        let t = std::time::Instant::now();
-        let fd = vcpus
-            .prepare(vm, *index)
-            .map_err(|e| format!("creating vCPU {index}: {e}"))?;
-        if !detected {
-            // The destination's own conventions: the saved LAPICs are canonical.
-            let conv = detect_conventions(kvm, &fd, &topology).map_err(|e| e.to_string())?;
-            vcpus.set_conventions(conv);
-            detected = true;
-        }
-        vcpu_manager::restore_vcpu(&fd, st, &vcpus.conventions(), tsc)
-            .map_err(|e| format!("restoring vCPU {index}: {e}"))?;
-        vcpus.record_cpuid(*index, st.cpuid.clone());
-        restore_us.push(t.elapsed().as_secs_f64() * 1e6);
-        vcpus
-            .start_paused(*index, fd)
-            .map_err(|e| format!("starting vCPU {index}: {e}"))?;
-    }
-    Ok(restore_us)
-}
-
 /// A KVM VM with the in-kernel irqchip and PIT, the x2APIC API when APIC ids need it, and
 /// `mem` registered. Used at boot and when the VM is rebuilt from saved state.
-fn create_kvm_vm(kvm: &Kvm, topology: &Topology, mem: &GuestMemory) -> Result<VmFd, VmmError> {
+pub(crate) fn create_kvm_vm(kvm: &Kvm, topology: &Topology, mem: &GuestMemory) -> Result<VmFd, VmmError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(TSS_ADDRESS)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
