@@ -15,7 +15,11 @@ use vm_device::MutDevicePio;
 struct Line(AtomicBool, AtomicU32);
 impl InterruptLine for Line {
     fn set_level(&self, high: bool) {
-        assert_ne!(self.0.swap(high, Ordering::SeqCst), high, "set_level without a change");
+        assert_ne!(
+            self.0.swap(high, Ordering::SeqCst),
+            high,
+            "set_level without a change"
+        );
         self.1.fetch_add(1, Ordering::SeqCst);
     }
 }

@@ -17,7 +17,11 @@ use vm_device::MutDevicePio;
 struct Line(AtomicBool);
 impl InterruptLine for Line {
     fn set_level(&self, high: bool) {
-        assert_ne!(self.0.swap(high, Ordering::SeqCst), high, "set_level without a change");
+        assert_ne!(
+            self.0.swap(high, Ordering::SeqCst),
+            high,
+            "set_level without a change"
+        );
     }
 }
 struct NoSleep;
@@ -40,7 +44,12 @@ fuzz_target!(|data: &[u8]| {
     let sink = Arc::new(Sink::default());
     let mut line = Arc::new(Line::default());
     let mut dev = AcpiHotplugDevice::new(layout, &ids, 2, line.clone(), Arc::new(NoSleep), sink.clone());
-    let bases = [layout.pm.pm1a_evt, layout.pm.pm1a_cnt, layout.pm.gpe0, layout.cpu_hotplug];
+    let bases = [
+        layout.pm.pm1a_evt,
+        layout.pm.pm1a_cnt,
+        layout.pm.gpe0,
+        layout.cpu_hotplug,
+    ];
     let mut requested = [false; MAX as usize];
     for op in data.chunks_exact(6) {
         let width = [1usize, 2, 4, 4][usize::from(op[1] >> 6)];
@@ -50,7 +59,11 @@ fuzz_target!(|data: &[u8]| {
         match op[0] % 8 {
             0..=2 => {
                 // No S5 in the middle of a sequence.
-                let v = if base.0 == layout.pm.pm1a_cnt { value & !(1 << 13) } else { value };
+                let v = if base.0 == layout.pm.pm1a_cnt {
+                    value & !(1 << 13)
+                } else {
+                    value
+                };
                 dev.pio_write(base, offset, &v.to_le_bytes()[..width]);
             }
             3 | 4 => {
@@ -69,8 +82,15 @@ fuzz_target!(|data: &[u8]| {
             _ => {
                 let st = dev.state();
                 line = Arc::new(Line::default());
-                dev = AcpiHotplugDevice::from_state(layout, &ids, &st, line.clone(), Arc::new(NoSleep), sink.clone())
-                    .expect("restore of a state this device produced");
+                dev = AcpiHotplugDevice::from_state(
+                    layout,
+                    &ids,
+                    &st,
+                    line.clone(),
+                    Arc::new(NoSleep),
+                    sink.clone(),
+                )
+                .expect("restore of a state this device produced");
                 assert_eq!(dev.state(), st);
             }
         }
@@ -80,7 +100,10 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(line.0.load(Ordering::SeqCst), dev.pm().sci_level());
         for cpu in sink.0.lock().unwrap().drain(..) {
             assert_ne!(cpu, 0, "boot CPU ejected");
-            assert!(requested[cpu as usize], "eject of CPU {cpu} the VMM did not ask to remove");
+            assert!(
+                requested[cpu as usize],
+                "eject of CPU {cpu} the VMM did not ask to remove"
+            );
             requested[cpu as usize] = false;
         }
     }

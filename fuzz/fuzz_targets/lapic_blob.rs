@@ -3,8 +3,8 @@
 //! snapshot: decode, normalise, validate, encode, denormalise, predict. Nothing may panic, and
 //! every round trip must hold.
 #![no_main]
-use libfuzzer_sys::fuzz_target;
 use lapic_state::{predict_set, ApicMode, LapicPage, LapicState};
+use libfuzzer_sys::fuzz_target;
 use vmm_fuzz::LapicInput;
 
 fuzz_target!(|data: &[u8]| {
@@ -18,7 +18,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(s) = LapicState::normalise(blob, inp.vcpu_id, inp.apic_base, &inp.conv) {
         let _ = s.validate(&inp.conv);
         assert_eq!(LapicState::decode(&s.encode()).unwrap(), s);
-        let again = LapicState::normalise(&s.denormalise(&inp.conv), inp.vcpu_id, inp.apic_base, &inp.conv).unwrap();
+        let again =
+            LapicState::normalise(&s.denormalise(&inp.conv), inp.vcpu_id, inp.apic_base, &inp.conv).unwrap();
         assert_eq!(again, s);
     }
     // The predictor: total; errors only where KVM refuses; steady state is a fixed point.
@@ -31,6 +32,8 @@ fuzz_target!(|data: &[u8]| {
             let s = LapicState::normalise(p.get.as_kvm(), inp.vcpu_id, inp.apic_base, &inp.conv).unwrap();
             assert_eq!(LapicPage::from(s.denormalise(&inp.conv)), p.get);
         }
-        Err(_) => assert!(inp.apic_base.mode() == ApicMode::Invalid || inp.apic_base.mode() == ApicMode::X2Apic),
+        Err(_) => {
+            assert!(inp.apic_base.mode() == ApicMode::Invalid || inp.apic_base.mode() == ApicMode::X2Apic)
+        }
     }
 });

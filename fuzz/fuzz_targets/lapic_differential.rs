@@ -48,7 +48,9 @@ fn make_vm(kvm: &Kvm, ids32: bool) -> Option<Vm> {
 
 fn env() -> Option<Env> {
     let kvm = Kvm::new().ok()?;
-    Some(Env { vms: [make_vm(&kvm, false)?, make_vm(&kvm, true)?] })
+    Some(Env {
+        vms: [make_vm(&kvm, false)?, make_vm(&kvm, true)?],
+    })
 }
 
 thread_local! {

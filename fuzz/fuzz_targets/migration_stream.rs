@@ -19,7 +19,11 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(m.encode(), before[..used], "one encoding per message");
         if let Message::Memory(chunks) = m {
             let _ = apply_memory(&chunks, &RAM, |gpa, d| {
-                let (base, off) = if gpa >= 0x10000 { (0x4000, gpa - 0x10000) } else { (0, gpa - 0x1000) };
+                let (base, off) = if gpa >= 0x10000 {
+                    (0x4000, gpa - 0x10000)
+                } else {
+                    (0, gpa - 0x1000)
+                };
                 let start = base + off as usize;
                 // apply_memory only calls this for chunks inside RAM.
                 ram[start..start + d.len()].copy_from_slice(d);

@@ -38,15 +38,24 @@ impl LapicInput {
         page.copy_from_slice(&b[14..]);
         LapicInput {
             vcpu_id: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            apic_base: ApicBase(u64::from_le_bytes([b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11]])),
+            apic_base: ApicBase(u64::from_le_bytes([
+                b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11],
+            ])),
             conv: KvmConventions {
                 x2apic_32bit_ids: c & 1 != 0,
-                icr: if c & 2 != 0 { IcrLayout::Merged } else { IcrLayout::Split },
+                icr: if c & 2 != 0 {
+                    IcrLayout::Merged
+                } else {
+                    IcrLayout::Split
+                },
                 nr_lvt: if c & 4 != 0 { 7 } else { 6 },
                 tsc_deadline: c & 8 != 0,
                 directed_eoi: c & 16 != 0,
             },
-            prior: PriorApic { timer_mode: u32::from(p & 3) << 17, isr_count_nonzero: p & 4 != 0 },
+            prior: PriorApic {
+                timer_mode: u32::from(p & 3) << 17,
+                isr_count_nonzero: p & 4 != 0,
+            },
             page: LapicPage::from_bytes(&page),
         }
     }
