@@ -7,12 +7,14 @@
 //! memory and versions *before* anything is paused), turn on dirty logging, copy all RAM and
 //! then dirty pages in rounds until the rest fits the downtime target, pause, send the last
 //! dirty pages and the state, and stop only once the destination says it has restored the
-//! VM. Any failure before that acknowledgement turns dirty logging off and resumes the VM:
-//! nothing is lost.
+//! VM (Ack), then send Complete. Any failure before the Ack turns dirty logging off, tells the
+//! destination to drop its copy (Abandon) and resumes the VM: nothing is lost.
 //!
 //! Destination (`vmm-reference run --incoming ADDR`): accept one connection, check the Hello,
-//! receive RAM into fresh anonymous memory (every chunk bounds-checked), restore from the
-//! state exactly like a snapshot restore, acknowledge, then resume.
+//! create the KVM VM, receive RAM into fresh anonymous memory (every chunk bounds-checked),
+//! restore from the state exactly like a snapshot restore but paused, Ack, and run the VM only
+//! on Complete. Without Complete (the connection died after the Ack) the VM stays paused and
+//! intact: it never runs in two places.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -32,6 +34,9 @@ use crate::boot::GuestMemory;
 use crate::config::SerialMode;
 use crate::snapshot::{Compat, SavedVm};
 use crate::vm::{register_memory, ControlError, Vm, VmEvent, VmInner, VmmError};
+
+/// How long a destination waits for the next frame before it gives the source up.
+const PEER_SILENCE: Duration = Duration::from_secs(60);
 
 /// A byte stream to the peer.
 pub trait Stream: Read + Write + Send {}
@@ -96,12 +101,14 @@ impl Address {
                 let l = UnixListener::bind(p)?;
                 let (s, _) = l.accept()?;
                 let _ = std::fs::remove_file(p);
+                s.set_read_timeout(Some(PEER_SILENCE))?;
                 Box::new(s)
             }
             Address::Tcp(a) => {
                 let l = TcpListener::bind(a)?;
                 let (s, _) = l.accept()?;
                 s.set_nodelay(true)?;
+                s.set_read_timeout(Some(PEER_SILENCE))?;
                 Box::new(s)
             }
         })
@@ -374,18 +381,27 @@ impl VmInner {
             .map_err(|e| internal("sending the last pages")(&e))?;
         let state = saved.encode().map_err(|e| internal("encoding the state")(&e))?;
         send(&mut conn, &Message::State(state.clone())).map_err(|e| internal("sending the state")(&e))?;
-        match recv(&mut conn, &limits).map_err(|e| internal("waiting for the acknowledgement")(&e))? {
-            Message::Ack => {}
-            Message::Error(why) => {
+        let answer = recv(&mut conn, &limits);
+        match answer {
+            Ok(Message::Ack) => {}
+            Ok(Message::Error(why)) => {
                 return Err(ControlError::Internal(format!(
                     "the destination could not restore the VM: {why}"
                 )))
             }
-            m => {
-                return Err(ControlError::Internal(format!(
-                    "unexpected answer to State: {m:?}"
-                )))
+            other => {
+                // No Ack: this side keeps the VM, so the destination must never run its copy.
+                abandon(&mut conn, "no acknowledgement; the source keeps the VM");
+                return Err(ControlError::Internal(match other {
+                    Err(e) => format!("waiting for the acknowledgement: {e}"),
+                    Ok(m) => format!("unexpected answer to State: {m:?}"),
+                }));
             }
+        }
+        // Committed: this side never runs the VM again. Complete lets the destination run it
+        // (if Complete is lost, its copy waits paused and intact: never two running copies).
+        if let Err(e) = send(&mut conn, &Message::Complete) {
+            log::error!("sending Complete: {e}; the destination keeps the VM paused until vm.resume");
         }
         // The destination runs the VM now: this side stays paused and ends.
         let report = MigrationReport {
@@ -494,11 +510,26 @@ pub fn receive(addr: &Address, serial: &SerialMode) -> Result<Vm, VmmError> {
                     });
                 return match restored {
                     Ok((vm, was_paused)) => {
-                        // Resume only after the source has the acknowledgement: if it never
-                        // gets it, it resumes its own copy and this one must not run.
+                        // Restored and paused. Run only once the source confirms it stopped
+                        // for good (Complete); if it says it kept the VM (Abandon), never run.
                         send(&mut conn, &Message::Ack).map_err(proto)?;
-                        if !was_paused {
-                            vm.control().resume();
+                        match recv(&mut conn, &limits) {
+                            Ok(Message::Complete) => {
+                                if !was_paused {
+                                    vm.control().resume();
+                                }
+                            }
+                            Ok(Message::Abandon(why)) => {
+                                vm.shutdown();
+                                return Err(VmmError::Io {
+                                    what: format!("the source kept the VM after all: {why}"),
+                                    source: std::io::Error::from(std::io::ErrorKind::ConnectionAborted),
+                                });
+                            }
+                            other => log::warn!(
+                                "no Complete from the source ({other:?}): the VM stays paused here; \
+                                 resume it (vm.resume) only if the source is known to be gone"
+                            ),
                         }
                         Ok(vm)
                     }

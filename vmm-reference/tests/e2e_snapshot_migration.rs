@@ -9,7 +9,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -553,4 +553,88 @@ fn a_restored_vm_snapshots_and_migrates_again() {
     let b = r3.status();
     assert!(b.cpus[0].ticks > a.cpus[0].ticks && b.cpus[1].ticks > a.cpus[1].ticks);
     r3.poweroff();
+}
+
+/// A frame-level proxy between a migration source (connecting to `listen`) and a destination
+/// (at `dest`). The first frame matching `cut` in either direction is not forwarded, and both
+/// connections are closed right there: the network dies at the worst moment.
+fn cutting_proxy(listen: &Path, dest: PathBuf, cut: fn(&Message) -> bool) -> std::thread::JoinHandle<()> {
+    let l = UnixListener::bind(listen).expect("bind proxy");
+    std::thread::spawn(move || {
+        let (src, _) = l.accept().expect("accept");
+        let dst = std::os::unix::net::UnixStream::connect(&dest).expect("connect destination");
+        let pump = move |mut from: std::os::unix::net::UnixStream, mut to: std::os::unix::net::UnixStream| {
+            let limits = FrameLimits { max_frame: 1 << 30 };
+            while let Ok(m) = recv(&mut from, &limits) {
+                if cut(&m) {
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                if send(&mut to, &m).is_err() {
+                    return;
+                }
+            }
+            let _ = to.shutdown(std::net::Shutdown::Both);
+        };
+        let (s2, d2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+        let back = std::thread::spawn(move || pump(d2, s2));
+        pump(src, dst);
+        let _ = back.join();
+    })
+}
+
+#[test]
+fn a_vm_never_runs_in_two_places_when_the_link_dies_at_the_end() {
+    if !kvm_or_skip("a_vm_never_runs_in_two_places_when_the_link_dies_at_the_end") {
+        return;
+    }
+    let migrate_through = |vm: &Vmm, dir: &Path, cut: fn(&Message) -> bool| -> (u16, Unattached) {
+        let (dst_sock, proxy_sock) = (dir.join("dst.sock"), dir.join("proxy.sock"));
+        let dst = Vmm::spawn_unattached(
+            dir,
+            "dst",
+            &["--incoming", &format!("unix:{}", dst_sock.display())],
+        );
+        wait_for_path(&dst_sock);
+        let p = cutting_proxy(&proxy_sock, dst_sock, cut);
+        let body = serde_json::json!({ "destination_url": format!("unix:{}", proxy_sock.display()), "timeout_ms": 3000 });
+        let (s, _) = vm.api("PUT", "vm.send-migration", Some(&body.to_string()));
+        p.join().unwrap();
+        (s, dst)
+    };
+
+    // 1. The Ack is lost: the source keeps and resumes its VM; the destination's restored
+    //    copy never runs (without Complete it waits paused).
+    let mut vm = Vmm::start("twoplaces-a", "boot=2,max=4");
+    assert_eq!(vm.guest("dirty start 64").last().unwrap(), "OK");
+    let (s, mut dst) = migrate_through(&vm, &temp_dir("twoplaces-a-net"), |m| *m == Message::Ack);
+    assert_eq!(s, 500);
+    assert_eq!(vm.info()["paused"], false);
+    assert!(vm.guest("dirty check").last().unwrap().contains(" bad=0 "));
+    let (st, info) = vmm_reference::api::request(&dst.api, "GET", "vm.info", None).expect("destination API");
+    assert_eq!(st, 200);
+    assert!(
+        info.contains("\"paused\":true"),
+        "the destination must not run its copy: {info}"
+    );
+    let _ = dst.child.kill();
+    vm.poweroff();
+
+    // 2. Complete is lost: the source has stopped for good (exit 0); the destination keeps
+    //    the VM paused and intact, and `vm.resume` brings it back with every page.
+    let vm = Vmm::start("twoplaces-b", "boot=2,max=4");
+    let (s, dst) = migrate_through(&vm, &temp_dir("twoplaces-b-net"), |m| *m == Message::Complete);
+    assert_eq!(s, 200);
+    let mut vm = vm;
+    let out = wait_child(vm.child.as_mut().unwrap(), T);
+    vm.child = None;
+    assert!(out.status.success());
+    let mut dst = dst.attach();
+    assert_eq!(dst.info()["paused"], true);
+    assert_eq!(dst.api("PUT", "vm.resume", None).0, 204);
+    let a = dst.status();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(dst.status().cpus[0].ticks > a.cpus[0].ticks);
+    dst.poweroff();
 }

@@ -10,8 +10,11 @@
 //!   ── source pauses the VM ──
 //!   Memory{pages}*  (the last dirty pages)
 //!   State(snapshot container)      ──▶     restores vCPUs, devices, KVM VM state
-//!                                  ◀──     Ack (running) | Error(reason)
-//!   ── source stops only after Ack; on any error before it, it resumes and keeps the VM ──
+//!                                  ◀──     Ack (restored, paused) | Error(reason)
+//!   Complete                       ──▶     resumes the VM
+//!   ── the source stops for good once it has the Ack; on any error before, it resumes ──
+//!   ── the destination runs the VM only on Complete; without it the VM stays paused there
+//!      (never running twice; `vm.resume` on the destination if the source is known gone) ──
 //! ```
 //!
 //! Frame: `kind u8 | payload length u64 LE | payload`. Decoding is for an untrusted peer:
@@ -34,6 +37,7 @@ const K_STATE: u8 = 5;
 const K_ACK: u8 = 6;
 const K_ERROR: u8 = 7;
 const K_ABANDON: u8 = 8;
+const K_COMPLETE: u8 = 9;
 
 /// Protocol errors.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +90,9 @@ pub enum Message {
     Error(String),
     /// Source → destination: the source gave up; discard everything.
     Abandon(String),
+    /// Source → destination, after the Ack: the source has stopped the VM for good; the
+    /// destination may run it now.
+    Complete,
 }
 
 impl Message {
@@ -99,6 +106,7 @@ impl Message {
             Message::Ack => K_ACK,
             Message::Error(_) => K_ERROR,
             Message::Abandon(_) => K_ABANDON,
+            Message::Complete => K_COMPLETE,
         }
     }
 
@@ -110,7 +118,7 @@ impl Message {
                 p.extend_from_slice(&version.to_le_bytes());
                 p.extend_from_slice(compat);
             }
-            Message::Accept | Message::Ack => {}
+            Message::Accept | Message::Ack | Message::Complete => {}
             Message::Refuse(s) | Message::Error(s) | Message::Abandon(s) => p.extend_from_slice(s.as_bytes()),
             Message::Memory(chunks) => {
                 for (gpa, data) in chunks {
@@ -146,6 +154,7 @@ impl Message {
             }
             K_ACCEPT if p.is_empty() => Message::Accept,
             K_ACK if p.is_empty() => Message::Ack,
+            K_COMPLETE if p.is_empty() => Message::Complete,
             K_REFUSE => Message::Refuse(text(p)?),
             K_ERROR => Message::Error(text(p)?),
             K_ABANDON => Message::Abandon(text(p)?),
@@ -565,7 +574,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn messages_round_trip(kind in 0usize..8, data in proptest::collection::vec(any::<u8>(), 0..64), gpa in any::<u64>()) {
+        fn messages_round_trip(kind in 0usize..9, data in proptest::collection::vec(any::<u8>(), 0..64), gpa in any::<u64>()) {
             let s = String::from_utf8_lossy(&data).into_owned();
             let m = match kind {
                 0 => Message::Hello { version: 7, compat: data.clone() },
@@ -575,6 +584,7 @@ mod tests {
                 4 => Message::State(data.clone()),
                 5 => Message::Ack,
                 6 => Message::Error(s),
+                7 => Message::Complete,
                 _ => Message::Abandon(s),
             };
             let bytes = m.encode();
