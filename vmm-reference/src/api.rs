@@ -9,6 +9,8 @@
 //! | `PUT /api/v1/vm.remove-cpu` | `{"id": N}` | 204; 400 for CPU 0 or an absent CPU; 429 if already pending |
 //! | `PUT /api/v1/vm.pause`, `vm.resume`, `vm.shutdown` | | 204 (429 during a snapshot or migration) |
 //! | `PUT /api/v1/vm.snapshot` | `{"destination_url": "file:///DIR"}` (or a plain path) | 200 `{"state_bytes": N, "paused_ms": T}` |
+//! | `PUT /api/v1/vm.restore` | `{"source_url": "file:///DIR"}` | 204 (standby VMM only: `run --standby`) |
+//! | `PUT /api/v1/vm.receive-migration` | `{"receiver_url": "unix:PATH"\|"tcp:HOST:PORT"}` | 204 once the migrated VM runs (standby VMM only) |
 //! | `PUT /api/v1/vm.send-migration` | `{"destination_url": "unix:PATH"\|"tcp:HOST:PORT", "downtime_ms": 300, "max_rounds": 30, "timeout_ms": 30000}` | 200, the migration report; this VMM then exits 0 |
 //!
 //! Errors come back as `{"error": "..."}`. A malformed request gets a 4xx and the VM keeps
@@ -17,13 +19,14 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::vm::{ControlError, VmInner};
+use crate::config::SerialMode;
+use crate::vm::{ControlError, Vm, VmInner};
 
 const MAX_BODY: usize = 64 * 1024;
 const MAX_HEADER_LINES: usize = 64;
@@ -254,10 +257,130 @@ fn write_response(stream: &mut impl Write, resp: &Response) -> std::io::Result<(
 /// Requests being served right now.
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
-fn serve_one(vm: &VmInner, mut stream: UnixStream) {
+/// What the API serves: the running VM, or, for a VMM started in standby, none yet and how
+/// to make one (`vm.restore`, `vm.receive-migration`).
+pub struct ApiTarget {
+    vm: Mutex<Option<Arc<VmInner>>>,
+    standby: Option<Standby>,
+}
+
+struct Standby {
+    serial: SerialMode,
+    created: Mutex<mpsc::Sender<Vm>>,
+    busy: AtomicBool,
+}
+
+impl ApiTarget {
+    /// Serve `vm`.
+    pub fn running(vm: Arc<VmInner>) -> Arc<ApiTarget> {
+        Arc::new(ApiTarget {
+            vm: Mutex::new(Some(vm)),
+            standby: None,
+        })
+    }
+
+    /// No VM yet: `vm.restore` or `vm.receive-migration` creates one (with its console on
+    /// `serial`) and hands it to the receiver, which owns it from then on.
+    pub fn standby(serial: SerialMode) -> (Arc<ApiTarget>, mpsc::Receiver<Vm>) {
+        let (tx, rx) = mpsc::channel();
+        let t = ApiTarget {
+            vm: Mutex::new(None),
+            standby: Some(Standby {
+                serial,
+                created: Mutex::new(tx),
+                busy: AtomicBool::new(false),
+            }),
+        };
+        (Arc::new(t), rx)
+    }
+
+    fn vm(&self) -> Option<Arc<VmInner>> {
+        self.vm.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Create the VM of a standby VMM with `make`, once.
+    fn create(&self, make: impl FnOnce(&SerialMode) -> Result<Vm, String>) -> Response {
+        let Some(sb) = &self.standby else {
+            return Response::error(400, "a VM is already running in this VMM");
+        };
+        if self.vm().is_some() {
+            return Response::error(400, "a VM is already running in this VMM");
+        }
+        if sb.busy.swap(true, Ordering::SeqCst) {
+            return Response::error(429, "a restore or incoming migration is already in progress");
+        }
+        let resp = match make(&sb.serial) {
+            Ok(vm) => {
+                *self.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.control());
+                match sb.created.lock().unwrap_or_else(|e| e.into_inner()).send(vm) {
+                    Ok(()) => return Response::empty(),
+                    Err(_) => Response::error(500, "the VMM is shutting down"),
+                }
+            }
+            Err(e) => Response::error(400, e),
+        };
+        sb.busy.store(false, Ordering::SeqCst);
+        resp
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreReq {
+    source_url: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceiveReq {
+    receiver_url: String,
+}
+
+/// Route one request: VM creation for a standby VMM, everything else to the VM.
+pub fn route(target: &ApiTarget, req: &Request) -> Response {
+    let op = req.path.strip_prefix("/api/v1/").unwrap_or("");
+    let put = req.method.eq_ignore_ascii_case("PUT");
+    match op {
+        "vm.restore" if put => match body::<RestoreReq>(req) {
+            Ok(b) => {
+                let dir = b
+                    .source_url
+                    .strip_prefix("file://")
+                    .unwrap_or(&b.source_url)
+                    .to_string();
+                target.create(|serial| {
+                    Vm::restore(std::path::Path::new(&dir), serial)
+                        .map_err(|e| format!("restoring {dir}: {e}"))
+                })
+            }
+            Err(resp) => resp,
+        },
+        "vm.receive-migration" if put => match body::<ReceiveReq>(req) {
+            Ok(b) => match crate::migration::Address::parse(&b.receiver_url) {
+                Ok(addr) => target.create(|serial| {
+                    crate::migration::receive(&addr, serial).map_err(|e| format!("incoming migration: {e}"))
+                }),
+                Err(e) => Response::error(400, e),
+            },
+            Err(resp) => resp,
+        },
+        "vm.restore" | "vm.receive-migration" => {
+            Response::error(405, format!("{} not allowed on {op}", req.method))
+        }
+        _ => match target.vm() {
+            Some(vm) => handle(&vm, req),
+            None => Response::error(
+                400,
+                "no VM yet: PUT /api/v1/vm.restore or /api/v1/vm.receive-migration first",
+            ),
+        },
+    }
+}
+
+fn serve_one(target: &ApiTarget, mut stream: UnixStream) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let resp = match read_request(&mut stream) {
-        Ok(req) => handle(vm, &req),
+        Ok(req) => route(target, &req),
         Err(resp) => resp,
     };
     let _ = write_response(&mut stream, &resp);
@@ -274,15 +397,15 @@ pub fn wait_idle(timeout: Duration) {
     }
 }
 
-/// Serve the API on `listener` until the VM is gone (one thread per connection).
-pub fn serve(listener: UnixListener, vm: Arc<VmInner>) {
+/// Serve the API on `listener` until the VMM ends (one thread per connection).
+pub fn serve(listener: UnixListener, target: Arc<ApiTarget>) {
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
-        let vm = vm.clone();
+        let target = target.clone();
         IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
         if std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || serve_one(&vm, stream))
+            .spawn(move || serve_one(&target, stream))
             .is_err()
         {
             IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);

@@ -53,6 +53,10 @@ enum Cmd {
         /// Wait for a live migration on unix:PATH or tcp:HOST:PORT and run the VM it brings.
         #[arg(long, value_name = "ADDR", conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory"])]
         incoming: Option<String>,
+        /// Start without a VM; `PUT vm.restore` or `vm.receive-migration` on --api-socket
+        /// creates it.
+        #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "restore", "incoming"])]
+        standby: bool,
     },
     /// Write the ACPI tables a VM would get, one DIR/<SIG>.dat file per table.
     AcpiTables {
@@ -110,7 +114,18 @@ enum CtlOp {
         /// Snapshot directory (created if missing).
         dir: PathBuf,
     },
-    /// Live-migrate the VM to a VMM started with `run --incoming ADDR`.
+    /// Standby VMM (`run --standby`): restore the VM saved in DIR.
+    Restore {
+        /// Snapshot directory.
+        dir: PathBuf,
+    },
+    /// Standby VMM: wait for a live migration on ADDR (returns once the VM runs here).
+    ReceiveMigration {
+        /// unix:PATH or tcp:HOST:PORT to listen on.
+        receiver: String,
+    },
+    /// Live-migrate the VM to a VMM started with `run --incoming ADDR` (or a standby VMM
+    /// doing `ctl receive-migration ADDR`).
     Migrate {
         /// unix:PATH or tcp:HOST:PORT.
         destination: String,
@@ -157,8 +172,13 @@ fn main() -> ExitCode {
             serial,
             restore,
             incoming,
+            standby,
         } => {
             let start = match (restore, incoming) {
+                _ if standby => match parse_serial(&serial) {
+                    Ok(s) => Start::Standby(s),
+                    Err(e) => return fail(e),
+                },
                 (Some(dir), _) => match parse_serial(&serial) {
                     Ok(s) => Start::Restore(dir, s),
                     Err(e) => return fail(e),
@@ -210,11 +230,13 @@ enum Start {
         vmm_reference::migration::Address,
         vmm_reference::config::SerialMode,
     ),
+    /// No VM until the API creates one (`vm.restore`, `vm.receive-migration`).
+    Standby(vmm_reference::config::SerialMode),
 }
 
 fn run(start: Start, api_socket: Option<&std::path::Path>) -> ExitCode {
     // Bind the API socket first, so a bad path fails before the guest starts.
-    let listener = match api_socket {
+    let mut listener = match api_socket {
         Some(p) => {
             if p.exists() {
                 let _ = std::fs::remove_file(p);
@@ -226,6 +248,13 @@ fn run(start: Start, api_socket: Option<&std::path::Path>) -> ExitCode {
         }
         None => None,
     };
+    let spawn_api = |l: std::os::unix::net::UnixListener, target| {
+        std::thread::Builder::new()
+            .name("api-server".into())
+            .spawn(move || vmm_reference::api::serve(l, target))
+            .map(|_| ())
+            .map_err(|e| format!("API server thread: {e}"))
+    };
     let vm = match &start {
         Start::Boot(config) => Vm::start(config).map_err(|e| e.to_string()),
         Start::Restore(dir, serial) => {
@@ -234,18 +263,26 @@ fn run(start: Start, api_socket: Option<&std::path::Path>) -> ExitCode {
         Start::Incoming(addr, serial) => {
             vmm_reference::migration::receive(addr, serial).map_err(|e| format!("incoming migration: {e}"))
         }
+        Start::Standby(serial) => {
+            let Some(l) = listener.take() else {
+                return fail("--standby needs --api-socket (the VM is created through the API)");
+            };
+            let (target, created) = vmm_reference::api::ApiTarget::standby(serial.clone());
+            if let Err(e) = spawn_api(l, target) {
+                return fail(e);
+            }
+            created
+                .recv()
+                .map_err(|_| "the API server ended before a VM was created".to_string())
+        }
     };
     let vm = match vm {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };
     if let Some(l) = listener {
-        let ctl = vm.control();
-        if let Err(e) = std::thread::Builder::new()
-            .name("api-server".into())
-            .spawn(move || vmm_reference::api::serve(l, ctl))
-        {
-            return fail(format!("API server thread: {e}"));
+        if let Err(e) = spawn_api(l, vmm_reference::api::ApiTarget::running(vm.control())) {
+            return fail(e);
         }
     }
     let outcome = vm.wait(None);
@@ -288,6 +325,18 @@ fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
             };
             let url = serde_json::json!({ "destination_url": format!("file://{}", dir.display()) });
             ("PUT", "vm.snapshot", Some(url.to_string()))
+        }
+        CtlOp::Restore { dir } => {
+            let dir = match std::path::absolute(dir) {
+                Ok(d) => d,
+                Err(e) => return fail(format!("{}: {e}", dir.display())),
+            };
+            let b = serde_json::json!({ "source_url": format!("file://{}", dir.display()) });
+            ("PUT", "vm.restore", Some(b.to_string()))
+        }
+        CtlOp::ReceiveMigration { receiver } => {
+            let b = serde_json::json!({ "receiver_url": receiver });
+            ("PUT", "vm.receive-migration", Some(b.to_string()))
         }
         CtlOp::Migrate {
             destination,

@@ -638,3 +638,62 @@ fn a_vm_never_runs_in_two_places_when_the_link_dies_at_the_end() {
     assert!(dst.status().cpus[0].ticks > a.cpus[0].ticks);
     dst.poweroff();
 }
+
+#[test]
+fn a_standby_vmm_restores_and_receives_through_the_api() {
+    if !kvm_or_skip("a_standby_vmm_restores_and_receives_through_the_api") {
+        return;
+    }
+    let mut vm = Vmm::start("standby-src", "boot=2,max=4");
+    assert_eq!(vm.guest("dirty start 64").last().unwrap(), "OK");
+    let snap = temp_dir("standby-snap");
+    let url = serde_json::json!({ "destination_url": snap.display().to_string() }).to_string();
+    assert_eq!(vm.api("PUT", "vm.snapshot", Some(&url)).0, 200);
+    vm.poweroff();
+    let req =
+        |api: &Path, m: &str, ep: &str, b: Option<&str>| vmm_reference::api::request(api, m, ep, b).unwrap();
+
+    // A standby VMM: the API answers, there is no VM until vm.restore makes one.
+    let dir = temp_dir("standby-b");
+    let b = Vmm::spawn_unattached(&dir, "b", &["--standby"]);
+    wait_for_path(&b.api);
+    let (s, body) = req(&b.api, "GET", "vm.info", None);
+    assert!(s == 400 && body.contains("no VM yet"), "{s} {body}");
+    assert_eq!(req(&b.api, "GET", "vm.restore", None).0, 405);
+    let (s, body) = req(
+        &b.api,
+        "PUT",
+        "vm.restore",
+        Some(r#"{"source_url":"file:///nonexistent"}"#),
+    );
+    assert!(s == 400 && body.contains("nonexistent"), "{s} {body}");
+    let restore = serde_json::json!({ "source_url": format!("file://{}", snap.display()) }).to_string();
+    assert_eq!(req(&b.api, "PUT", "vm.restore", Some(&restore)).0, 204);
+    let (s, body) = req(&b.api, "PUT", "vm.restore", Some(&restore));
+    assert!(s == 400 && body.contains("already running"), "{s} {body}");
+    let mut b = b.attach();
+    assert!(b.guest("dirty check").last().unwrap().contains(" bad=0 "));
+
+    // Another standby VMM receives it by live migration, through its API.
+    let dir = temp_dir("standby-c");
+    let c = Vmm::spawn_unattached(&dir, "c", &["--standby"]);
+    wait_for_path(&c.api);
+    let mig = dir.join("mig.sock");
+    let receiver = format!("unix:{}", mig.display());
+    let (capi, body) = (
+        c.api.clone(),
+        serde_json::json!({ "receiver_url": receiver }).to_string(),
+    );
+    let receiving = std::thread::spawn(move || req(&capi, "PUT", "vm.receive-migration", Some(&body)));
+    wait_for_path(&mig);
+    let send = serde_json::json!({ "destination_url": receiver }).to_string();
+    let (s, v) = b.api("PUT", "vm.send-migration", Some(&send));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(receiving.join().unwrap().0, 204);
+    let out = wait_child(b.child.as_mut().unwrap(), T);
+    b.child = None;
+    assert!(out.status.success());
+    let mut c = c.attach();
+    assert!(c.guest("dirty check").last().unwrap().contains(" bad=0 "));
+    c.poweroff();
+}
