@@ -302,7 +302,10 @@ impl VmInner {
             .connect(timeout)
             .map_err(|e| ControlError::BadRequest(format!("connecting to {addr:?}: {e}")))?;
         let limits = FrameLimits::default();
-        let cpuid = vcpu_manager::cpuid::for_vcpu(&self.supported_cpuid, &self.topology, 0);
+        // The CPUID CPU 0 really has (a VM restored from elsewhere keeps its source's).
+        let recorded = self.lock_vcpus().cpuid(0).cloned();
+        let cpuid = recorded
+            .unwrap_or_else(|| vcpu_manager::cpuid::for_vcpu(&self.supported_cpuid, &self.topology, 0));
         let compat = Compat::of(self.topology.max_vcpus(), MemoryLayout::of(&self.mem), &cpuid);
         let compat = serde_json::to_vec(&compat).map_err(|e| internal("compat")(&e))?;
         send(

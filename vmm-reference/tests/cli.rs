@@ -43,7 +43,10 @@ fn bad_input_gives_one_line_errors() {
     run_bad(&["run", "--cpus", "boot=4,max=2"], "boot=4 is larger than max=2");
     run_bad(&["run", "--standby"], "--standby needs --api-socket");
     run_bad(&["run", "--incoming", "ftp:somewhere"], "--incoming");
-    run_bad(&["run", "--restore", "/nonexistent-snapshot"], "restoring /nonexistent-snapshot");
+    run_bad(
+        &["run", "--restore", "/nonexistent-snapshot"],
+        "restoring /nonexistent-snapshot",
+    );
     run_bad(&["run", "--restore", "/x", "--cpus", "boot=1,max=2"], "--cpus");
     run_bad(&["run", "--cpus", "boot=x"], "--cpus");
     run_bad(&["run", "--memory", "lots"], "--memory");
