@@ -264,6 +264,8 @@ pub struct VmInner {
     pub(crate) topology: Topology,
     pub(crate) boot_vcpus: u32,
     pub(crate) msrs: Vec<u32>,
+    /// The VM's CPU model: the host's supported CPUID at boot, CPU 0's saved CPUID after a
+    /// restore. Every vCPU's CPUID is this with its own APIC id (`cpuid::for_vcpu`).
     pub(crate) supported_cpuid: kvm_bindings::CpuId,
     pub(crate) exits: Arc<Exits>,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
@@ -962,9 +964,19 @@ impl Vm {
             io,
             events: Mutex::new(ev_tx.clone()),
         });
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let supported = match &origin {
+            Origin::Boot(_) => kvm
+                .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?,
+            // The VM keeps its CPU model: CPUs hot-added later get CPU 0's CPUID (with their
+            // own APIC ids), not whatever this host would offer a new VM.
+            Origin::Restore(saved, _) => match saved.vcpus.first() {
+                Some((_, st)) => st.cpuid.clone(),
+                None => kvm
+                    .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?,
+            },
+        };
         let mut vcpus = VcpuManager::new(
             topology,
             supported.clone(),

@@ -490,6 +490,9 @@ fn x2apic_ids_above_255_survive_snapshot_and_restore() {
     );
     assert_eq!(r.guest("online 290").last().unwrap(), "OK");
     assert_eq!(r.status().cpus[290].state, "online");
+    // A CPU hot-added after the restore (CPU 0's saved CPUID with its own APIC id).
+    assert_eq!(r.api("PUT", "vm.add-cpu", Some(r#"{"id":299}"#)).0, 200);
+    assert_eq!(r.event("EVENT insert"), "EVENT insert cpu=299 online=1");
     r.poweroff();
 }
 
