@@ -231,13 +231,7 @@ fn live_migration_of_a_partially_offline_vm_loses_nothing() {
         report["total_ms"].as_f64().unwrap_or(0.0)
     );
     // The source hands over and exits cleanly; the destination has the VM.
-    let out = wait_child(src.child.as_mut().unwrap(), T);
-    src.child = None;
-    assert!(
-        out.status.success(),
-        "source exit: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    src.exits_cleanly();
     same_vm_and_nothing_lost(dst.attach(), &before);
 }
 
@@ -284,10 +278,7 @@ fn failed_or_refused_migrations_leave_the_source_running() {
     let mut vm = Vmm::start("migfail", "boot=2,max=4");
     let dir = temp_dir("migfail-peers");
     let ticking = |vm: &mut Vmm| {
-        let a = vm.status();
-        std::thread::sleep(Duration::from_millis(200));
-        let b = vm.status();
-        assert!(b.cpus[0].ticks > a.cpus[0].ticks && b.cpus[1].ticks > a.cpus[1].ticks);
+        vm.assert_ticking(&[0, 1]);
         assert_eq!(vm.info()["paused"], false);
     };
     // Nobody listening.
@@ -481,13 +472,7 @@ fn x2apic_ids_above_255_survive_snapshot_and_restore() {
         ),
         (Some("HALTED"), Some(false))
     );
-    let a = r.status();
-    std::thread::sleep(Duration::from_millis(200));
-    let b = r.status();
-    assert!(
-        b.cpus[280].ticks > a.cpus[280].ticks,
-        "CPU 280 (APIC id 280) ticks after restore"
-    );
+    r.assert_ticking(&[0, 1, 280]);
     assert_eq!(r.guest("online 290").last().unwrap(), "OK");
     assert_eq!(r.status().cpus[290].state, "online");
     // A CPU hot-added after the restore (CPU 0's saved CPUID with its own APIC id).
@@ -541,20 +526,14 @@ fn a_restored_vm_snapshots_and_migrates_again() {
     let body = serde_json::json!({ "destination_url": incoming }).to_string();
     let (s, v) = r2.api("PUT", "vm.send-migration", Some(&body));
     assert_eq!(s, 200, "{v}");
-    let mut r2 = r2;
-    let out = wait_child(r2.child.as_mut().unwrap(), T);
-    r2.child = None;
-    assert!(out.status.success());
+    r2.exits_cleanly();
     let mut r3 = dst.attach();
     let check = r3.guest("dirty check");
     assert!(
         check.last().unwrap().starts_with("OK dirty pages=512 bad=0 "),
         "{check:?}"
     );
-    let a = r3.status();
-    std::thread::sleep(Duration::from_millis(200));
-    let b = r3.status();
-    assert!(b.cpus[0].ticks > a.cpus[0].ticks && b.cpus[1].ticks > a.cpus[1].ticks);
+    r3.assert_ticking(&[0, 1]);
     r3.poweroff();
 }
 
@@ -629,16 +608,11 @@ fn a_vm_never_runs_in_two_places_when_the_link_dies_at_the_end() {
     let vm = Vmm::start("twoplaces-b", "boot=2,max=4");
     let (s, dst) = migrate_through(&vm, &temp_dir("twoplaces-b-net"), |m| *m == Message::Complete);
     assert_eq!(s, 200);
-    let mut vm = vm;
-    let out = wait_child(vm.child.as_mut().unwrap(), T);
-    vm.child = None;
-    assert!(out.status.success());
+    vm.exits_cleanly();
     let mut dst = dst.attach();
     assert_eq!(dst.info()["paused"], true);
     assert_eq!(dst.api("PUT", "vm.resume", None).0, 204);
-    let a = dst.status();
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(dst.status().cpus[0].ticks > a.cpus[0].ticks);
+    dst.assert_ticking(&[0, 1]);
     dst.poweroff();
 }
 
@@ -693,9 +667,7 @@ fn a_standby_vmm_restores_and_receives_through_the_api() {
     let (s, v) = b.api("PUT", "vm.send-migration", Some(&send));
     assert_eq!(s, 200, "{v}");
     assert_eq!(receiving.join().unwrap().0, 204);
-    let out = wait_child(b.child.as_mut().unwrap(), T);
-    b.child = None;
-    assert!(out.status.success());
+    b.exits_cleanly();
     let mut c = c.attach();
     assert!(c.guest("dirty check").last().unwrap().contains(" bad=0 "));
     c.poweroff();

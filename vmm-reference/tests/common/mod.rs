@@ -200,8 +200,14 @@ impl Vmm {
         self.child.as_ref().unwrap().id()
     }
 
-    pub fn poweroff(mut self) {
-        self.guest("poweroff");
+    pub fn poweroff(self) {
+        let mut vm = self;
+        vm.guest("poweroff");
+        vm.exits_cleanly();
+    }
+
+    /// The VMM ends by itself (guest power-off, migrated away) with exit code 0.
+    pub fn exits_cleanly(mut self) {
         let out = wait_child(self.child.as_mut().unwrap(), T);
         self.child = None;
         assert!(
@@ -209,6 +215,16 @@ impl Vmm {
             "VMM exit: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Every CPU in `cpus` takes timer ticks over the next 200 ms.
+    pub fn assert_ticking(&mut self, cpus: &[usize]) {
+        let a = self.status();
+        std::thread::sleep(Duration::from_millis(200));
+        let b = self.status();
+        for &c in cpus {
+            assert!(b.cpus[c].ticks > a.cpus[c].ticks, "CPU {c} is not ticking");
+        }
     }
 }
 
