@@ -15,7 +15,9 @@ fn kvm_or_skip(test: &str) -> Option<Kvm> {
         Ok(k) => {
             if let Some(path) = std::env::var_os("KVM_TEST_LEDGER") {
                 if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-                    let _ = writeln!(f, "{test}");
+                    // One write(2) per line: with O_APPEND it cannot interleave with another test
+                    // thread's (writeln! issues the name and the newline as separate writes).
+                    let _ = f.write_all(format!("{test}\n").as_bytes());
                 }
             }
             Some(k)
