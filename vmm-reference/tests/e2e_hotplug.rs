@@ -317,3 +317,35 @@ fn churn_of_200_operations_keeps_every_online_cpu_ticking() {
     assert!(ops.iter().all(|&n| n > 10), "each kind of operation ran: {ops:?}");
     vm.poweroff();
 }
+
+#[test]
+fn resize_to_300_and_back_to_128_unplugs_every_cpu_above_255() {
+    if !kvm_or_skip("resize_to_300_and_back_to_128_unplugs_every_cpu_above_255") {
+        return;
+    }
+    // Cloud Hypervisor #7341: with more than 255 vCPUs, unplugging stopped after 172 CPUs.
+    let mut vm = Vmm::start("big", "boot=2,max=300");
+    assert_eq!(
+        vm.api("PUT", "vm.resize", Some(r#"{"desired_vcpus":300}"#)).0,
+        204
+    );
+    for _ in 2..300 {
+        assert!(vm.event("EVENT insert").ends_with("online=1"));
+    }
+    assert_eq!(vm.status().online, 300);
+    assert_eq!(
+        vm.api("PUT", "vm.resize", Some(r#"{"desired_vcpus":128}"#)).0,
+        204
+    );
+    for _ in 128..300 {
+        assert!(vm.event("EVENT remove").ends_with("ejected=1"));
+    }
+    let info = vm.until("all 172 ejects", |v| {
+        v["pending_removals"].as_array().is_some_and(|a| a.is_empty()) && v["parked_vcpu_fds"] == 172
+    });
+    assert_eq!(info["present_vcpus"], 128);
+    let st = vm.status();
+    assert_eq!((st.present, st.online), (128, 128));
+    assert_eq!(st.cpus[299].state, "absent");
+    vm.poweroff();
+}
