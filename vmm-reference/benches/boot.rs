@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Boot benchmark: process start -> guest `READY`, `poweroff` -> process exit, and the VMM's
 //! resident memory, over N runs of the built-in test guest (`cargo bench -p vmm-reference`).
-//! `BOOT_BENCH_RUNS` sets N (default 10), `BOOT_BENCH_CPUS` the `--cpus` value.
+//! `BOOT_BENCH_RUNS` sets N (default 10), `BOOT_BENCH_CPUS` the `--cpus` value. With QEMU
+//! unpacked by `ci/qemu-peer.sh` (or `$QEMU_PEER` naming a qemu-system-x86_64), the same runs
+//! boot the same guest image under QEMU (SeaBIOS + PVH) in a column beside ours.
 
-use std::path::Path;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -54,20 +57,118 @@ fn main() {
         assert!(st.success());
     }
     let _ = std::fs::remove_dir_all(&dir);
-    println!("\nvmm-reference boot benchmark: test guest, --cpus {cpus} --memory 256M, {runs} runs");
-    println!(
-        "{:<38} {:>9} {:>9} {:>9} {:>9}",
-        "metric", "median", "p90", "min", "max"
-    );
-    for (name, v) in [
-        ("process start -> READY (ms)", &mut ready),
-        ("poweroff -> process exit (ms)", &mut exit),
-        ("VMM RSS after boot (MiB)", &mut rss),
-        ("VMM peak RSS (MiB)", &mut hwm),
-    ] {
-        let (med, p90) = (pct(v, 0.5), pct(v, 0.9));
-        let (min, max) = (v[0], v[v.len() - 1]);
-        println!("{name:<38} {med:>9.2} {p90:>9.2} {min:>9.2} {max:>9.2}");
+    let qemu = qemu_peer().map(|q| qemu_runs(&q, runs, &cpus));
+    println!("\nboot benchmark: test guest, --cpus {cpus} --memory 256M, {runs} runs, median (p90)");
+    let peer = match &qemu {
+        Some(Ok(_)) => "QEMU 7.2 (SeaBIOS, PVH)",
+        _ => "",
+    };
+    println!("{:<34} {:>22} {:>24}", "metric", "vmm-reference", peer);
+    let mut rows = vec![
+        ("process start -> READY (ms)", ready),
+        ("poweroff -> process exit (ms)", exit),
+        ("VMM RSS after boot (MiB)", rss),
+        ("VMM peak RSS (MiB)", hwm),
+    ];
+    let mut peer_rows: Vec<Vec<f64>> = match qemu {
+        Some(Ok(q)) => q,
+        Some(Err(e)) => {
+            println!("(QEMU peer failed: {e})");
+            Vec::new()
+        }
+        None => {
+            println!("(no QEMU column: `bash ci/qemu-peer.sh` unpacks Debian's qemu-system-x86 into target/qemu-peer)");
+            Vec::new()
+        }
+    };
+    for (i, (name, v)) in rows.iter_mut().enumerate() {
+        let ours = format!("{:.2} ({:.2})", pct(v, 0.5), pct(v, 0.9));
+        let theirs = peer_rows
+            .get_mut(i)
+            .map(|q| format!("{:.2} ({:.2})", pct(q, 0.5), pct(q, 0.9)))
+            .unwrap_or_default();
+        println!("{name:<34} {ours:>22} {theirs:>24}");
     }
-    println!("(no QEMU peer column yet: Debian bookworm's qemu-system-x86 7.2 conflicts with the installed qemu-utils 10.0)");
+}
+
+/// QEMU from `ci/qemu-peer.sh` (or `$QEMU_PEER`), if present.
+fn qemu_peer() -> Option<PathBuf> {
+    let p = std::env::var_os("QEMU_PEER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/qemu-peer/root/usr/bin/qemu-system-x86_64")
+        });
+    p.exists().then_some(p)
+}
+
+/// The same runs under QEMU: `-kernel` boots the test guest through its PVH note (SeaBIOS),
+/// serial on stdio. Returns the four metric series in the order of the table.
+fn qemu_runs(qemu: &Path, runs: usize, cpus: &str) -> Result<Vec<Vec<f64>>, String> {
+    let (boot, max) = {
+        let num = |k: &str| {
+            cpus.split(',')
+                .find_map(|kv| kv.strip_prefix(k))
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(1)
+        };
+        (num("boot="), num("max="))
+    };
+    let share = qemu.join("../../share");
+    let (mut ready, mut exit, mut rss, mut hwm) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        let mut child = Command::new(qemu)
+            .arg("-L")
+            .arg(share.join("qemu"))
+            .arg("-L")
+            .arg(share.join("seabios"))
+            .args([
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host",
+                "-m",
+                "256",
+                "-nographic",
+                "-nodefaults",
+            ])
+            .args(["-serial", "stdio", "-no-reboot", "-smp"])
+            .arg(format!("{boot},maxcpus={max}"))
+            .arg("-kernel")
+            .arg(test_guest::elf_path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let mut out = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if out.read_until(b'\n', &mut line).map_err(|e| e.to_string())? == 0 {
+                let _ = child.kill();
+                return Err("QEMU exited before READY".into());
+            }
+            if String::from_utf8_lossy(&line).contains("READY") {
+                break;
+            }
+        }
+        ready.push(t0.elapsed().as_secs_f64() * 1e3);
+        rss.push(status_kib(child.id(), "VmRSS:").unwrap_or(0) as f64 / 1024.0);
+        hwm.push(status_kib(child.id(), "VmHWM:").unwrap_or(0) as f64 / 1024.0);
+        let t1 = Instant::now();
+        child
+            .stdin
+            .as_mut()
+            .ok_or("no stdin")?
+            .write_all(b"poweroff\n")
+            .map_err(|e| e.to_string())?;
+        // SeaBIOS' ACPI makes S5 a QEMU exit; -no-reboot covers a reset.
+        let st = child.wait().map_err(|e| e.to_string())?;
+        exit.push(t1.elapsed().as_secs_f64() * 1e3);
+        if !st.success() {
+            return Err(format!("QEMU exited with {st}"));
+        }
+    }
+    Ok(vec![ready, exit, rss, hwm])
 }
