@@ -64,7 +64,7 @@ fn main() {
         _ => "",
     };
     println!("{:<34} {:>22} {:>24}", "metric", "vmm-reference", peer);
-    let mut rows = vec![
+    let mut rows = [
         ("process start -> READY (ms)", ready),
         ("poweroff -> process exit (ms)", exit),
         ("VMM RSS after boot (MiB)", rss),
