@@ -14,7 +14,15 @@ fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     let kernel = manifest.join("kernel");
-    for f in ["main.rs", "arch.rs", "apic.rs", "acpi.rs", "boot.S", "linker.ld"] {
+    // Every file of the kernel (a fixed list went stale: hotplug.rs and dirty.rs were missing),
+    // and the directory itself for files added later.
+    println!("cargo:rerun-if-changed=kernel");
+    let mut files: Vec<_> = std::fs::read_dir(&kernel)
+        .expect("kernel/")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    files.sort();
+    for f in files {
         println!("cargo:rerun-if-changed=kernel/{f}");
     }
     let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());

@@ -135,9 +135,16 @@ pub fn parse(info: &mut AcpiInfo, rsdp: u64) {
     }
 }
 
-fn add_cpu(info: &mut AcpiInfo, apic_id: u32, flags: u32) {
-    // Flags: bit 0 enabled, bit 1 online capable. Neither -> not a usable CPU.
-    if flags & 0x3 == 0 || info.ncpus >= MAX_CPUS {
+fn add_cpu(info: &mut AcpiInfo, apic_id: u32, flags: u32, online_capable_defined: bool) {
+    // Flags: bit 0 enabled, bit 1 online capable (ACPI 6.3, MADT revision 5). Like Linux: from
+    // revision 5 on, neither bit means "not a usable CPU"; before it (QEMU's MADT), a disabled
+    // entry is a CPU that can be hot-added. APIC id 0xff in an xAPIC entry is no CPU at all.
+    let hotpluggable = if online_capable_defined {
+        flags & 0x2 != 0
+    } else {
+        apic_id != 0xff
+    };
+    if (flags & 1 == 0 && !hotpluggable) || info.ncpus >= MAX_CPUS {
         return;
     }
     if let Some(slot) = info.cpus.get_mut(info.ncpus) {
@@ -152,6 +159,7 @@ fn add_cpu(info: &mut AcpiInfo, apic_id: u32, flags: u32) {
 fn parse_madt(info: &mut AcpiInfo, t: u64) {
     info.found_madt = true;
     let len = u64::from(rd32(t + 4)).min(64 * 1024);
+    let online_capable_defined = rd8(t + 8) >= 5;
     let mut p = t + 44;
     let mut guard = 0;
     while p + 2 <= t + len && guard < MAX_PRESENT_SCAN {
@@ -162,9 +170,9 @@ fn parse_madt(info: &mut AcpiInfo, t: u64) {
             break;
         }
         match typ {
-            0 if elen >= 8 => add_cpu(info, u32::from(rd8(p + 3)), rd32(p + 4)),
+            0 if elen >= 8 => add_cpu(info, u32::from(rd8(p + 3)), rd32(p + 4), online_capable_defined),
             1 if elen >= 12 => info.ioapic = u64::from(rd32(p + 4)),
-            9 if elen >= 16 => add_cpu(info, rd32(p + 4), rd32(p + 8)),
+            9 if elen >= 16 => add_cpu(info, rd32(p + 4), rd32(p + 8), online_capable_defined),
             _ => {}
         }
         p += elen;

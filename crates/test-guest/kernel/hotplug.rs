@@ -49,6 +49,11 @@ pub fn init(base: u16, gpe0: u16, gpe0_len: u8, sci: u16, ioapic: u64, bsp_apic_
         return false;
     }
     BASE.store(u32::from(base), Ordering::Relaxed);
+    // What the AML `_INI` of QEMU's DSDT does: write 0 to the selector. Before late 2025 QEMU
+    // starts the block in a legacy layout (a present-CPU bitmap) and a zero written at offset
+    // 0 switches it to the modern interface; QEMU before 8.0 takes only byte accesses there.
+    // For any other implementation this only selects CPU 0.
+    outb(base, 0);
     GPE0.store(u32::from(gpe0), Ordering::Relaxed);
     let half = u32::from(gpe0_len / 2);
     GPE0_HALF.store(half, Ordering::Relaxed);
