@@ -94,7 +94,7 @@ pub const T: Duration = Duration::from_secs(30);
 
 /// A VMM process whose console is not connected yet.
 pub struct Unattached {
-    pub child: Child,
+    pub child: Option<Child>,
     pub api: PathBuf,
     sock: PathBuf,
     dir: PathBuf,
@@ -102,13 +102,24 @@ pub struct Unattached {
 
 impl Unattached {
     /// Connect the console (retrying until the VMM creates it).
-    pub fn attach(self) -> Vmm {
+    pub fn attach(mut self) -> Vmm {
         let con = GuestConsole::connect(&self.sock, T).expect("console");
         Vmm {
-            child: Some(self.child),
+            child: self.child.take(),
             con,
-            api: self.api,
-            _dir: self.dir,
+            api: self.api.clone(),
+            _dir: self.dir.clone(),
+        }
+    }
+}
+
+/// A test that fails before attaching must not leave a VMM running (with a migrated guest
+/// spinning in it) for the rest of the run.
+impl Drop for Unattached {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
@@ -151,7 +162,7 @@ impl Vmm {
         ]);
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
         Unattached {
-            child: spawn_vmm(&refs),
+            child: Some(spawn_vmm(&refs)),
             api,
             sock,
             dir: dir.to_path_buf(),
