@@ -6,14 +6,14 @@
 //! boot the same guest image under QEMU (SeaBIOS + PVH) in a column beside ours.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vmm_reference::console::GuestConsole;
 
 mod common;
-use common::{env_count, kvm_or_skip, pct};
+use common::{env_count, kvm_or_skip, pct, qemu_command, qemu_peer};
 
 fn status_kib(pid: u32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -91,16 +91,6 @@ fn main() {
     }
 }
 
-/// QEMU from `ci/qemu-peer.sh` (or `$QEMU_PEER`), if present.
-fn qemu_peer() -> Option<PathBuf> {
-    let p = std::env::var_os("QEMU_PEER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/qemu-peer/root/usr/bin/qemu-system-x86_64")
-        });
-    p.exists().then_some(p)
-}
-
 /// The same runs under QEMU: `-kernel` boots the test guest through its PVH note (SeaBIOS),
 /// serial on stdio. Returns the four metric series in the order of the table.
 fn qemu_runs(qemu: &Path, runs: usize, cpus: &str) -> Result<Vec<Vec<f64>>, String> {
@@ -113,29 +103,10 @@ fn qemu_runs(qemu: &Path, runs: usize, cpus: &str) -> Result<Vec<Vec<f64>>, Stri
         };
         (num("boot="), num("max="))
     };
-    let share = qemu.join("../../share");
     let (mut ready, mut exit, mut rss, mut hwm) = (vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
         let t0 = Instant::now();
-        let mut child = Command::new(qemu)
-            .arg("-L")
-            .arg(share.join("qemu"))
-            .arg("-L")
-            .arg(share.join("seabios"))
-            .args([
-                "-accel",
-                "kvm",
-                "-cpu",
-                "host",
-                "-m",
-                "256",
-                "-nographic",
-                "-nodefaults",
-            ])
-            .args(["-serial", "stdio", "-no-reboot", "-smp"])
-            .arg(format!("{boot},maxcpus={max}"))
-            .arg("-kernel")
-            .arg(test_guest::elf_path())
+        let mut child = qemu_command(qemu, boot, max, 256)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

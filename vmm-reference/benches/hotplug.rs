@@ -4,7 +4,14 @@
 //! - API request -> eject complete (vCPU thread joined, fd parked, removal no longer pending),
 //! - per-vCPU state save and restore (pause, save, restore into a new KVM VM, resume),
 //! - resize from 2 to 64 CPUs (until all 62 report online).
+//!
+//! With QEMU unpacked by `ci/qemu-peer.sh`, the same guest image runs under QEMU 7.2 and the
+//! first two rows get a QEMU column: QMP `device_add` -> online in the guest, and QMP
+//! `device_del` -> `DEVICE_DELETED` (QEMU's own ACPI CPU hotplug; the guest drives both
+//! through the same register protocol).
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,7 +22,7 @@ use vmm_reference::console::GuestConsole;
 use vmm_reference::vm::Vm;
 
 mod common;
-use common::{env_count, kvm_or_skip, pct};
+use common::{env_count, kvm_or_skip, pct, qemu_command, qemu_peer};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -126,5 +133,133 @@ fn main() {
         println!("{name:<48} {:>5} {med:>10.2} {p99:>10.2} {max:>10.2}", v.len());
     }
     println!("{:<48} {:>5} {grow:>10.1}", "resize 2 -> 64, all online (ms)", 1);
-    println!("(no QEMU column: Debian bookworm's qemu-system-x86 conflicts with the installed qemu-utils)");
+    match qemu_peer().map(|q| qemu_hotplug(&q, samples)) {
+        Some(Ok((mut on, mut off))) => {
+            println!("QEMU 7.2 (Debian), same guest image, QMP (a new CPU each sample: re-adding a removed one fails there):");
+            for (name, v) in [
+                ("QMP device_add -> online in guest (ms)", &mut on),
+                ("QMP device_del -> DEVICE_DELETED (ms)", &mut off),
+            ] {
+                let (med, p99, max) = stats(v);
+                println!("{name:<48} {:>5} {med:>10.2} {p99:>10.2} {max:>10.2}", v.len());
+            }
+        }
+        Some(Err(e)) => println!("(QEMU peer failed: {e})"),
+        None => println!(
+            "(no QEMU rows: `bash ci/qemu-peer.sh` unpacks Debian's qemu-system-x86 into target/qemu-peer)"
+        ),
+    }
+}
+
+/// A QMP connection: one command at a time; events seen while waiting are kept.
+struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Result<Qmp, String> {
+        let deadline = Instant::now() + T;
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => return Err(format!("QMP: {e}")),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        let mut q = Qmp {
+            r: BufReader::new(s.try_clone().map_err(|e| e.to_string())?),
+            w: s,
+        };
+        q.line()?; // greeting
+        q.cmd(serde_json::json!({ "execute": "qmp_capabilities" }))?;
+        Ok(q)
+    }
+    fn line(&mut self) -> Result<serde_json::Value, String> {
+        let mut l = String::new();
+        if self.r.read_line(&mut l).map_err(|e| e.to_string())? == 0 {
+            return Err("QMP closed".into());
+        }
+        serde_json::from_str(&l).map_err(|e| e.to_string())
+    }
+    fn cmd(&mut self, c: serde_json::Value) -> Result<(), String> {
+        writeln!(self.w, "{c}").map_err(|e| e.to_string())?;
+        loop {
+            let v = self.line()?;
+            if v.get("error").is_some() {
+                return Err(format!("QMP {c}: {v}"));
+            }
+            if v.get("return").is_some() {
+                return Ok(());
+            }
+        }
+    }
+    fn event(&mut self, name: &str) -> Result<(), String> {
+        loop {
+            if self.line()?["event"] == name {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// QEMU hot-add and hot-remove of CPU 2, `samples` times each: (online ms, eject ms).
+fn qemu_hotplug(qemu: &Path, samples: usize) -> Result<(Vec<f64>, Vec<f64>), String> {
+    let dir = std::env::temp_dir().join(format!("vmmref-hpbench-qemu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let qmp_path = dir.join("qmp.sock");
+    let mut child = qemu_command(qemu, 2, 64, 256)
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { return };
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    let wait = |prefix: &str| -> Result<(), String> {
+        let deadline = Instant::now() + T;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(l) if l.contains(prefix) => return Ok(()),
+                Ok(_) => {}
+                Err(_) => return Err(format!("QEMU guest never printed {prefix:?}")),
+            }
+        }
+    };
+    let result = (|| {
+        wait("READY")?;
+        let mut qmp = Qmp::connect(&qmp_path)?;
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        // A new CPU each time: re-adding a removed one fails on this host's KVM (QEMU 7.2
+        // re-runs KVM_SET_CPUID2 on its parked vCPU and gets EINVAL).
+        for k in 2..2 + samples.min(60) {
+            let t = Instant::now();
+            qmp.cmd(serde_json::json!({ "execute": "device_add", "arguments": {
+                "driver": "host-x86_64-cpu", "id": format!("cpu{k}"), "socket-id": 0, "core-id": k, "thread-id": 0 } }))?;
+            wait(&format!("EVENT insert cpu={k} online=1"))?;
+            on.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            qmp.cmd(
+                serde_json::json!({ "execute": "device_del", "arguments": { "id": format!("cpu{k}") } }),
+            )?;
+            qmp.event("DEVICE_DELETED")?;
+            off.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok((on, off))
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }

@@ -28,3 +28,41 @@ pub fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
+
+/// QEMU unpacked by `ci/qemu-peer.sh` (or `$QEMU_PEER`), if present.
+pub fn qemu_peer() -> Option<std::path::PathBuf> {
+    let p = std::env::var_os("QEMU_PEER")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/qemu-peer/root/usr/bin/qemu-system-x86_64")
+        });
+    p.exists().then_some(p)
+}
+
+/// QEMU booting the test guest like our VMM does: KVM, `boot` of `max` CPUs, `mem_mib` of RAM,
+/// `-kernel` through the image's PVH note (SeaBIOS), the serial port on stdio.
+pub fn qemu_command(qemu: &std::path::Path, boot: u32, max: u32, mem_mib: u32) -> std::process::Command {
+    let share = qemu.join("../../share");
+    let mut c = std::process::Command::new(qemu);
+    c.arg("-L")
+        .arg(share.join("qemu"))
+        .arg("-L")
+        .arg(share.join("seabios"))
+        .args([
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-nographic",
+            "-nodefaults",
+            "-no-reboot",
+        ])
+        .args(["-serial", "stdio", "-m"])
+        .arg(mem_mib.to_string())
+        .arg("-smp")
+        .arg(format!("{boot},maxcpus={max}"))
+        .arg("-kernel")
+        .arg(test_guest::elf_path());
+    c
+}
