@@ -318,21 +318,17 @@ fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
         CtlOp::Pause => ("PUT", "vm.pause", None),
         CtlOp::Resume => ("PUT", "vm.resume", None),
         CtlOp::Shutdown => ("PUT", "vm.shutdown", None),
-        CtlOp::Snapshot { dir } => {
-            let dir = match std::path::absolute(dir) {
-                Ok(d) => d,
+        CtlOp::Snapshot { dir } | CtlOp::Restore { dir } => {
+            // The VMM resolves paths against its own working directory: send an absolute one.
+            let url = match std::path::absolute(dir) {
+                Ok(d) => format!("file://{}", d.display()),
                 Err(e) => return fail(format!("{}: {e}", dir.display())),
             };
-            let url = serde_json::json!({ "destination_url": format!("file://{}", dir.display()) });
-            ("PUT", "vm.snapshot", Some(url.to_string()))
-        }
-        CtlOp::Restore { dir } => {
-            let dir = match std::path::absolute(dir) {
-                Ok(d) => d,
-                Err(e) => return fail(format!("{}: {e}", dir.display())),
+            let (endpoint, key) = match &op {
+                CtlOp::Snapshot { .. } => ("vm.snapshot", "destination_url"),
+                _ => ("vm.restore", "source_url"),
             };
-            let b = serde_json::json!({ "source_url": format!("file://{}", dir.display()) });
-            ("PUT", "vm.restore", Some(b.to_string()))
+            ("PUT", endpoint, Some(serde_json::json!({ key: url }).to_string()))
         }
         CtlOp::ReceiveMigration { receiver } => {
             let b = serde_json::json!({ "receiver_url": receiver });

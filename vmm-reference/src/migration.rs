@@ -383,7 +383,8 @@ impl VmInner {
             .finish(&mut conn, &mut src, opts.chunk)
             .map_err(|e| internal("sending the last pages")(&e))?;
         let state = saved.encode().map_err(|e| internal("encoding the state")(&e))?;
-        send(&mut conn, &Message::State(state.clone())).map_err(|e| internal("sending the state")(&e))?;
+        let state_bytes = state.len() as u64;
+        send(&mut conn, &Message::State(state)).map_err(|e| internal("sending the state")(&e))?;
         let answer = recv(&mut conn, &limits);
         match answer {
             Ok(Message::Ack) => {}
@@ -410,7 +411,7 @@ impl VmInner {
         let report = MigrationReport {
             rounds: pc.rounds.iter().map(RoundReport::from).collect(),
             final_bytes,
-            state_bytes: state.len() as u64,
+            state_bytes,
             downtime_ms: paused_at.elapsed().as_secs_f64() * 1e3,
             total_ms: start.elapsed().as_secs_f64() * 1e3,
         };

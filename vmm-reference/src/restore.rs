@@ -81,25 +81,12 @@ pub(crate) fn capture(
     vm: &VmFd,
     msrs: &[u32],
 ) -> Result<(Vec<(u32, vcpu_manager::VcpuState)>, KvmVmState, Vec<f64>), String> {
-    let conv = vcpus.conventions();
-    let topology = vcpus.topology();
     let mut save_us = Vec::new();
     let mut states = Vec::new();
     for index in vcpus.running() {
-        let r = vcpus
-            .runner(index)
-            .ok_or_else(|| format!("vCPU {index} vanished"))?;
-        let (id, m) = (topology.apic_id(index), msrs.to_vec());
-        let cpuid = vcpus
-            .cpuid(index)
-            .cloned()
-            .ok_or_else(|| format!("vCPU {index} has no recorded CPUID"))?;
         let t = std::time::Instant::now();
-        let st = r
-            .with_vcpu(vcpu_manager::VCPU_TIMEOUT, move |fd| {
-                vcpu_manager::save_vcpu(fd, id, &cpuid, &m, &conv)
-            })
-            .ok_or_else(|| format!("vCPU {index} did not answer"))?
+        let st = vcpus
+            .save(index, msrs)
             .map_err(|e| format!("saving vCPU {index}: {e}"))?;
         save_us.push(t.elapsed().as_secs_f64() * 1e6);
         states.push((index, st));

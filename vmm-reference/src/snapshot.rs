@@ -290,10 +290,9 @@ impl Compat {
 impl SavedVm {
     /// The compatibility description of this VM.
     pub fn compat(&self) -> Compat {
-        let empty = CpuId::new(0).ok();
-        let cpuid = self.vcpus.first().map(|(_, s)| &s.cpuid).or(empty.as_ref());
-        match cpuid {
-            Some(c) => Compat::of(self.vm.max_vcpus, self.vm.memory.clone(), c),
+        match self.vcpus.first() {
+            Some((_, st)) => Compat::of(self.vm.max_vcpus, self.vm.memory.clone(), &st.cpuid),
+            // No CPU model to offer (decode refuses such a state anyway): no host matches it.
             None => Compat {
                 max_vcpus: self.vm.max_vcpus,
                 memory: self.vm.memory.clone(),

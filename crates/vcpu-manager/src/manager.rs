@@ -281,19 +281,21 @@ impl VcpuManager {
         }
     }
 
+    /// Save running vCPU `index` (paused) on its own thread, with the CPUID it was given.
+    pub fn save(&self, index: u32, msrs: &[u32]) -> Result<VcpuState> {
+        let r = self.runner(index).ok_or(Error::NotRunning(index))?;
+        let (id, m, c) = (self.topology.apic_id(index), msrs.to_vec(), self.conv);
+        let cpuid = self.cpuid(index).cloned().ok_or(Error::NotRunning(index))?;
+        r.with_vcpu(VCPU_TIMEOUT, move |fd| save_vcpu(fd, id, &cpuid, &m, &c))
+            .ok_or(Error::Unresponsive(index))?
+    }
+
     /// Save every running vCPU (pause first). Runs each save on its own vCPU thread.
     pub fn save_all(&self, msrs: &[u32]) -> Result<Vec<(u32, VcpuState)>> {
-        let mut out = Vec::new();
-        for index in self.running() {
-            let r = self.runner(index).ok_or(Error::NotRunning(index))?;
-            let (id, m, c) = (self.topology.apic_id(index), msrs.to_vec(), self.conv);
-            let cpuid = self.cpuid(index).cloned().ok_or(Error::NotRunning(index))?;
-            let st = r
-                .with_vcpu(VCPU_TIMEOUT, move |fd| save_vcpu(fd, id, &cpuid, &m, &c))
-                .ok_or(Error::Unresponsive(index))??;
-            out.push((index, st));
-        }
-        Ok(out)
+        self.running()
+            .into_iter()
+            .map(|index| Ok((index, self.save(index, msrs)?)))
+            .collect()
     }
 
     /// Stop every vCPU thread (VM teardown).
