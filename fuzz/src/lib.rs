@@ -51,6 +51,7 @@ impl LapicInput {
                 nr_lvt: if c & 4 != 0 { 7 } else { 6 },
                 tsc_deadline: c & 8 != 0,
                 directed_eoi: c & 16 != 0,
+                x2apic_id_readonly: c & 32 == 0,
             },
             prior: PriorApic {
                 timer_mode: u32::from(p & 3) << 17,
@@ -69,7 +70,8 @@ impl LapicInput {
             | (u8::from(self.conv.icr == IcrLayout::Merged) << 1)
             | (u8::from(self.conv.nr_lvt >= 7) << 2)
             | (u8::from(self.conv.tsc_deadline) << 3)
-            | (u8::from(self.conv.directed_eoi) << 4);
+            | (u8::from(self.conv.directed_eoi) << 4)
+            | (u8::from(!self.conv.x2apic_id_readonly) << 5);
         v.push(c);
         v.push(((self.prior.timer_mode >> 17) & 3) as u8 | (u8::from(self.prior.isr_count_nonzero) << 2));
         v.extend_from_slice(&self.page.to_bytes());

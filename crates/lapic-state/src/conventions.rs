@@ -29,10 +29,22 @@ pub struct KvmConventions {
     pub tsc_deadline: bool,
     /// LVR bit 24 (directed EOI): KVM sets it with x2APIC in CPUID and a split irqchip.
     pub directed_eoi: bool,
+    /// KVM treats the x2APIC id as read-only (Linux ≥ 6.11, backported to 6.10.y and 6.6.78;
+    /// "KVM: x86: Make x2APIC ID 100% readonly"): with legacy ids a set ignores the blob's ID
+    /// word and derives the LDR from the vCPU id. Before that (Debian's 6.1, measured), a set
+    /// with legacy ids takes `ID >> 24` (8 bits) as the x2APIC id and derives the LDR from
+    /// that truncated id, so vCPU 300 gets the LDR of id 44. With 32-bit ids both agree.
+    #[serde(default = "readonly_default")]
+    pub x2apic_id_readonly: bool,
+}
+
+fn readonly_default() -> bool {
+    true
 }
 
 impl Default for KvmConventions {
-    /// The canonical conventions: 32-bit ids, split ICR, 6 LVTs, TSC-deadline, no directed EOI.
+    /// The canonical conventions: 32-bit ids, split ICR, 6 LVTs, TSC-deadline, no directed EOI,
+    /// read-only x2APIC id.
     fn default() -> Self {
         KvmConventions::CANONICAL
     }
@@ -46,6 +58,7 @@ impl KvmConventions {
         nr_lvt: 6,
         tsc_deadline: true,
         directed_eoi: false,
+        x2apic_id_readonly: true,
     };
 
     /// The LVR value KVM computes for these conventions (it overwrites whatever a blob holds):
@@ -60,6 +73,16 @@ impl KvmConventions {
             3 << 17
         } else {
             1 << 17
+        }
+    }
+
+    /// The x2APIC id KVM takes from a set of a blob whose ID word is `id_word` on vCPU
+    /// `vcpu_id` (x2APIC mode; with 32-bit ids a mismatch is refused before this matters).
+    pub fn x2apic_id_on_set(&self, vcpu_id: u32, id_word: u32) -> u32 {
+        if self.x2apic_32bit_ids || self.x2apic_id_readonly {
+            vcpu_id
+        } else {
+            id_word >> 24
         }
     }
 

@@ -68,30 +68,33 @@ impl KvmConventions {
             })
             .unwrap_or(false);
         let icr = probe_icr_layout(kvm)?;
+        let x2apic_id_readonly = probe_x2apic_id_readonly(kvm)?;
         Ok(KvmConventions {
             x2apic_32bit_ids,
             icr,
             nr_lvt: 6,
             tsc_deadline,
             directed_eoi: false,
+            x2apic_id_readonly,
         }
         .with_lvr(lvr))
     }
 }
 
-/// Find out whether this host's KVM keeps the x2APIC ICR split (AMD, old kernels) or merged
-/// (Intel, Linux ≥ 5.18), on a scratch VM: set ICR2 in x2APIC mode and see whether GET
-/// mirrors it at 0x304.
-pub fn probe_icr_layout(kvm: &Kvm) -> Result<IcrLayout, KvmLapicError> {
+/// A scratch VM with one vCPU (id `vcpu_id`) in x2APIC mode, for probing KVM's behaviour;
+/// `ids_32bit` enables `KVM_X2APIC_API_USE_32BIT_IDS` on it. The VM goes with the vCPU fd.
+fn scratch_x2apic_vcpu(kvm: &Kvm, vcpu_id: u64, ids_32bit: bool) -> Result<VcpuFd, KvmLapicError> {
     let vm = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
     vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
-    let cap = kvm_enable_cap {
-        cap: kvm_bindings::KVM_CAP_X2APIC_API,
-        args: [u64::from(kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS), 0, 0, 0],
-        ..Default::default()
-    };
-    vm.enable_cap(&cap).map_err(ioctl("KVM_ENABLE_CAP(X2APIC_API)"))?;
-    let vcpu = vm.create_vcpu(1).map_err(ioctl("KVM_CREATE_VCPU"))?;
+    if ids_32bit {
+        let cap = kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_X2APIC_API,
+            args: [u64::from(kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS), 0, 0, 0],
+            ..Default::default()
+        };
+        vm.enable_cap(&cap).map_err(ioctl("KVM_ENABLE_CAP(X2APIC_API)"))?;
+    }
+    let vcpu = vm.create_vcpu(vcpu_id).map_err(ioctl("KVM_CREATE_VCPU"))?;
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
@@ -102,6 +105,14 @@ pub fn probe_icr_layout(kvm: &Kvm) -> Result<IcrLayout, KvmLapicError> {
     let mut sregs = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
     sregs.apic_base = ApicBase::DEFAULT_ADDRESS | ApicBase::ENABLE | ApicBase::EXTD;
     vcpu.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+    Ok(vcpu)
+}
+
+/// Find out whether this host's KVM keeps the x2APIC ICR split (AMD, old kernels) or merged
+/// (Intel, Linux ≥ 5.18), on a scratch VM: set ICR2 in x2APIC mode and see whether GET
+/// mirrors it at 0x304.
+pub fn probe_icr_layout(kvm: &Kvm) -> Result<IcrLayout, KvmLapicError> {
+    let vcpu = scratch_x2apic_vcpu(kvm, 1, true)?;
     let mut lapic = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
     {
         let p = LapicPage::view_mut(&mut lapic);
@@ -117,6 +128,18 @@ pub fn probe_icr_layout(kvm: &Kvm) -> Result<IcrLayout, KvmLapicError> {
     } else {
         IcrLayout::Split
     })
+}
+
+/// Find out whether this host's KVM treats the x2APIC id as read-only (Linux ≥ 6.11 and
+/// backports), on a scratch VM with legacy ids: set a blob whose ID word names another id and
+/// see whether GET reports the vCPU's own id (read-only) or the blob's (older kernels).
+pub fn probe_x2apic_id_readonly(kvm: &Kvm) -> Result<bool, KvmLapicError> {
+    let vcpu = scratch_x2apic_vcpu(kvm, 3, false)?;
+    let mut lapic = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
+    LapicPage::view_mut(&mut lapic).set_reg(regs::ID, 5 << 24);
+    vcpu.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
+    let back = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
+    Ok(LapicPage::view(&back).reg(regs::ID) == 3 << 24)
 }
 
 /// Save vCPU `vcpu_id`'s LAPIC: its APIC base (from SREGS) and page, normalised.

@@ -129,9 +129,11 @@ pub fn predict_set(
                 expected: vcpu_id,
             }));
         }
-        // Set fixups: the x2APIC id is the vCPU id, the LDR follows from it.
-        page.set_reg(regs::ID, vcpu_id);
-        page.set_reg(regs::LDR, x2apic_ldr(vcpu_id));
+        // Set fixups: the x2APIC id is the vCPU id (or, on kernels before 6.11 with legacy
+        // ids, the blob's 8-bit id), the LDR follows from it.
+        let id = conv.x2apic_id_on_set(vcpu_id, found);
+        page.set_reg(regs::ID, id);
+        page.set_reg(regs::LDR, x2apic_ldr(id));
         if conv.icr == IcrLayout::Merged {
             // One 64-bit ICR at 0x300: the high half (from ICR2) lands at 0x304.
             let hi = page.reg(regs::ICR2);
@@ -171,7 +173,8 @@ pub fn predict_set(
 
     if x2 {
         // Get fixups: the id in the VM's format; the merged ICR's high half copied to ICR2.
-        page.set_reg(regs::ID, id_word(vcpu_id, conv));
+        let id = page.reg(regs::ID);
+        page.set_reg(regs::ID, id_word(id, conv));
     }
     Ok(Prediction {
         get: page,

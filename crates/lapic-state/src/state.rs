@@ -116,6 +116,9 @@ impl LapicState {
                     });
                 }
                 page.set_reg(regs::ID, vcpu_id);
+                // The canonical x2APIC LDR is the one KVM derives from the full id (kernels
+                // before 6.11 with legacy ids derive it from the truncated one: not portable).
+                page.set_reg(regs::LDR, x2apic_ldr(vcpu_id));
                 if conv.icr == IcrLayout::Merged {
                     // KVM's merged ICR: high half at 0x304, copied to 0x310 by GET. 0x310 is
                     // what KVM reads on SET, so it is authoritative; 0x304 carries nothing else.
@@ -136,7 +139,10 @@ impl LapicState {
     pub fn denormalise(&self, conv: &KvmConventions) -> kvm_lapic_state {
         let mut page = self.page;
         if self.apic_base.mode() == ApicMode::X2Apic {
-            page.set_reg(regs::ID, id_word(self.vcpu_id, conv));
+            let word = id_word(self.vcpu_id, conv);
+            page.set_reg(regs::ID, word);
+            // The LDR such a KVM reports: from the (possibly truncated) id it keeps.
+            page.set_reg(regs::LDR, x2apic_ldr(conv.x2apic_id_on_set(self.vcpu_id, word)));
             if conv.icr == IcrLayout::Merged {
                 let hi = page.reg(regs::ICR2);
                 page.set_raw_u32(regs::ICR + 4, hi);

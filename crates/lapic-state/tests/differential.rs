@@ -235,13 +235,23 @@ fn run_differential(x2apic_32bit_ids: bool, iterations: u32, seed: u64) -> (u32,
                     diff(&a, &e)
                 );
                 assert_eq!(after.sw_enabled(), p.sw_enabled, "{ctx}");
-                // Normalising what KVM returned and denormalising it again is the identity.
-                let st = LapicState::normalise(after.as_kvm(), v.id, base, &conv).expect("normalise");
-                assert_eq!(
-                    LapicPage::from(st.denormalise(&conv)),
-                    after,
-                    "{ctx}: normalise round trip"
-                );
+                // Normalising what KVM returned and denormalising it again is the identity,
+                // unless KVM kept a foreign x2APIC id (kernels before 6.11 with legacy ids
+                // take the blob's): such a state is refused as not this vCPU's.
+                let foreign_id = mode == ApicMode::X2Apic
+                    && !conv.x2apic_32bit_ids
+                    && after.reg(regs::ID) != v.id.wrapping_shl(24);
+                match LapicState::normalise(after.as_kvm(), v.id, base, &conv) {
+                    Ok(st) => {
+                        assert!(!foreign_id, "{ctx}: a foreign x2APIC id was accepted");
+                        assert_eq!(
+                            LapicPage::from(st.denormalise(&conv)),
+                            after,
+                            "{ctx}: normalise round trip"
+                        );
+                    }
+                    Err(e) => assert!(foreign_id, "{ctx}: normalise: {e}"),
+                }
                 v.prior = p.next;
                 ok += 1;
             }

@@ -23,9 +23,10 @@ fn conv_strategy() -> impl Strategy<Value = KvmConventions> {
         prop_oneof![Just(6u8), Just(7u8)],
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
     )
         .prop_map(
-            |(ids, merged, nr_lvt, tsc_deadline, directed_eoi)| KvmConventions {
+            |(ids, merged, nr_lvt, tsc_deadline, directed_eoi, x2apic_id_readonly)| KvmConventions {
                 x2apic_32bit_ids: ids,
                 icr: if merged {
                     IcrLayout::Merged
@@ -35,6 +36,7 @@ fn conv_strategy() -> impl Strategy<Value = KvmConventions> {
                 nr_lvt,
                 tsc_deadline,
                 directed_eoi,
+                x2apic_id_readonly,
             },
         )
 }
@@ -155,10 +157,14 @@ proptest! {
         let p = predict_set(vcpu_id, base, &b, &conv, &PriorApic::FRESH).unwrap();
         let expect_id = if conv.x2apic_32bit_ids { vcpu_id } else { vcpu_id.wrapping_shl(24) };
         prop_assert_eq!(p.get.reg(regs::ID), expect_id);
+        // The LDR follows the id KVM keeps: the vCPU id, or before Linux 6.11 with legacy
+        // ids the 8 bits of it the ID word holds.
+        let kept = if conv.x2apic_32bit_ids || conv.x2apic_id_readonly { vcpu_id } else { vcpu_id & 0xff };
+        prop_assert_eq!(conv.x2apic_id_on_set(vcpu_id, expect_id), kept);
         let ldr = p.get.reg(regs::LDR);
-        prop_assert_eq!(ldr, x2apic_ldr(vcpu_id));
+        prop_assert_eq!(ldr, x2apic_ldr(kept));
         prop_assert_eq!((ldr & 0xffff).count_ones(), 1);
-        prop_assert_eq!(ldr >> 16, vcpu_id >> 4);
+        prop_assert_eq!(ldr >> 16, kept >> 4);
         let (inb, out) = (LapicPage::view(&b).to_bytes(), p.get.to_bytes());
         prop_assert_eq!(word(&out, 0x300), word(&inb, 0x300));
         prop_assert_eq!(word(&out, 0x310), word(&inb, 0x310));
