@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use vmm_reference::console::GuestConsole;
 
 mod common;
-use common::{env_count, kvm_or_skip, pct, qemu_command, qemu_peer};
+use common::{env_count, kvm_or_skip, pct, qemu_command, qemu_peer, record_row};
 
 fn status_kib(pid: u32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -82,6 +82,7 @@ fn main() {
         }
     };
     for (i, (name, v)) in rows.iter_mut().enumerate() {
+        record_row("boot", name, pct(v, 0.5), v.len());
         let ours = format!("{:.2} ({:.2})", pct(v, 0.5), pct(v, 0.9));
         let theirs = peer_rows
             .get_mut(i)

@@ -22,7 +22,7 @@ use vmm_reference::console::GuestConsole;
 use vmm_reference::vm::Vm;
 
 mod common;
-use common::{env_count, kvm_or_skip, pct, qemu_command, qemu_peer};
+use common::{backend, env_count, kvm_or_skip, pct, qemu_command, qemu_peer, record_row};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -118,7 +118,10 @@ fn main() {
     vm.wait(Some(T));
     let _ = std::fs::remove_dir_all(&dir);
 
-    println!("\nvmm-reference CPU hotplug benchmark (test guest, PVM software KVM, 2 host cores)");
+    println!(
+        "\nvmm-reference CPU hotplug benchmark (test guest, {})",
+        backend()
+    );
     println!(
         "{:<48} {:>5} {:>10} {:>10} {:>10}",
         "metric", "n", "median", "p99", "max"
@@ -130,8 +133,10 @@ fn main() {
         ("vCPU state restore, per vCPU (us)", &mut restore),
     ] {
         let (med, p99, max) = stats(v);
+        record_row("hotplug", name, med, v.len());
         println!("{name:<48} {:>5} {med:>10.2} {p99:>10.2} {max:>10.2}", v.len());
     }
+    record_row("hotplug", "resize 2 -> 64, all online (ms)", grow, 1);
     println!("{:<48} {:>5} {grow:>10.1}", "resize 2 -> 64, all online (ms)", 1);
     match qemu_peer().map(|q| qemu_hotplug(&q, samples)) {
         Some(Ok((mut on, mut off))) => {

@@ -20,7 +20,7 @@ use vmm_reference::api::request;
 use vmm_reference::console::GuestConsole;
 
 mod common;
-use common::{env_count, kvm_or_skip, pct};
+use common::{backend, env_count, kvm_or_skip, pct, record_row};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -151,7 +151,10 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 
     println!("\nvmm-reference snapshot / restore / live migration (test guest, 1 GiB, 4 of 8 CPUs present, 1 offline;");
-    println!("PVM software KVM, 2 host cores; Unix socket). CH = Cloud Hypervisor on this machine kind, reference notes.");
+    println!(
+        "{}; Unix socket). CH = Cloud Hypervisor on this machine kind, reference notes.",
+        backend()
+    );
     println!(
         "{:<46} {:>4} {:>10} {:>10} {:>16}",
         "metric", "n", "median", "max", "CH (notes)"
@@ -171,6 +174,7 @@ fn main() {
     ];
     for (name, v, ch) in rows {
         let (med, max) = stats(v);
+        record_row("migration", name, med, v.len());
         println!("{name:<46} {:>4} {med:>10.1} {max:>10.1} {ch:>16}", v.len());
     }
     println!("{:<46} {:>4} {state_kib:>10.1}", "state.bin (KiB)", 1);

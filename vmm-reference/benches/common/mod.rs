@@ -66,3 +66,30 @@ pub fn qemu_command(qemu: &std::path::Path, boot: u32, max: u32, mem_mib: u32) -
         .arg(test_guest::elf_path());
     c
 }
+
+/// Record one result row for `ci/bench-nested.sh`, which runs the same benchmark binaries on
+/// the host and in nested L1 VMs and prints them side by side: with `$BENCH_ROWS` naming a
+/// file, appends `bench<TAB>metric<TAB>median<TAB>n`. Without it, does nothing.
+pub fn record_row(bench: &str, metric: &str, median: f64, n: usize) {
+    use std::io::Write;
+    let Some(path) = std::env::var_os("BENCH_ROWS") else {
+        return;
+    };
+    let line = format!("{bench}\t{metric}\t{median:.3}\t{n}\n");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
+/// The KVM backend this benchmark runs on, for its table title.
+pub fn backend() -> &'static str {
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        "PVM software KVM"
+    } else if std::path::Path::new("/sys/module/kvm_amd").exists() {
+        "kvm-amd"
+    } else if std::path::Path::new("/sys/module/kvm_intel").exists() {
+        "kvm-intel"
+    } else {
+        "KVM"
+    }
+}

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+#
+# The boot, hotplug and migration benchmarks on this host's KVM and on real upstream KVM
+# (kvm-amd on Linux 6.1 and 6.12 in QEMU TCG, ci/nested/run.py), printed as one table with a
+# column per KVM. The same release binaries run everywhere; each L1 boots once and runs all
+# three. TCG makes L1 slower per operation: compare L1 columns with each other and read the
+# host column as the same code on a different backend, not as a speed-up factor.
+#
+#   bash ci/bench-nested.sh [6.1] [6.12]
+# Env: sample counts as for the benchmarks (BOOT_BENCH_RUNS, HOTPLUG_BENCH_SAMPLES,
+# MIGRATION_BENCH_SAMPLES); L1 runs use 5/10/3 unless set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kernels=("$@")
+[ ${#kernels[@]} -gt 0 ] || kernels=(6.1 6.12)
+out="$PWD/target/nested/bench"
+mkdir -p "$out"
+bash ci/nested/debs.sh || exit 2
+
+cargo bench -p vmm-reference --locked --no-run --message-format=json 2>"$out/build.log" >"$out/build.json" \
+    || { tail -20 "$out/build.log" >&2; exit 1; }
+mapfile -t benches < <(python3 - "$out/build.json" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "bench" in m["target"]["kind"]:
+        print(m["target"]["name"] + " " + m["executable"])
+PY
+)
+[ ${#benches[@]} -gt 0 ] || { echo "bench-nested: no benchmark binaries" >&2; exit 1; }
+files=(--file "$PWD/target/release/vmm-reference")
+run_all="set -e; cd '$PWD/vmm-reference'; mkdir -p '$PWD/vmm-reference'
+"
+for b in "${benches[@]}"; do
+    exe=${b#* }
+    files+=(--file "$exe")
+    run_all+="'$exe' --bench
+"
+done
+
+columns=()
+if [ -c /dev/kvm ]; then
+    host="host $(uname -r | cut -d- -f1)"
+    [ -d /sys/module/kvm_pvm ] && host="PVM $(uname -r | cut -d- -f1)"
+    rm -f "$out/host.tsv"
+    (cd vmm-reference && BENCH_ROWS="$out/host.tsv" bash -c "$run_all") | tee "$out/host.log"
+    columns+=("$host=$out/host.tsv")
+fi
+for k in "${kernels[@]}"; do
+    rm -f "$out/l1-$k.tsv"
+    python3 ci/nested/run.py --kernel "$k" "${files[@]}" --timeout-s 3000 \
+        --env BENCH_ROWS=/tmp/rows.tsv --env BOOT_BENCH_RUNS="${BOOT_BENCH_RUNS:-5}" \
+        --env HOTPLUG_BENCH_SAMPLES="${HOTPLUG_BENCH_SAMPLES:-10}" \
+        --env MIGRATION_BENCH_SAMPLES="${MIGRATION_BENCH_SAMPLES:-3}" \
+        --collect "/tmp/rows.tsv=$out/l1-$k.tsv" --log "$out/l1-$k.log" "$run_all" \
+        | grep --line-buffered -v "TCG doesn't support requested feature" \
+        || { echo "bench-nested: L1 $k failed (log $out/l1-$k.log)" >&2; exit 1; }
+    columns+=("L1 kvm-amd $k=$out/l1-$k.tsv")
+done
+
+python3 - "${columns[@]}" <<'PY' | tee "$out/table.txt"
+import sys
+cols, rows, order = [], {}, []
+for spec in sys.argv[1:]:
+    name, path = spec.split("=", 1)
+    cols.append(name)
+    try:
+        lines = open(path).read().splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in lines:
+        bench, metric, med, n = line.split("\t")
+        key = (bench, metric)
+        if key not in rows:
+            rows[key] = {}
+            order.append(key)
+        rows[key][name] = f"{float(med):.2f} (n={n})"
+print("\nbenchmarks side by side: median per KVM (same binaries, same test guest)")
+print(f"{'benchmark / metric':<58}" + "".join(f"{c:>22}" for c in cols))
+for bench, metric in order:
+    print(f"{bench + ': ' + metric:<58}" + "".join(f"{rows[(bench, metric)].get(c, '-'):>22}" for c in cols))
+PY
