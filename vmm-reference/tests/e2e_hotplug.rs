@@ -311,9 +311,10 @@ fn churn_of_200_operations_keeps_every_online_cpu_ticking() {
         "churn: {ops:?} (add, remove, offline, online) in {:?}, worst tick gap {worst} us",
         start.elapsed()
     );
-    // Never more than one missed 10 ms period (a gap of two periods), with 5 ms of slack for
-    // this host's emulated ring 0.
-    assert!(worst <= 25_000, "a CPU missed ticks: worst gap {worst} us");
+    // A timer that hotplug, offline or online left unarmed shows as a gap of the rest of the
+    // churn; 2 s is far below that and far above what host load does to a 10 ms tick (PVM
+    // under load: 25 ms; nested kvm-amd in QEMU TCG: 40 ms). The tight figure is a benchmark.
+    assert!(worst <= 2_000_000, "a CPU missed ticks: worst gap {worst} us");
     assert!(ops.iter().all(|&n| n > 10), "each kind of operation ran: {ops:?}");
     vm.poweroff();
 }

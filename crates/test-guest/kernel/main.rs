@@ -30,8 +30,10 @@ pub const MAX_PRESENT_SCAN: usize = 4096;
 const COM1: u16 = 0x3f8;
 const AP_TRAMPOLINE_ADDR: u64 = 0x8000;
 const STACK_SIZE: u64 = 16384;
-/// BSP timer ticks to wait for an AP to come online or go offline (10 ms each).
-const WAIT_TICKS: u64 = 200;
+/// BSP timer ticks to wait for an AP to come online or go offline (10 ms each). 10 s: on
+/// nested KVM (kvm-amd inside QEMU TCG) an AP's thread can wait seconds for an L1 CPU, and
+/// the host side gives up after 30 s anyway.
+const WAIT_TICKS: u64 = 1000;
 
 // CPU states as seen by the guest.
 const ST_ABSENT: u32 = 0;
