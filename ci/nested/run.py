@@ -151,7 +151,9 @@ INIT = r"""#!/bin/busybox sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
-mount -t tmpfs -o size=75% tmpfs /tmp
+# /tmp stays on the initramfs root (writable): a tmpfs mounted there would hide host files
+# packed under /tmp (a checkout in /tmp puts the test binaries there).
+chmod 1777 /tmp
 mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
 ulimit -n 65536
 for m in $(cat /modules/order); do insmod /modules/$m || echo "nested: insmod $m failed"; done
