@@ -206,6 +206,8 @@ def main():
     p.add_argument("--smp", type=int, default=2)
     p.add_argument("--memory-mib", type=int, default=6144)
     p.add_argument("--timeout-s", type=float, default=1800)
+    p.add_argument("--idle-timeout-s", type=float, default=0,
+                   help="kill L1 after this long without console output (a wedged L1; 0: never)")
     p.add_argument("--log", help="also write L1's console here")
     p.add_argument("--monitor", help="a Unix socket for QEMU's human monitor (debugging a wedged L1)")
     p.add_argument("--append", default="", help="more L1 kernel command line")
@@ -231,6 +233,7 @@ def boot(args, vmlinuz, initrd):
     log = open(args.log, "w", buffering=1) if args.log else None
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + args.timeout_s
+    last_output = time.monotonic()
     rc, collecting, buf, pending = None, None, [], b""
     while True:
         left = deadline - time.monotonic()
@@ -238,9 +241,17 @@ def boot(args, vmlinuz, initrd):
             proc.kill()
             print(f"nested: timed out after {args.timeout_s:.0f} s", flush=True)
             return 124
+        idle = time.monotonic() - last_output
+        if args.idle_timeout_s and idle > args.idle_timeout_s:
+            # QEMU's TCG can lose L1 interrupts for good (both L1 CPUs stay in VMRUN, or one
+            # halts with its timer pending); L1's own per-test timeouts then never print.
+            proc.kill()
+            print(f"nested: L1 wedged: no output for {idle:.0f} s", flush=True)
+            return 124
         ready, _, _ = select.select([proc.stdout], [], [], min(left, 5))
         if not ready:
             continue
+        last_output = time.monotonic()
         chunk = os.read(proc.stdout.fileno(), 65536)
         if not chunk:
             break
