@@ -3,7 +3,6 @@
 //! irqchip, PIT, clock), the host checks a restore needs, the VM a migration destination
 //! prepares ahead of time, and the ordered restore of KVM VM state and vCPUs.
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VmFd};
 use lapic_state::KvmConventions;
 use vcpu_manager::{Topology, VcpuManager};
@@ -45,10 +44,11 @@ impl Prepared {
 
 /// The CPUID this VMM would give CPU 0 of a `topology` VM on this host (for compatibility checks).
 pub fn host_cpuid(kvm: &Kvm, topology: &Topology) -> Result<kvm_bindings::CpuId, VmmError> {
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    Ok(vcpu_manager::cpuid::for_vcpu(&supported, topology, 0))
+    Ok(vcpu_manager::cpuid::for_vcpu(
+        &crate::vm::host_model(kvm)?,
+        topology,
+        0,
+    ))
 }
 
 /// Check that this host can run `saved` (CPU count, vendor, CPU features, memory).

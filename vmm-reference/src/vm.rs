@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use acpi_cpu_hotplug::{AcpiHotplugDevice, HotplugLayout, HotplugSink, SleepSink, SLP_TYP_S5};
-use kvm_bindings::{kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use lapic_state::{ApicBase, ApicMode, KvmConventions, LapicPage};
 use serde::Serialize;
@@ -965,16 +968,12 @@ impl Vm {
             events: Mutex::new(ev_tx.clone()),
         });
         let supported = match &origin {
-            Origin::Boot(_) => kvm
-                .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-                .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?,
+            Origin::Boot(_) => host_model(&kvm)?,
             // The VM keeps its CPU model: CPUs hot-added later get CPU 0's CPUID (with their
             // own APIC ids), not whatever this host would offer a new VM.
             Origin::Restore(saved, _) => match saved.vcpus.first() {
                 Some((_, st)) => st.cpuid.clone(),
-                None => kvm
-                    .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-                    .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?,
+                None => host_model(&kvm)?,
             },
         };
         let mut vcpus = VcpuManager::new(
@@ -1159,6 +1158,51 @@ impl Drop for Vm {
     }
 }
 
+/// The CPU model of a new VM on this host (see `vcpu_manager::cpuid::host_model`).
+pub(crate) fn host_model(kvm: &Kvm) -> Result<kvm_bindings::CpuId, VmmError> {
+    vcpu_manager::cpuid::host_model(kvm, vcpu_manager::cpuid::Backend::detect())
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
+}
+
+/// The PC's interrupt wiring, as the MADT describes it: ISA IRQ 0 (the PIT) on I/O APIC pin 2
+/// (our MADT's interrupt source override, as on every PC), the other ISA IRQs and GSIs 16-23
+/// on the pin of their number, IRQs 0-15 also on the 8259s (except 2, the cascade).
+/// KVM's default table wires GSI 0 to I/O APIC pin 0, where Linux never looks: its PIT ticks
+/// would be lost, its LAPIC timer then fails verification against jiffies, and its clock
+/// stops. QEMU installs the same table (`kvm_pc_setup_irq_routing`).
+fn pc_gsi_routing() -> Result<KvmIrqRouting, VmmError> {
+    let chip = |gsi: u32, irqchip: u32, pin: u32| {
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_IRQCHIP,
+            ..Default::default()
+        };
+        e.u.irqchip.irqchip = irqchip;
+        e.u.irqchip.pin = pin;
+        e
+    };
+    let mut entries = Vec::with_capacity(40);
+    for irq in (0..16).filter(|&i| i != 2) {
+        let (pic, pin) = if irq < 8 {
+            (KVM_IRQCHIP_PIC_MASTER, irq)
+        } else {
+            (KVM_IRQCHIP_PIC_SLAVE, irq - 8)
+        };
+        entries.push(chip(irq, pic, pin));
+    }
+    entries.push(chip(0, KVM_IRQCHIP_IOAPIC, 2));
+    for gsi in (1..IOAPIC_PINS).filter(|&g| g != 2) {
+        entries.push(chip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+    }
+    KvmIrqRouting::from_entries(&entries).map_err(|_| VmmError::Io {
+        what: "the GSI routing table".into(),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    })
+}
+
+/// Pins of KVM's in-kernel I/O APIC.
+const IOAPIC_PINS: u32 = 24;
+
 /// A KVM VM with the in-kernel irqchip and PIT, the x2APIC API when APIC ids need it, and
 /// `mem` registered. Used at boot and when the VM is rebuilt from saved state.
 pub(crate) fn create_kvm_vm(kvm: &Kvm, topology: &Topology, mem: &GuestMemory) -> Result<VmFd, VmmError> {
@@ -1171,6 +1215,8 @@ pub(crate) fn create_kvm_vm(kvm: &Kvm, topology: &Topology, mem: &GuestMemory) -
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    vm.set_gsi_routing(&pc_gsi_routing()?)
+        .map_err(kvm_err("KVM_SET_GSI_ROUTING"))?;
     if topology.needs_x2apic() {
         // APIC ids above 254 only exist with 32-bit x2APIC ids; must precede vCPU creation.
         let cap = kvm_enable_cap {

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, CpuId, KVM_MP_STATE_UNINITIALIZED,
+    kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, CpuId, Msrs,
+    KVM_MP_STATE_UNINITIALIZED,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use lapic_state::{KvmConventions, LapicPage};
 
 use crate::runner::{ExitHandler, VcpuRunner};
-use crate::state::{save_vcpu, VcpuState};
+use crate::state::{save_vcpu, VcpuState, MSR_MTRR_DEF_TYPE, MTRR_DEF_TYPE_WB};
 use crate::{cpuid, Error, Result, Topology};
 
 /// How long a vCPU may take to acknowledge a pause or answer a request.
@@ -177,7 +178,18 @@ impl VcpuManager {
         let mut lapic = LapicPage::from(fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?);
         // LINT0 = ExtINT (the 8259), LINT1 = NMI: the wiring firmware leaves for the OS.
         lapic.set_lint_boot_defaults();
-        fd.set_lapic(lapic.as_kvm()).map_err(ioctl("KVM_SET_LAPIC"))
+        fd.set_lapic(lapic.as_kvm()).map_err(ioctl("KVM_SET_LAPIC"))?;
+        // MTRRs as firmware leaves them (all RAM write-back); every CPU the same, as Linux checks.
+        let mtrr = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_MTRR_DEF_TYPE,
+            data: MTRR_DEF_TYPE_WB,
+            ..Default::default()
+        }])
+        .map_err(|_| Error::Msrs("building the MTRR default type"))?;
+        match fd.set_msrs(&mtrr).map_err(ioctl("KVM_SET_MSRS"))? {
+            1 => Ok(()),
+            _ => Err(Error::Msrs("KVM refused the MTRR default type")),
+        }
     }
 
     /// Make a parked vCPU look freshly plugged: an AP at power-on, waiting for INIT/SIPI.

@@ -15,6 +15,12 @@ use crate::{Error, Result};
 /// IA32_APIC_BASE: restored through SREGS, never through the MSR list (a second write after
 /// `KVM_SET_LAPIC` with another mode would rewrite the x2APIC ID and LDR).
 const MSR_IA32_APICBASE: u32 = 0x1b;
+/// IA32_MTRR_DEF_TYPE: enable bit 11 and the default memory type in bits 0-7.
+pub(crate) const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+/// MTRRs enabled, default type write-back: what firmware leaves for the OS on a machine whose
+/// RAM is all write-back. KVM's power-on value is 0 (MTRRs off, everything uncachable), which
+/// makes Linux skip its PAT setup ("MTRRs disabled, skipping PAT initialization").
+pub(crate) const MTRR_DEF_TYPE_WB: u64 = (1 << 11) | 6;
 
 /// Everything KVM keeps about one vCPU.
 #[derive(Debug, Serialize, Deserialize)]
@@ -51,14 +57,50 @@ fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { what, source }
 }
 
-/// The MSRs worth saving on this host: KVM's index list without the APIC base and the TSC
-/// deadline (both restored separately), keeping only those `vcpu` can read.
+/// The MTRRs: `KVM_GET_MSR_INDEX_LIST` leaves them out, yet KVM keeps them per vCPU and a
+/// guest (Linux's PAT setup) reads them back: default type, the fixed ranges, and the
+/// variable ranges (KVM offers 8 pairs from 0x200).
+const MTRR_MSRS: [u32; 28] = [
+    MSR_MTRR_DEF_TYPE,
+    0x250,
+    0x258,
+    0x259,
+    0x268,
+    0x269,
+    0x26a,
+    0x26b,
+    0x26c,
+    0x26d,
+    0x26e,
+    0x26f,
+    0x200,
+    0x201,
+    0x202,
+    0x203,
+    0x204,
+    0x205,
+    0x206,
+    0x207,
+    0x208,
+    0x209,
+    0x20a,
+    0x20b,
+    0x20c,
+    0x20d,
+    0x20e,
+    0x20f,
+];
+
+/// The MSRs worth saving on this host: KVM's index list and the MTRRs, without the APIC base
+/// and the TSC deadline (both restored separately), keeping only those `vcpu` can read.
 pub fn msr_list(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
     let all = kvm
         .get_msr_index_list()
         .map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?;
+    let mut candidates: Vec<u32> = all.as_slice().to_vec();
+    candidates.extend(MTRR_MSRS.iter().filter(|m| !all.as_slice().contains(m)));
     let mut out = Vec::new();
-    for &index in all.as_slice() {
+    for index in candidates {
         if index == MSR_IA32_APICBASE || index == MSR_IA32_TSC_DEADLINE {
             continue;
         }
