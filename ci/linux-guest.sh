@@ -3,7 +3,9 @@
 #
 # Build the Linux guest payload from Debian packages into target/linux-guest/:
 #   vmlinuz              Debian's cloud kernel (bzImage; needs an ACPI MADT, which we provide)
-#   initramfs.cpio.gz    busybox-static + an /init that prints LINUX_GUEST_READY on ttyS0
+#   initramfs.cpio.gz    busybox-static + an /init that prints LINUX_GUEST_READY on ttyS0 and
+#                        then answers the agent protocol there (status, online/offline N,
+#                        gpe mask|unmask, sleep S, poweroff)
 # Only Debian's package archive is contacted (apt-get download; no root needed for that part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,14 +38,46 @@ python3 - "$work/busybox/bin/busybox" "$out/initramfs.cpio.gz" <<'PY'
 # A reproducible newc initramfs without root, cpio or mknod: fixed inodes, mtime 0, uid/gid 0.
 import gzip, io, sys
 busybox = open(sys.argv[1], "rb").read()
-init = b"""#!/bin/busybox sh
+init = rb"""#!/bin/busybox sh
+# The guest agent: one command per line on ttyS0, each answered by lines ending in one
+# starting with OK or ERR (the same framing as the test guest's console protocol).
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 stty -echo 2>/dev/null
-echo "LINUX_GUEST_READY online=$(cat /sys/devices/system/cpu/online) present=$(cat /sys/devices/system/cpu/present) possible=$(cat /sys/devices/system/cpu/possible)"
-exec /bin/sh
+cpu=/sys/devices/system/cpu
+# Per-CPU local APIC timer interrupts ("LOC" in /proc/interrupts): "0:812,1:790".
+loc() {
+    awk 'NR == 1 { for (i = 1; i <= NF; i++) id[i] = substr($i, 4) }
+         $1 == "LOC:" { s = ""; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s = s (s ? "," : "") id[i-1] ":" $i; print s }' /proc/interrupts
+}
+st() {
+    echo "OK online=$(cat $cpu/online) present=$(cat $cpu/present) possible=$(cat $cpu/possible) uptime=$(cut -d' ' -f1 /proc/uptime) loc=$(loc)"
+}
+# set_online N 0|1: through sysfs, as a user or udev rule does.
+set_online() {
+    if [ ! -e "$cpu/cpu$1/online" ]; then echo "ERR no cpu$1"; return; fi
+    if echo "$2" > "$cpu/cpu$1/online"; then echo OK; else echo "ERR cpu$1 online=$2 failed"; fi
+}
+# The hotplug GPE (GPE0 bit 2 in this VMM's FADT): mask holds events pending in GPE0_STS.
+gpe() {
+    case "$1" in mask) v=disable ;; unmask) v=enable ;; *) echo "ERR gpe mask|unmask"; return ;; esac
+    if echo "$v" > /sys/firmware/acpi/interrupts/gpe02; then echo OK; else echo "ERR gpe02 $v"; fi
+}
+echo "LINUX_GUEST_READY online=$(cat $cpu/online) present=$(cat $cpu/present) possible=$(cat $cpu/possible)"
+while read -r cmd arg; do
+    case "$cmd" in
+        status) st ;;
+        online) set_online "$arg" 1 ;;
+        offline) set_online "$arg" 0 ;;
+        gpe) gpe "$arg" ;;
+        sleep) if sleep "$arg"; then echo OK; else echo "ERR sleep"; fi ;;
+        poweroff) echo "OK poweroff"; poweroff -f ;;
+        "") ;;
+        *) echo "ERR unknown command: $cmd" ;;
+    esac
+done
 """
 entries = []
 ino = [1000]

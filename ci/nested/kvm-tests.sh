@@ -4,11 +4,13 @@
 # Every KVM test on real upstream KVM: kvm-amd on Linux 6.1 and 6.12, each in a QEMU-TCG VM
 # (ci/nested/run.py). The test binaries are built here (cargo test --no-run, the same build
 # ci/test.sh uses) and executed in L1; each kernel's KVM test ledger must hold every test that
-# names itself to kvm_or_skip("...") (the same set check as ci/test.sh, per kernel).
+# names itself to kvm_or_skip("...") or linux_or_skip("...") (the Linux guest tests, which run
+# here and not on PVM): the same set check as ci/test.sh, per kernel.
 #
-#   ci/nested/kvm-tests.sh [6.1] [6.12]     (default: both)
-# Env: NESTED_TEST_TIMEOUT_S (default 300 per test), NESTED_TIMEOUT_S (default 2400 per L1),
-# NESTED_IDLE_TIMEOUT_S (default 420: L1 silent that long is wedged; a fresh L1 resumes).
+#   ci/nested/kvm-tests.sh [6.1] [6.12]     (default: both, side by side)
+# Env: NESTED_TEST_TIMEOUT_S (default 300 per test), NESTED_TIMEOUT_S (default 1800 per L1),
+# NESTED_IDLE_TIMEOUT_S (default 420: L1 silent that long is wedged; a fresh L1 resumes),
+# NESTED_SMP (default 1 CPU per L1), NESTED_MEMORY_MIB (default 4096 per L1).
 # Exit: 0 all passed; 1 a test failed or did not run; 2 QEMU or the kernels cannot be had.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,11 +20,13 @@ out="$PWD/target/nested/results"
 mkdir -p "$out"
 
 bash ci/nested/debs.sh || exit 2
+# The Linux guest (Debian's cloud kernel + the busybox agent) that the linux_guest tests boot in L1.
+bash ci/linux-guest.sh >"$out/linux-guest.log" 2>&1 || { tail -5 "$out/linux-guest.log" >&2; exit 2; }
 
 # The test binaries that talk to /dev/kvm (each has a kvm_or_skip test), from cargo's JSON.
 cargo test --workspace --locked --no-run --message-format=json 2>"$out/build.log" >"$out/build.json" \
     || { tail -20 "$out/build.log" >&2; exit 1; }
-kvm_sources=$(grep -rlE 'kvm_or_skip\("' vmm-reference/tests crates/*/tests | xargs -n1 basename | sed 's/\.rs$//' | sort -u)
+kvm_sources=$(grep -rlE '(kvm|linux)_or_skip\("' vmm-reference/tests crates/*/tests | xargs -n1 basename | sed 's/\.rs$//' | sort -u)
 mapfile -t bins < <(python3 - "$out/build.json" $kvm_sources <<'PY'
 import json, sys
 want = set(sys.argv[2:])
@@ -51,8 +55,8 @@ srcs=(vmm-reference/tests crates/*/tests)
 if [ -n "${NESTED_ONLY:-}" ]; then
     mapfile -t srcs < <(ls vmm-reference/tests/*.rs crates/*/tests/*.rs | grep -E "/(${NESTED_ONLY})\.rs$")
 fi
-expected=$(grep -rhoE 'kvm_or_skip\("[a-z0-9_]+"\)' "${srcs[@]}" \
-    | sed -E 's/kvm_or_skip\("([a-z0-9_]+)"\)/\1/' | sort -u)
+expected=$(grep -rhoE '(kvm|linux)_or_skip\("[a-z0-9_]+"\)' "${srcs[@]}" \
+    | sed -E 's/(kvm|linux)_or_skip\("([a-z0-9_]+)"\)/\2/' | sort -u)
 for t in "${!known[@]}"; do
     echo "nested: NOT RUN $t: ${known[$t]}" >&2
     expected=$(echo "$expected" | grep -vx "$t" || true)
@@ -71,7 +75,7 @@ one() { # one EXE DIR TEST
         cat /tmp/out; echo "nested-test FAILED $3 (exit $r, ${t} s)"; rc=1; failed="$failed $3"; fi
 }
 '
-files=(--file "$vmm_bin")
+files=(--file "$vmm_bin" --file "$PWD/target/linux-guest/vmlinuz" --file "$PWD/target/linux-guest/initramfs.cpio.gz")
 for b in "${bins[@]}"; do
     exe=${b%% *}; dir=${b#* }
     files+=(--file "$exe")
@@ -92,9 +96,9 @@ run_kernel() { # run_kernel KERNEL -> sets rc
     for attempt in 1 2 3; do
         log="$out/l1-$k-$attempt.log"
         set +e
-        python3 ci/nested/run.py --kernel "$k" "${files[@]}" --timeout-s "${NESTED_TIMEOUT_S:-2400}" \
+        python3 ci/nested/run.py --kernel "$k" --smp "${NESTED_SMP:-1}" --memory-mib "${NESTED_MEMORY_MIB:-4096}" "${files[@]}" --timeout-s "${NESTED_TIMEOUT_S:-1800}" \
             --idle-timeout-s "${NESTED_IDLE_TIMEOUT_S:-420}" \
-            --env KVM_TEST_LEDGER=/tmp/ledger --env VMM_REQUIRE_KVM=1 --env RUST_BACKTRACE=1 \
+            --env KVM_TEST_LEDGER=/tmp/ledger --env VMM_REQUIRE_KVM=1 --env VMM_REQUIRE_LINUX=1 --env RUST_BACKTRACE=1 \
             --env NESTED_TEST_TIMEOUT_S="${NESTED_TEST_TIMEOUT_S:-300}" \
             --env NESTED_SKIP="$skip_list$done_list" \
             --collect "/tmp/ledger=$ledger.$attempt" --log "$log" --monitor "$out/monitor-$k.sock" "$payload" \
@@ -110,23 +114,37 @@ run_kernel() { # run_kernel KERNEL -> sets rc
     done
 }
 
-status=0
-for k in "${kernels[@]}"; do
+# One kernel: its L1s, then its own ledger set check. Prints one result line; 0 when all passed.
+one_kernel() { # one_kernel KERNEL
+    local k=$1 start secs not_run ran
     start=$(date +%s)
     ledger="$out/ledger-$k"
-    rm -f "$ledger" "$ledger".*
+    rm -f "$ledger" "$ledger".* "$out/result-$k"
     run_kernel "$k"
     secs=$(( $(date +%s) - start ))
     not_run=$(comm -23 <(echo "$expected") <( (sort -u "$ledger" 2>/dev/null || true) ))
     ran=$( (sort -u "$ledger" 2>/dev/null || true) | wc -l)
     if [ "$rc" -ne 0 ]; then
         echo "nested $k: FAILED (exit $rc) in $secs s; $ran KVM tests ran; logs $out/l1-$k-*.log" >&2
-        status=1
+        return 1
     elif [ -n "$not_run" ]; then
         echo "nested $k: these KVM tests did not run: $(echo $not_run)" >&2
-        status=1
-    else
-        echo "nested $k: all $ran KVM tests passed on kvm-amd in $secs s"
+        return 1
     fi
+    echo "nested $k: all $ran KVM tests passed on kvm-amd in $secs s" | tee "$out/result-$k"
+}
+
+# The kernels run side by side, each L1 on one emulated CPU: QEMU's multi-threaded TCG loses
+# L1 wake-ups with -smp 2 (a CPU halts with work queued, then the whole L1 wedges); with one
+# CPU per L1 it has no cross-CPU wake-up to lose, and two L1s still keep both host cores busy.
+pids=()
+for k in "${kernels[@]}"; do
+    ( one_kernel "$k" ) 2>&1 | sed -u "s/^/[$k] /" &
+    pids+=($!)
+done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=1; done
+for k in "${kernels[@]}"; do
+    grep -q "^nested $k: all" "$out/result-$k" 2>/dev/null || status=1
 done
 exit $status

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 NESTED = ROOT / "target" / "nested"
 BEGIN, END, EXIT = "@@NESTED-FILE-BEGIN", "@@NESTED-FILE-END", "@@NESTED-EXIT"
+KERNEL_LOG = re.compile(r"^\s*\[\s*\d+\.\d+\] ")
 # The module to load; what it needs is found from its .modinfo and loaded first.
 WANTED_MODULES = ["kvm-amd"]
 
@@ -251,7 +252,6 @@ def boot(args, vmlinuz, initrd):
         ready, _, _ = select.select([proc.stdout], [], [], min(left, 5))
         if not ready:
             continue
-        last_output = time.monotonic()
         chunk = os.read(proc.stdout.fileno(), 65536)
         if not chunk:
             break
@@ -259,6 +259,10 @@ def boot(args, vmlinuz, initrd):
         *lines, pending = pending.split(b"\n")
         for raw in lines:
             line = raw.decode(errors="replace").rstrip("\r")
+            # Only the payload's output is progress: a wedged L1 can go on printing kernel
+            # warnings (hung tasks every 120 s) while nothing else moves.
+            if not KERNEL_LOG.match(line):
+                last_output = time.monotonic()
             if collecting is not None:
                 if line.startswith(END):
                     host = collecting.split("=", 1)[1]
