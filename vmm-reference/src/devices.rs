@@ -75,10 +75,7 @@ pub struct SocketConsole {
 impl SocketConsole {
     /// Bind `path` (replacing a stale socket file).
     pub fn bind(path: &Path) -> std::io::Result<(Arc<Self>, UnixListener)> {
-        if path.exists() {
-            std::fs::remove_file(path)?;
-        }
-        let listener = UnixListener::bind(path)?;
+        let listener = crate::sock::bind_listening(path)?;
         Ok((
             Arc::new(SocketConsole {
                 path: path.into(),

@@ -33,4 +33,5 @@ pub mod devices;
 pub mod migration;
 pub mod restore;
 pub mod snapshot;
+pub mod sock;
 pub mod vm;

@@ -237,15 +237,10 @@ enum Start {
 fn run(start: Start, api_socket: Option<&std::path::Path>) -> ExitCode {
     // Bind the API socket first, so a bad path fails before the guest starts.
     let mut listener = match api_socket {
-        Some(p) => {
-            if p.exists() {
-                let _ = std::fs::remove_file(p);
-            }
-            match std::os::unix::net::UnixListener::bind(p) {
-                Ok(l) => Some(l),
-                Err(e) => return fail(format!("--api-socket {}: {e}", p.display())),
-            }
-        }
+        Some(p) => match vmm_reference::sock::bind_listening(p) {
+            Ok(l) => Some(l),
+            Err(e) => return fail(format!("--api-socket {}: {e}", p.display())),
+        },
         None => None,
     };
     let spawn_api = |l: std::os::unix::net::UnixListener, target| {

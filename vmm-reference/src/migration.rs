@@ -18,7 +18,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -95,10 +95,7 @@ impl Address {
     pub fn accept_one(&self) -> std::io::Result<Box<dyn Stream>> {
         Ok(match self {
             Address::Unix(p) => {
-                if p.exists() {
-                    std::fs::remove_file(p)?;
-                }
-                let l = UnixListener::bind(p)?;
+                let l = crate::sock::bind_listening(p)?;
                 let (s, _) = l.accept()?;
                 let _ = std::fs::remove_file(p);
                 s.set_read_timeout(Some(PEER_SILENCE))?;

@@ -201,24 +201,8 @@ fn live_migration_of_a_partially_offline_vm_loses_nothing() {
     }
     let mut src = Vmm::start("livemig", "boot=2,max=8");
     let before = partially_offline(&mut src);
-    let dir = temp_dir("livemig-dst");
     // Over TCP (the failure tests and the demo use Unix sockets).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let incoming = format!("tcp:127.0.0.1:{port}");
-    let dst = Vmm::spawn_unattached(&dir, "dst", &["--incoming", &incoming]);
-    let deadline = Instant::now() + T;
-    // (Not by connecting: the destination accepts exactly one connection.)
-    while !tcp_listening(port) {
-        assert!(
-            Instant::now() < deadline,
-            "the destination never listened on {incoming}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (incoming, dst) = incoming_tcp(&temp_dir("livemig-dst"));
     // A 1 ms downtime target is never met while the guest dirties pages: the source iterates
     // up to max_rounds, re-sending what the dirty log reports, then pauses.
     let body =
@@ -241,17 +225,6 @@ fn live_migration_of_a_partially_offline_vm_loses_nothing() {
     // The source hands over and exits cleanly; the destination has the VM.
     src.exits_cleanly();
     same_vm_and_nothing_lost(dst.attach(), &before);
-}
-
-/// Whether something listens on TCP `port` (from /proc/net/tcp: local address, state 0A).
-fn tcp_listening(port: u16) -> bool {
-    let want = format!(":{port:04X}");
-    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
-        t.lines().skip(1).any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
-        })
-    })
 }
 
 fn wait_for_path(p: &Path) {

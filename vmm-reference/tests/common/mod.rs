@@ -89,6 +89,37 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> std::process::Output 
     }
 }
 
+/// Whether something listens on TCP `port` (from /proc/net/tcp: local address, state 0A).
+pub fn tcp_listening(port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
+        t.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
+        })
+    })
+}
+
+/// A free TCP port on 127.0.0.1 and a VMM waiting for an incoming migration there.
+pub fn incoming_tcp(dir: &Path) -> (String, Unattached) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let incoming = format!("tcp:127.0.0.1:{port}");
+    let dst = Vmm::spawn_unattached(dir, "dst", &["--incoming", &incoming]);
+    let deadline = Instant::now() + T;
+    // (Not by connecting: the destination accepts exactly one connection.)
+    while !tcp_listening(port) {
+        assert!(
+            Instant::now() < deadline,
+            "the destination never listened on {incoming}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (incoming, dst)
+}
+
 /// Default timeout of the end-to-end helpers.
 pub const T: Duration = Duration::from_secs(30);
 
