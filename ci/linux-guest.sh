@@ -5,7 +5,8 @@
 #   vmlinuz              Debian's cloud kernel (bzImage; needs an ACPI MADT, which we provide)
 #   initramfs.cpio.gz    busybox-static + an /init that prints LINUX_GUEST_READY on ttyS0 and
 #                        then answers the agent protocol there (status, online/offline N,
-#                        gpe mask|unmask, sleep S, poweroff)
+#                        gpe mask|unmask, dirty start MIB|check, clock start|check,
+#                        klog TEXT, sleep S, poweroff); memclock is ci/linux-guest/memclock.c
 # Only Debian's package archive is contacted (apt-get download; no root needed for that part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,11 +34,15 @@ rm -rf "$work/kernel" "$work/busybox"
 dpkg-deb -x "$work"/"$image"_*.deb "$work/kernel"
 dpkg-deb -x "$work"/busybox-static_*.deb "$work/busybox"
 cp "$work"/kernel/boot/vmlinuz-* "$out/vmlinuz"
+# The memory workload and clock watcher (static: the initramfs has no libc).
+command -v gcc >/dev/null 2>&1 || { echo "error: gcc is required to build memclock" >&2; exit 1; }
+gcc -static -O2 -Wall -Werror -o "$work/memclock" ci/linux-guest/memclock.c
 
-python3 - "$work/busybox/bin/busybox" "$out/initramfs.cpio.gz" <<'PY'
+python3 - "$work/busybox/bin/busybox" "$out/initramfs.cpio.gz" "$work/memclock" <<'PY'
 # A reproducible newc initramfs without root, cpio or mknod: fixed inodes, mtime 0, uid/gid 0.
 import gzip, io, sys
 busybox = open(sys.argv[1], "rb").read()
+memclock = open(sys.argv[3], "rb").read()
 init = rb"""#!/bin/busybox sh
 # The guest agent: one command per line on ttyS0, each answered by lines ending in one
 # starting with OK or ERR (the same framing as the test guest's console protocol).
@@ -45,6 +50,7 @@ init = rb"""#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
 stty -echo 2>/dev/null
 cpu=/sys/devices/system/cpu
 # Per-CPU local APIC timer interrupts ("LOC" in /proc/interrupts): "0:812,1:790".
@@ -61,8 +67,9 @@ set_online() {
     if echo "$2" > "$cpu/cpu$1/online"; then echo OK; else echo "ERR cpu$1 online=$2 failed"; fi
 }
 # The hotplug GPE (GPE0 bit 2 in this VMM's FADT): mask holds events pending in GPE0_STS.
+# Not disable/enable: ACPICA clears a GPE's status when it enables it, which loses the event.
 gpe() {
-    case "$1" in mask) v=disable ;; unmask) v=enable ;; *) echo "ERR gpe mask|unmask"; return ;; esac
+    case "$1" in mask|unmask) v=$1 ;; *) echo "ERR gpe mask|unmask"; return ;; esac
     if echo "$v" > /sys/firmware/acpi/interrupts/gpe02; then echo OK; else echo "ERR gpe02 $v"; fi
 }
 echo "LINUX_GUEST_READY online=$(cat $cpu/online) present=$(cat $cpu/present) possible=$(cat $cpu/possible)"
@@ -72,6 +79,9 @@ while read -r cmd arg; do
         online) set_online "$arg" 1 ;;
         offline) set_online "$arg" 0 ;;
         gpe) gpe "$arg" ;;
+        # dirty start MIB | dirty check | clock start | clock check (see memclock.c)
+        dirty|clock) set -- $arg; memclock "$cmd-$1" $2 ;;
+        klog) echo "OK klog count=$(dmesg | grep -c -- "$arg")" ;;
         sleep) if sleep "$arg"; then echo OK; else echo "ERR sleep"; fi ;;
         poweroff) echo "OK poweroff"; poweroff -f ;;
         "") ;;
@@ -90,6 +100,7 @@ add("dev/console", 0o020600, rdev=(5, 1))
 add("dev/ttyS0", 0o020660, rdev=(4, 64))
 add("bin/busybox", 0o100755, busybox)
 add("bin/sh", 0o120777, b"busybox")
+add("bin/memclock", 0o100755, memclock)
 add("init", 0o100755, init)
 buf = io.BytesIO()
 def pad(n):

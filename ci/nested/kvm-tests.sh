@@ -40,6 +40,7 @@ PY
 )
 # NESTED_ONLY (a regex on test binary names, e.g. "save_restore|e2e_snapshot") narrows a
 # run for debugging; its ledger check then covers the tests of those binaries only.
+# NESTED_FILTER (a regex on test names) narrows it further; the ledger check then fails.
 if [ -n "${NESTED_ONLY:-}" ]; then
     mapfile -t bins < <(printf '%s\n' "${bins[@]}" | grep -E "/(${NESTED_ONLY})-[0-9a-f]+ ")
 fi
@@ -49,8 +50,9 @@ vmm_bin="$PWD/target/debug/vmm-reference"
 # run, they are reported on every run, and the set check below expects all the others.
 declare -A known=(
     [resize_to_300_and_back_to_128_unplugs_every_cpu_above_255]="L2 test guest: already-online vCPUs triple-fault (#PF, error 0) during a 2 -> 300 hot-add on kvm-amd in QEMU TCG; passes on PVM; cause not found yet (nested SVM emulation or the guest); with L1 -smp 1 it runs over 300 s"
-    [x2apic_ids_above_255_survive_snapshot_and_restore]="wedges L1 (-smp 2): a kworker soft-locks on CPU 1 for minutes while CPU 0 sits in HLT, the lost-wakeup pattern QEMU 7.2 showed at once; with -smp 1 the test fails after 42 s instead; not diagnosed yet"
 )
+# NESTED_RUN_KNOWN=1 runs them anyway (to work on them).
+[ "${NESTED_RUN_KNOWN:-0}" = 1 ] && known=()
 srcs=(vmm-reference/tests crates/*/tests)
 if [ -n "${NESTED_ONLY:-}" ]; then
     mapfile -t srcs < <(ls vmm-reference/tests/*.rs crates/*/tests/*.rs | grep -E "/(${NESTED_ONLY})\.rs$")
@@ -68,6 +70,7 @@ skip_list=" ${!known[*]} "
 payload='rc=0; failed=""
 one() { # one EXE DIR TEST
     case "$NESTED_SKIP" in *" $3 "*) echo "nested-test NOT RUN $3"; return ;; esac
+    [ -z "$NESTED_FILTER" ] || echo "$3" | grep -qE "$NESTED_FILTER" || return 0
     cd "$2"; t0=$(date +%s)
     timeout "${NESTED_TEST_TIMEOUT_S:-300}" "$1" --exact "$3" --test-threads=1 >/tmp/out 2>&1
     r=$?; t=$(( $(date +%s) - t0 ))
@@ -100,7 +103,7 @@ run_kernel() { # run_kernel KERNEL -> sets rc
             --idle-timeout-s "${NESTED_IDLE_TIMEOUT_S:-420}" \
             --env KVM_TEST_LEDGER=/tmp/ledger --env VMM_REQUIRE_KVM=1 --env VMM_REQUIRE_LINUX=1 --env RUST_BACKTRACE=1 \
             --env NESTED_TEST_TIMEOUT_S="${NESTED_TEST_TIMEOUT_S:-300}" \
-            --env NESTED_SKIP="$skip_list$done_list" \
+            --env NESTED_SKIP="$skip_list$done_list" --env NESTED_FILTER="${NESTED_FILTER:-}" \
             --collect "/tmp/ledger=$ledger.$attempt" --log "$log" --monitor "$out/monitor-$k.sock" "$payload" \
             | grep --line-buffered -v "TCG doesn't support requested feature"
         rc=${PIPESTATUS[0]}

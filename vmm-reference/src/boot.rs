@@ -129,6 +129,12 @@ fn load_image<F: Read + ReadVolatile + Seek>(
     }
 }
 
+/// Whether `path` is a Linux bzImage: its boot-protocol magic "HdrS" at offset 0x202.
+pub fn is_bzimage(path: &Path) -> bool {
+    let mut head = [0u8; 0x206];
+    File::open(path).and_then(|mut f| f.read_exact(&mut head)).is_ok() && &head[0x202..] == b"HdrS"
+}
+
 /// Load the kernel (and initramfs), write the zero page with e820 map, command line and
 /// RSDP pointer. Returns the BSP entry point.
 pub fn load_kernel(

@@ -702,6 +702,19 @@ pub fn validate(config: &VmConfig, kvm: &Kvm) -> Result<(), VmmError> {
         ))
         .into());
     }
+    // Without interrupt remapping Linux reaches CPUs through 8-bit I/O APIC and MSI
+    // destinations and never onlines one whose APIC id is above 255 (x2apic_set_max_apicid).
+    // KVM_FEATURE_MSI_EXT_DEST_ID lifts that only with a split irqchip, which this VMM lacks.
+    if let KernelSource::Path(p) = &config.kernel {
+        if Topology::new(config.cpus.max).max_apic_id() > 255 && boot::is_bzimage(p) {
+            return Err(ConfigError::Cpus(format!(
+                "max={}: a Linux guest cannot use CPUs with APIC ids above 255 on this VMM \
+                 (in-kernel I/O APIC, no MSI extended destination ids); use max=256 or less",
+                config.cpus.max
+            ))
+            .into());
+        }
+    }
     if config.kernel == KernelSource::Embedded && config.cpus.max as usize > test_guest::MAX_CPUS {
         return Err(ConfigError::Cpus(format!(
             "max={} exceeds the test guest's limit of {} CPUs",

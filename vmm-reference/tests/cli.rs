@@ -85,6 +85,32 @@ fn max_above_kvm_limit_is_refused() {
     );
 }
 
+#[test]
+fn a_linux_guest_with_apic_ids_above_255_is_refused() {
+    if !kvm_or_skip("a_linux_guest_with_apic_ids_above_255_is_refused") {
+        return;
+    }
+    // A bzImage header is all the check reads; max=256 (APIC ids 0-255) stays allowed.
+    let dir = temp_dir("bzimage300");
+    let kernel = dir.join("bzImage");
+    let mut image = vec![0u8; 0x1000];
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    std::fs::write(&kernel, &image).unwrap();
+    let run = |cpus: &str| {
+        Command::new(vmm_bin())
+            .args(["run", "--kernel", kernel.to_str().unwrap(), "--cpus", cpus])
+            .output()
+            .unwrap()
+    };
+    let out = run("boot=1,max=257");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("APIC ids above 255"), "{stderr}");
+    let stderr = String::from_utf8_lossy(&run("boot=1,max=256").stderr).to_string();
+    assert!(!stderr.contains("APIC ids above 255"), "{stderr}");
+}
+
 fn iasl_available() -> bool {
     let ok = Command::new("iasl")
         .arg("-v")

@@ -123,7 +123,13 @@ struct Linux(Vmm);
 
 impl Linux {
     fn boot(test: &str, cpus: &str) -> Linux {
+        Linux::boot_with(test, cpus, "")
+    }
+
+    /// Boot with `extra` appended to the kernel command line.
+    fn boot_with(test: &str, cpus: &str, extra: &str) -> Linux {
         let (kernel, initrd) = payload();
+        let cmdline = format!("console=ttyS0 panic=-1 quiet {extra}");
         let dir = temp_dir(test);
         let mut vm = Vmm::spawn(
             &dir,
@@ -134,7 +140,7 @@ impl Linux {
                 "--initramfs",
                 initrd.to_str().expect("path"),
                 "--cmdline",
-                "console=ttyS0 panic=-1 quiet",
+                &cmdline,
                 "--cpus",
                 cpus,
                 "--memory",
@@ -244,4 +250,207 @@ fn linux_keeps_its_timer_and_onlines_hot_added_cpus() {
     g.assert_ticking();
     g.0.con.send("poweroff").expect("send poweroff");
     g.0.exits_cleanly();
+}
+
+#[test]
+fn linux_without_tsc_deadline_verifies_its_lapic_timer_against_the_pit() {
+    if !linux_or_skip("linux_without_tsc_deadline_verifies_its_lapic_timer_against_the_pit") {
+        return;
+    }
+    // Without the TSC-deadline timer Linux calibrates its LAPIC timer and checks it against
+    // jiffies counted by the PIT: that needs the PIT on the I/O APIC pin the MADT names.
+    let mut g = Linux::boot_with("linux-pit", "boot=2,max=2", "lapic=notscdeadline");
+    assert_eq!(g.cmd("klog APIC timer disabled"), "OK klog count=0");
+    g.assert_ticking();
+    g.0.con.send("poweroff").expect("send poweroff");
+    g.0.exits_cleanly();
+}
+
+/// Per-CPU fields of `vm.info` that a snapshot or a migration must carry exactly.
+const KEPT: [&str; 9] = [
+    "present",
+    "apic_id",
+    "vcpu",
+    "apic_mode",
+    "apic_sw_enabled",
+    "inserting",
+    "removing",
+    "remove_requested",
+    "ost_event",
+];
+
+/// The VMM's and the guest's view of a partially offline Linux guest.
+struct Before {
+    info: Value,
+    status: Status,
+}
+
+/// boot=2,max=8: CPUs 2-4 hot-added and onlined through sysfs, CPU 3 then offlined through
+/// sysfs, CPU 5 hot-added and never onlined, CPU 6 inserted and CPU 4 asked to go while the
+/// hotplug GPE is masked (both events wait in GPE0_STS); the memory workload and the clock
+/// watcher run. The clock interval starts anew when this returns.
+fn partially_offline(g: &mut Linux) -> Before {
+    g.cmd("dirty start 32");
+    g.cmd("clock start");
+    assert_eq!(g.0.api("PUT", "vm.resize", Some(r#"{"desired_vcpus":5}"#)).0, 204);
+    g.until("CPUs 2-4 present", |s| s.present == [0, 1, 2, 3, 4]);
+    for c in 2..5 {
+        g.cmd(&format!("online {c}"));
+    }
+    g.cmd("offline 3");
+    assert_eq!(g.0.api("PUT", "vm.add-cpu", Some(r#"{"id":5}"#)).0, 200);
+    g.until("CPU 5 present", |s| s.present == [0, 1, 2, 3, 4, 5]);
+    g.cmd("gpe mask");
+    assert_eq!(g.0.api("PUT", "vm.add-cpu", Some(r#"{"id":6}"#)).0, 200);
+    assert_eq!(g.0.api("PUT", "vm.remove-cpu", Some(r#"{"id":4}"#)).0, 204);
+    let info = g.0.until("CPU 3 halted", |v| cpu(v, 3)["mp_state"] == "HALTED");
+    let c = |i: usize| cpu(&info, i);
+    assert_eq!(c(3)["apic_sw_enabled"], false, "sysfs offline: {info}");
+    assert_eq!(c(5)["mp_state"], "UNINITIALIZED", "never onlined: {info}");
+    assert_eq!(
+        (c(6)["inserting"].as_bool(), c(6)["mp_state"].as_str()),
+        (Some(true), Some("UNINITIALIZED"))
+    );
+    assert_eq!(
+        (c(4)["removing"].as_bool(), c(4)["remove_requested"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let status = g.status();
+    assert_eq!(
+        (&status.online[..], &status.present[..]),
+        (&[0, 1, 2, 4][..], &[0, 1, 2, 3, 4, 5][..])
+    );
+    g.cmd("clock check");
+    Before { info, status }
+}
+
+/// The restored or migrated guest has the same CPU sets, ticks, lost no page of its workload,
+/// and its clocks never went back nor forward by more than the time that passed.
+fn same_linux(g: &mut Linux, b: &Before, since: Instant) {
+    let info = g.0.info();
+    for i in 0..8 {
+        for k in KEPT {
+            assert_eq!(info["cpus"][i][k], b.info["cpus"][i][k], "CPU {i} {k}: {info}");
+        }
+        if ![0, 1, 2, 4].contains(&i) {
+            let (m0, m) = (&b.info["cpus"][i]["mp_state"], &info["cpus"][i]["mp_state"]);
+            assert_eq!(m, m0, "CPU {i}: offline and never-onlined CPUs come back exactly");
+        }
+    }
+    assert_eq!(info["pending_removals"], serde_json::json!([4]));
+    let s = g.status();
+    assert_eq!(
+        (&s.online, &s.present),
+        (&b.status.online, &b.status.present),
+        "{s:?}"
+    );
+    g.assert_ticking();
+    let dirty = g.cmd("dirty check");
+    assert!(
+        dirty.contains(" bad=0 ") && dirty.ends_with("running=1"),
+        "{dirty}"
+    );
+    let clock = g.cmd("clock check");
+    let num = |k: &str| -> u64 {
+        let w = clock
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")));
+        w.and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {clock}"))
+    };
+    assert_eq!(
+        (num("back_mono_us"), num("back_real_us")),
+        (0, 0),
+        "a clock went back: {clock}"
+    );
+    let passed = since.elapsed().as_millis() as u64 + 1000;
+    assert!(
+        num("gap_mono_ms") <= passed && num("gap_real_ms") <= passed,
+        "{clock}, {passed} ms passed"
+    );
+    eprintln!("clocks across the move: {clock} ({passed} ms passed)");
+}
+
+/// The two events that waited behind the masked GPE arrive once each; then every CPU can be
+/// onlined and an online CPU can be hot-removed.
+fn pending_events_once_then_everything_works(g: &mut Linux) {
+    assert_eq!(g.cmd("klog CPU6 has been hot-added"), "OK klog count=0");
+    g.cmd("gpe unmask");
+    g.until("CPU 6 inserted, CPU 4 ejected", |s| {
+        s.present == [0, 1, 2, 3, 5, 6]
+    });
+    g.0.until("CPU 4 parked", |v| {
+        cpu(v, 4)["vcpu"] == "parked" && v["pending_removals"].as_array().is_some_and(|a| a.is_empty())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        g.cmd("klog CPU6 has been hot-added"),
+        "OK klog count=1",
+        "the insert came once"
+    );
+    for c in [3, 5, 6] {
+        g.cmd(&format!("online {c}"));
+    }
+    assert_eq!(g.status().online, [0, 1, 2, 3, 5, 6]);
+    g.assert_ticking();
+    assert_eq!(g.0.api("PUT", "vm.remove-cpu", Some(r#"{"id":2}"#)).0, 204);
+    g.until("CPU 2 removed", |s| s.present == [0, 1, 3, 5, 6]);
+    g.0.until("CPU 2 parked", |v| cpu(v, 2)["vcpu"] == "parked");
+    g.0.con.send("poweroff").expect("send poweroff");
+}
+
+/// Live-migrate `g` over TCP into a new VMM process; the source must hand over and exit.
+fn migrate(g: Linux, test: &str) -> Linux {
+    let (incoming, dst) = incoming_tcp(&temp_dir(test));
+    let body = serde_json::json!({ "destination_url": incoming, "max_rounds": 8 }).to_string();
+    let (s, report) = g.0.api("PUT", "vm.send-migration", Some(&body));
+    assert_eq!(s, 200, "{report}");
+    eprintln!(
+        "Linux live migration: {} rounds, downtime {:.1} ms, total {:.1} ms",
+        report["rounds"].as_array().map_or(0, |r| r.len()),
+        report["downtime_ms"].as_f64().unwrap_or(0.0),
+        report["total_ms"].as_f64().unwrap_or(0.0)
+    );
+    g.0.exits_cleanly();
+    Linux(dst.attach())
+}
+
+#[test]
+fn linux_snapshot_restore_of_a_partially_offline_guest_loses_nothing() {
+    if !linux_or_skip("linux_snapshot_restore_of_a_partially_offline_guest_loses_nothing") {
+        return;
+    }
+    let mut g = Linux::boot("linux-snap", "boot=2,max=8");
+    let before = partially_offline(&mut g);
+    let since = Instant::now();
+    let dir = temp_dir("linux-snap-dir");
+    let url = serde_json::json!({ "destination_url": format!("file://{}", dir.display()) }).to_string();
+    let (s, v) = g.0.api("PUT", "vm.snapshot", Some(&url));
+    assert_eq!(s, 200, "{v}");
+    drop(g);
+    let mut r = Linux(Vmm::spawn(
+        &dir,
+        "restored",
+        &["--restore", dir.to_str().expect("path")],
+    ));
+    same_linux(&mut r, &before, since);
+    pending_events_once_then_everything_works(&mut r);
+    r.0.exits_cleanly();
+}
+
+#[test]
+fn linux_live_migration_there_and_back_loses_nothing() {
+    if !linux_or_skip("linux_live_migration_there_and_back_loses_nothing") {
+        return;
+    }
+    let mut a = Linux::boot("linux-mig", "boot=2,max=8");
+    let before = partially_offline(&mut a);
+    let since = Instant::now();
+    let mut b = migrate(a, "linux-mig-b");
+    same_linux(&mut b, &before, since);
+    let since = Instant::now();
+    let mut a2 = migrate(b, "linux-mig-a");
+    same_linux(&mut a2, &before, since);
+    pending_events_once_then_everything_works(&mut a2);
+    a2.0.exits_cleanly();
 }
