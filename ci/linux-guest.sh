@@ -14,31 +14,38 @@ out=target/linux-guest
 work="$out/work"
 mkdir -p "$work"
 
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "error: apt-get is required (Debian/Ubuntu host)" >&2
-    exit 1
+# LINUX_GUEST_TREE=DIR (an unpacked kernel package) and LINUX_GUEST_BUSYBOX=FILE take the two
+# packages from there instead (ci/nested/kvm-tests.sh passes what ci/nested/debs.sh unpacked).
+if [ -n "${LINUX_GUEST_TREE:-}" ] && [ -n "${LINUX_GUEST_BUSYBOX:-}" ]; then
+    cp "$LINUX_GUEST_TREE"/boot/vmlinuz-* "$out/vmlinuz"
+    busybox="$LINUX_GUEST_BUSYBOX"
+else
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "error: apt-get is required (Debian/Ubuntu host)" >&2
+        exit 1
+    fi
+    if [ "$(id -u)" -eq 0 ] && [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock || true)" ]; then
+        apt-get update -qq
+    fi
+    flavour="${FLAVOUR:-cloud-amd64}"
+    image=$(apt-cache depends "linux-image-$flavour" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    if [ -z "$image" ]; then
+        [ "$(id -u)" -eq 0 ] && apt-get update -qq
+        image=$(apt-cache depends "linux-image-$flavour" | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    fi
+    echo "kernel package: $image"
+    ( cd "$work" && apt-get download -q "$image" busybox-static >/dev/null )
+    rm -rf "$work/kernel" "$work/busybox"
+    dpkg-deb -x "$work"/"$image"_*.deb "$work/kernel"
+    dpkg-deb -x "$work"/busybox-static_*.deb "$work/busybox"
+    cp "$work"/kernel/boot/vmlinuz-* "$out/vmlinuz"
+    busybox="$work/busybox/bin/busybox"
 fi
-if [ "$(id -u)" -eq 0 ] && [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock || true)" ]; then
-    apt-get update -qq
-fi
-
-flavour="${FLAVOUR:-cloud-amd64}"
-image=$(apt-cache depends "linux-image-$flavour" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-if [ -z "$image" ]; then
-    [ "$(id -u)" -eq 0 ] && apt-get update -qq
-    image=$(apt-cache depends "linux-image-$flavour" | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-fi
-echo "kernel package: $image"
-( cd "$work" && apt-get download -q "$image" busybox-static >/dev/null )
-rm -rf "$work/kernel" "$work/busybox"
-dpkg-deb -x "$work"/"$image"_*.deb "$work/kernel"
-dpkg-deb -x "$work"/busybox-static_*.deb "$work/busybox"
-cp "$work"/kernel/boot/vmlinuz-* "$out/vmlinuz"
 # The memory workload and clock watcher (static: the initramfs has no libc).
 command -v gcc >/dev/null 2>&1 || { echo "error: gcc is required to build memclock" >&2; exit 1; }
 gcc -static -O2 -Wall -Werror -o "$work/memclock" ci/linux-guest/memclock.c
 
-python3 - "$work/busybox/bin/busybox" "$out/initramfs.cpio.gz" "$work/memclock" <<'PY'
+python3 - "$busybox" "$out/initramfs.cpio.gz" "$work/memclock" <<'PY'
 # A reproducible newc initramfs without root, cpio or mknod: fixed inodes, mtime 0, uid/gid 0.
 import gzip, io, sys
 busybox = open(sys.argv[1], "rb").read()

@@ -9,7 +9,7 @@ paths together with their shared libraries), boots it, streams L1's console to s
 files back and exits with the payload's exit status.
 
     run.py --kernel 6.1 [--file PATH]... [--collect L1PATH=HOSTPATH]... [--env K=V]...
-           [--smp 2] [--memory-mib 6144] [--timeout-s 1800] [--log FILE] -- 'shell command'
+           [--smp 1] [--memory-mib 6144] [--timeout-s 1800] [--log FILE] -- 'shell command'
 
 Needs target/nested from ci/nested/debs.sh. Exit status: the payload's; 124 on timeout;
 125 when L1 never reached the payload (QEMU failed, no /dev/kvm in L1, ...).
@@ -204,7 +204,8 @@ def main():
     p.add_argument("--file", action="append", default=[])
     p.add_argument("--collect", action="append", default=[], help="L1PATH=HOSTPATH")
     p.add_argument("--env", action="append", default=[], help="K=V for the payload")
-    p.add_argument("--smp", type=int, default=2)
+    p.add_argument("--smp", type=int, default=1,
+                   help="L1 CPUs (default 1: multi-threaded TCG loses L1 wake-ups with 2)")
     p.add_argument("--memory-mib", type=int, default=6144)
     p.add_argument("--timeout-s", type=float, default=1800)
     p.add_argument("--idle-timeout-s", type=float, default=0,

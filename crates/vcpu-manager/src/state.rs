@@ -208,8 +208,8 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, conv: &KvmConventions, tsc
     // REGS before VCPU_EVENTS: setting REGS clears pending exceptions.
     vcpu.set_regs(&state.regs).map_err(ioctl("KVM_SET_REGS"))?;
     vcpu.set_xcrs(&state.xcrs).map_err(ioctl("KVM_SET_XCRS"))?;
-    // SAFETY: the XSAVE area came from KVM_GET_XSAVE on a vCPU of the same kind (4 KiB
-    // legacy area; this backend exposes no XSAVE features needing KVM_SET_XSAVE2).
+    // SAFETY: the XSAVE area came from KVM_GET_XSAVE on a vCPU of the same kind: the 4 KiB
+    // legacy area, all of it unless the VMM granted dynamic features (AMX) that need XSAVE2.
     unsafe { vcpu.set_xsave(&state.xsave) }.map_err(ioctl("KVM_SET_XSAVE"))?;
     // LAPIC after SREGS (APIC base) and before the MSRs (TSC deadline needs its LVT mode).
     lapic_state::kvm::restore(vcpu, state.vcpu_id, &state.lapic, conv).map_err(Error::LapicRestore)?;
