@@ -19,8 +19,9 @@ RUSTC_BOOTSTRAP=1 cargo fuzz build lapic_differential >"$out/fuzz-build.log" 2>&
 bin="$PWD/fuzz/target/x86_64-unknown-linux-gnu/release/lapic_differential"
 files=(--file "$bin")
 for s in fuzz/seeds/lapic_differential/*; do files+=(--file "$PWD/$s"); done
-status=0
-for k in 6.1 6.12; do
+# Both kernels side by side, one emulated CPU each (see ci/nested/kvm-tests.sh).
+one_kernel() { # one_kernel KERNEL
+    local k=$1 start rc
     start=$(date +%s)
     set +e
     python3 ci/nested/run.py --kernel "$k" "${files[@]}" --timeout-s 3600 --log "$out/fuzz-$k.log" \
@@ -29,7 +30,15 @@ for k in 6.1 6.12; do
         | grep --line-buffered -E '^(Done|stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb))|panicked|ERROR|crash-|nested:'
     rc=${PIPESTATUS[0]}
     set -e
-    [ "$rc" = 0 ] || { echo "fuzz lapic_differential on kvm-amd $k: FAILED" >&2; status=1; }
     echo "fuzz lapic_differential on kvm-amd $k: $(( $(date +%s) - start )) s wall"
+    [ "$rc" = 0 ] || { echo "fuzz lapic_differential on kvm-amd $k: FAILED" >&2; return 1; }
+}
+pids=()
+for k in 6.1 6.12; do
+    ( one_kernel "$k" ) 2>&1 | sed -u "s/^/[$k] /" &
+    pids+=($!)
 done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=1; done
+for k in 6.1 6.12; do grep -q '^Done' "$out/fuzz-$k.log" 2>/dev/null || status=1; done
 exit $status
