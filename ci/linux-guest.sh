@@ -6,7 +6,8 @@
 #   initramfs.cpio.gz    busybox-static + an /init that prints LINUX_GUEST_READY on ttyS0 and
 #                        then answers the agent protocol there (status, online/offline N,
 #                        gpe mask|unmask, dirty start MIB|check, clock start|check,
-#                        klog TEXT, sleep S, poweroff); memclock is ci/linux-guest/memclock.c
+#                        klog TEXT, spin N, sleep S, poweroff); memclock is
+#                        ci/linux-guest/memclock.c
 # Only Debian's package archive is contacted (apt-get download; no root needed for that part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +59,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
+# Only emergencies on the console: a kernel warning must not land inside a reply line.
+dmesg -n 1
 stty -echo 2>/dev/null
 cpu=/sys/devices/system/cpu
 # Per-CPU local APIC timer interrupts ("LOC" in /proc/interrupts): "0:812,1:790".
@@ -87,7 +90,11 @@ while read -r cmd arg; do
         offline) set_online "$arg" 0 ;;
         gpe) gpe "$arg" ;;
         # dirty start MIB | dirty check | clock start | clock check (see memclock.c)
-        dirty|clock) set -- $arg; memclock "$cmd-$1" $2 ;;
+        dirty|clock) set -- $arg; memclock "$cmd-$1" $2; r=$?
+            [ $r -gt 128 ] && echo "ERR memclock killed by signal $((r - 128))" ;;
+        # spin N: keep CPU N busy for a moment (an idle NO_HZ CPU takes no timer interrupt)
+        spin) if taskset -c "$arg" sh -c 'i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done'; then
+                  echo OK; else echo "ERR spin $arg"; fi ;;
         klog) echo "OK klog count=$(dmesg | grep -c -- "$arg")" ;;
         sleep) if sleep "$arg"; then echo OK; else echo "ERR sleep"; fi ;;
         poweroff) echo "OK poweroff"; poweroff -f ;;

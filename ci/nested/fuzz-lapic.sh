@@ -23,8 +23,9 @@ for s in fuzz/seeds/lapic_differential/*; do files+=(--file "$PWD/$s"); done
 one_kernel() { # one_kernel KERNEL
     local k=$1 start rc
     start=$(date +%s)
+    rm -f "$out/fuzz-$k.log"
     set +e
-    python3 ci/nested/run.py --kernel "$k" "${files[@]}" --timeout-s 3600 --log "$out/fuzz-$k.log" \
+    python3 ci/nested/run.py --kernel "$k" --memory-mib 4096 "${files[@]}" --timeout-s 3600 --log "$out/fuzz-$k.log" \
         "set -o pipefail; mkdir -p /tmp/corpus && cp $PWD/fuzz/seeds/lapic_differential/* /tmp/corpus/ &&
          '$bin' /tmp/corpus -runs=$runs -print_final_stats=1 2>&1 | grep -E '^Done|stat::|panicked|ERROR|crash-'" \
         | grep --line-buffered -E '^(Done|stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb))|panicked|ERROR|crash-|nested:'

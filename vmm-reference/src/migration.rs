@@ -303,7 +303,9 @@ impl VmInner {
         let recorded = self.lock_vcpus().cpuid(0).cloned();
         let cpuid = recorded
             .unwrap_or_else(|| vcpu_manager::cpuid::for_vcpu(&self.supported_cpuid, &self.topology, 0));
-        let compat = Compat::of(self.topology.max_vcpus(), MemoryLayout::of(&self.mem), &cpuid);
+        let tsc_khz = self.lock_vcpus().tsc_khz();
+        let compat =
+            Compat::of(self.topology.max_vcpus(), MemoryLayout::of(&self.mem), &cpuid).with_tsc_khz(tsc_khz);
         let compat = serde_json::to_vec(&compat).map_err(|e| internal("compat")(&e))?;
         send(
             &mut conn,
@@ -466,7 +468,11 @@ pub fn receive(addr: &Address, serial: &SerialMode) -> Result<Vm, VmmError> {
     };
     let kvm = crate::vm::open_kvm()?;
     let cpuid = crate::restore::host_cpuid(&kvm, &vcpu_manager::Topology::new(compat.max_vcpus.max(1)))?;
-    if let Err(e) = compat.check(kvm.get_max_vcpus() as u32, &cpuid) {
+    let tsc = match crate::restore::host_tsc(&kvm) {
+        Ok(t) => t,
+        Err(e) => return Err(refuse(&mut conn, e.to_string())),
+    };
+    if let Err(e) = compat.check(kvm.get_max_vcpus() as u32, &cpuid, tsc) {
         return Err(refuse(&mut conn, e.to_string()));
     }
     drop(kvm);

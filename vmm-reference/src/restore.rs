@@ -3,12 +3,12 @@
 //! irqchip, PIT, clock), the host checks a restore needs, the VM a migration destination
 //! prepares ahead of time, and the ordered restore of KVM VM state and vCPUs.
 
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use lapic_state::KvmConventions;
 use vcpu_manager::{Topology, VcpuManager};
 
 use crate::boot::GuestMemory;
-use crate::snapshot::{KvmVmState, SavedVm};
+use crate::snapshot::{HostTsc, KvmVmState, SavedVm};
 use crate::vm::{check_caps, create_kvm_vm, kvm_err, open_kvm, VmmError};
 
 /// A KVM VM created ahead of a restore for RAM `mem`, with this host's LAPIC conventions
@@ -42,22 +42,34 @@ impl Prepared {
     }
 }
 
-/// The CPUID this VMM would give CPU 0 of a `topology` VM on this host (for compatibility checks).
+/// The most CPU 0 of a `topology` VM may have on this host (for compatibility checks).
 pub fn host_cpuid(kvm: &Kvm, topology: &Topology) -> Result<kvm_bindings::CpuId, VmmError> {
     Ok(vcpu_manager::cpuid::for_vcpu(
-        &crate::vm::host_model(kvm)?,
+        &crate::vm::host_supported(kvm)?,
         topology,
         0,
     ))
 }
 
-/// Check that this host can run `saved` (CPU count, vendor, CPU features, memory).
+/// This host's guest TSC rate (read from a scratch vCPU) and whether KVM can scale it.
+pub fn host_tsc(kvm: &Kvm) -> Result<HostTsc, VmmError> {
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM (TSC probe)"))?;
+    let fd = vm
+        .create_vcpu(0)
+        .map_err(kvm_err("KVM_CREATE_VCPU (TSC probe)"))?;
+    Ok(HostTsc {
+        khz: fd.get_tsc_khz().ok(),
+        scaling: kvm.check_extension(Cap::TscControl),
+    })
+}
+
+/// Check that this host can run `saved` (CPU count, vendor, CPU features, TSC, memory).
 pub fn check_compat(kvm: &Kvm, saved: &SavedVm) -> Result<(), VmmError> {
     let topology = Topology::new(saved.vm.max_vcpus);
     let cpuid = host_cpuid(kvm, &topology)?;
     saved
         .compat()
-        .check(kvm.get_max_vcpus() as u32, &cpuid)
+        .check(kvm.get_max_vcpus() as u32, &cpuid, host_tsc(kvm)?)
         .map_err(VmmError::Snapshot)
 }
 

@@ -225,6 +225,24 @@ pub struct Compat {
     pub features: Vec<(String, u32)>,
     /// Snapshot format version.
     pub format: u32,
+    /// The guest TSC frequency (kHz), when known (descriptions from older VMMs lack it).
+    #[serde(default)]
+    pub tsc_khz: Option<u32>,
+}
+
+/// This host's TSC as a destination sees it: KVM's default guest rate and whether KVM can run
+/// a guest TSC at another rate (`KVM_CAP_TSC_CONTROL`, TSC scaling).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostTsc {
+    /// KVM's default guest TSC frequency here (kHz), if KVM reports it.
+    pub khz: Option<u32>,
+    /// Whether a vCPU's TSC rate can be set.
+    pub scaling: bool,
+}
+
+/// KVM accepts a TSC rate within 250 ppm of the host's without scaling.
+fn tsc_rate_differs(vm: u32, host: u32) -> bool {
+    u64::from(vm.abs_diff(host)) * 4000 > u64::from(host)
 }
 
 impl Compat {
@@ -239,13 +257,31 @@ impl Compat {
                 .map(|(l, s, r, n)| (n.to_string(), cpuid_word(cpuid, *l, *s, *r)))
                 .collect(),
             format: vm_migration::FORMAT_VERSION,
+            tsc_khz: None,
         }
+    }
+
+    /// The same description with the VM's TSC frequency.
+    pub fn with_tsc_khz(self, tsc_khz: Option<u32>) -> Compat {
+        Compat { tsc_khz, ..self }
     }
 
     /// Check this VM against a host with `kvm_max_vcpus` and `host_cpuid` (the CPUID this VMM
     /// would give CPU 0 there). Returns every mismatch, or Ok.
-    pub fn check(&self, kvm_max_vcpus: u32, host_cpuid: &CpuId) -> Result<(), SnapshotError> {
+    pub fn check(
+        &self,
+        kvm_max_vcpus: u32,
+        host_cpuid: &CpuId,
+        host_tsc: HostTsc,
+    ) -> Result<(), SnapshotError> {
         let mut why = Vec::new();
+        if let (Some(vm), Some(host)) = (self.tsc_khz, host_tsc.khz) {
+            if !host_tsc.scaling && tsc_rate_differs(vm, host) {
+                why.push(format!(
+                    "the VM's TSC runs at {vm} kHz, this host's at {host} kHz and KVM here cannot scale it"
+                ));
+            }
+        }
         if self.format > vm_migration::FORMAT_VERSION {
             why.push(format!(
                 "state format {} is newer than this VMM's {}",
@@ -291,7 +327,9 @@ impl SavedVm {
     /// The compatibility description of this VM.
     pub fn compat(&self) -> Compat {
         match self.vcpus.first() {
-            Some((_, st)) => Compat::of(self.vm.max_vcpus, self.vm.memory.clone(), &st.cpuid),
+            Some((_, st)) => {
+                Compat::of(self.vm.max_vcpus, self.vm.memory.clone(), &st.cpuid).with_tsc_khz(st.tsc_khz)
+            }
             // No CPU model to offer (decode refuses such a state anyway): no host matches it.
             None => Compat {
                 max_vcpus: self.vm.max_vcpus,
@@ -299,6 +337,7 @@ impl SavedVm {
                 vendor: String::new(),
                 features: Vec::new(),
                 format: vm_migration::FORMAT_VERSION,
+                tsc_khz: None,
             },
         }
     }
@@ -529,6 +568,28 @@ mod tests {
             .contains("irqchip"));
     }
 
+    /// A host that can run any TSC rate.
+    const ANY_TSC: HostTsc = HostTsc {
+        khz: Some(2_000_000),
+        scaling: true,
+    };
+
+    #[test]
+    fn a_tsc_rate_without_scaling_is_refused_within_250_ppm_allowed() {
+        let host = CpuId::new(1).unwrap();
+        let c = |khz| Compat::of(4, sample().vm.memory, &host).with_tsc_khz(Some(khz));
+        let fixed = HostTsc {
+            khz: Some(2_000_000),
+            scaling: false,
+        };
+        let e = c(2_600_000).check(4, &host, fixed).unwrap_err().to_string();
+        assert!(e.contains("2600000 kHz") && e.contains("cannot scale"), "{e}");
+        assert!(c(2_000_400).check(4, &host, fixed).is_ok(), "within 250 ppm");
+        assert!(c(2_600_000).check(4, &host, ANY_TSC).is_ok(), "TSC scaling");
+        let old = Compat::of(4, sample().vm.memory, &host);
+        assert!(old.check(4, &host, fixed).is_ok(), "a description without a rate");
+    }
+
     #[test]
     fn compatibility_lists_every_mismatch() {
         let mut host = CpuId::new(3).unwrap();
@@ -544,12 +605,14 @@ mod tests {
         let mut vm = host.clone();
         vm.as_mut_slice()[1].ecx = 0x3; // a feature the host lacks
         let c = Compat::of(4, sample().vm.memory, &vm);
-        let e = c.check(2, &host).unwrap_err().to_string();
+        let e = c.check(2, &host, ANY_TSC).unwrap_err().to_string();
         assert!(
             e.contains("4 possible CPUs") && e.contains("1.ECX bits 0x2"),
             "{e}"
         );
-        assert!(Compat::of(4, sample().vm.memory, &host).check(4, &host).is_ok());
+        assert!(Compat::of(4, sample().vm.memory, &host)
+            .check(4, &host, ANY_TSC)
+            .is_ok());
     }
 
     proptest! {

@@ -8,9 +8,17 @@
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
-/// Listen on `path`, replacing a stale socket there; the path exists only once connectable.
+/// Longest socket path (`sun_path` holds 108 bytes with the terminating NUL).
+const SUN_PATH_MAX: usize = 107;
+
+/// Listen on `path`, replacing a stale socket there; the path exists only once connectable
+/// (except for a path too long to take the temporary suffix: that one is bound in place).
 pub fn bind_listening(path: &Path) -> std::io::Result<UnixListener> {
     let tmp = temp_name(path);
+    if tmp.as_os_str().len() > SUN_PATH_MAX {
+        let _ = std::fs::remove_file(path);
+        return UnixListener::bind(path);
+    }
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp)?;
     // rename(2) replaces a stale socket file atomically.
@@ -23,7 +31,7 @@ pub fn bind_listening(path: &Path) -> std::io::Result<UnixListener> {
 
 fn temp_name(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{}.binding", std::process::id()));
+    name.push(format!(".{:x}~", std::process::id()));
     path.with_file_name(name)
 }
 

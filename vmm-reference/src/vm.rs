@@ -741,7 +741,13 @@ enum Origin {
 }
 
 pub(crate) fn check_caps(kvm: &Kvm) -> Result<(), VmmError> {
-    for cap in [Cap::Irqchip, Cap::Irqfd, Cap::ImmediateExit, Cap::UserMemory] {
+    for cap in [
+        Cap::Irqchip,
+        Cap::IrqRouting,
+        Cap::Irqfd,
+        Cap::ImmediateExit,
+        Cap::UserMemory,
+    ] {
         if !kvm.check_extension(cap) {
             return Err(VmmError::Io {
                 what: format!("KVM lacks {cap:?}"),
@@ -1019,6 +1025,8 @@ impl Vm {
                             .map_err(kvm_err("KVM_SET_REGS"))?;
                         fd.set_fpu(&boot::boot_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
                         vcpus.set_conventions(detect_conventions(&kvm, &fd, &topology)?);
+                        // The VM's TSC rate is this host's now; it travels with the VM.
+                        vcpus.set_tsc_khz(fd.get_tsc_khz().ok());
                     }
                     fds.push(fd);
                 }
@@ -1032,6 +1040,8 @@ impl Vm {
                 (msrs, BTreeSet::new(), false)
             }
             Origin::Restore(saved, conv) => {
+                // The saved TSC rate, for the restored vCPUs and any hot-added later.
+                vcpus.set_tsc_khz(saved.vcpus.first().and_then(|(_, st)| st.tsc_khz));
                 restore_vcpus(&kvm, &vm, &mut vcpus, &saved.vcpus, *conv).map_err(|e| VmmError::Io {
                     what: e,
                     source: std::io::Error::other("restoring vCPUs"),
@@ -1187,6 +1197,12 @@ pub(crate) fn host_model(kvm: &Kvm) -> Result<kvm_bindings::CpuId, VmmError> {
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
 }
 
+/// What a VM may have to run on this host (see `vcpu_manager::cpuid::host_supported`).
+pub(crate) fn host_supported(kvm: &Kvm) -> Result<kvm_bindings::CpuId, VmmError> {
+    vcpu_manager::cpuid::host_supported(kvm, vcpu_manager::cpuid::Backend::detect())
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
+}
+
 /// The PC's interrupt wiring, as the MADT describes it: ISA IRQ 0 (the PIT) on I/O APIC pin 2
 /// (our MADT's interrupt source override, as on every PC), the other ISA IRQs and GSIs 16-23
 /// on the pin of their number, IRQs 0-15 also on the 8259s (except 2, the cascade).
@@ -1290,4 +1306,44 @@ where
         what: format!("registering ports {base:#x}+{len}: {e}"),
         source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pit_is_on_ioapic_pin_2_like_the_madt_says() {
+        let table = pc_gsi_routing().expect("routing");
+        let entries = table.as_slice();
+        let routes: Vec<(u32, u32, u32)> = entries
+            .iter()
+            .map(|e| {
+                assert_eq!(e.type_, KVM_IRQ_ROUTING_IRQCHIP);
+                // SAFETY: the type is KVM_IRQ_ROUTING_IRQCHIP, so `irqchip` is the union's variant.
+                unsafe { (e.gsi, e.u.irqchip.irqchip, e.u.irqchip.pin) }
+            })
+            .collect();
+        let ioapic = |gsi: u32| {
+            routes
+                .iter()
+                .find(|r| r.0 == gsi && r.1 == KVM_IRQCHIP_IOAPIC)
+                .map(|r| r.2)
+        };
+        assert_eq!(ioapic(0), Some(2), "ISA IRQ 0 -> GSI 2 (MADT override)");
+        assert!(
+            routes.iter().all(|r| r.0 != 2),
+            "GSI 2 (the cascade) is not routed"
+        );
+        assert_eq!(
+            (ioapic(4), ioapic(9), ioapic(23)),
+            (Some(4), Some(9), Some(23)),
+            "COM1, SCI"
+        );
+        assert!(
+            routes.contains(&(0, KVM_IRQCHIP_PIC_MASTER, 0)),
+            "PIT on the 8259 too"
+        );
+        assert_eq!(entries.len(), 15 + 23);
+    }
 }

@@ -84,23 +84,6 @@ fn offlined_cpus_are_halted_with_sw_disabled_apic_then_come_back() {
     vm.poweroff();
 }
 
-fn count(dir: &str) -> usize {
-    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
-}
-
-/// Entries in `dir` once transient ones are gone: the API serves each request on a thread of
-/// its own with its own socket fd, which may outlive the answer by a moment on a loaded host.
-/// The lowest of 10 samples over half a second.
-fn settled(dir: &str) -> usize {
-    (0..10)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(50));
-            count(dir)
-        })
-        .min()
-        .unwrap_or(0)
-}
-
 #[test]
 fn remove_and_readd_the_same_cpu_fifty_times_reuses_the_fd_without_leaks() {
     if !kvm_or_skip("remove_and_readd_the_same_cpu_fifty_times_reuses_the_fd_without_leaks") {

@@ -48,21 +48,27 @@ impl Backend {
     }
 }
 
-/// The CPU model a new VM gets on this host: `KVM_GET_SUPPORTED_CPUID` with [`adjust`]ed
-/// features. CPU 0's CPUID is `for_vcpu(&host_model(..)?, topology, 0)`.
+/// The CPU model a new VM gets on this host: [`host_supported`] without SVM and VMX (nested
+/// state is not saved, so a guest using them could not be snapshotted or migrated). CPU 0's
+/// CPUID is `for_vcpu(&host_model(..)?, topology, 0)`.
 pub fn host_model(kvm: &Kvm, backend: Backend) -> Result<CpuId, kvm_ioctls::Error> {
+    Ok(hide_nested(&host_supported(kvm, backend)?))
+}
+
+/// What a VM may have on this host: `KVM_GET_SUPPORTED_CPUID` [`adjust`]ed. Compatibility
+/// checks compare a saved VM with this (a VM saved with SVM by an older VMM still restores).
+pub fn host_supported(kvm: &Kvm, backend: Backend) -> Result<CpuId, kvm_ioctls::Error> {
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     Ok(adjust(&supported, backend, tsc_deadline))
 }
 
 /// What a VMM adds to or removes from KVM's supported CPUID, each for the reason on its
-/// constant: TSC deadline when KVM emulates it, no SVM/VMX, and the PVM workarounds on PVM only.
+/// constant: TSC deadline when KVM emulates it, and the PVM workarounds on PVM only.
 pub fn adjust(supported: &CpuId, backend: Backend, tsc_deadline: bool) -> CpuId {
     let mut cpuid = supported.clone();
     let pvm = backend == Backend::Pvm;
     for e in find(&mut cpuid, |e| e.function == 1) {
-        e.ecx &= !CPUID1_ECX_VMX;
         if pvm {
             e.ecx &= !CPUID1_ECX_CX16;
         }
@@ -70,17 +76,26 @@ pub fn adjust(supported: &CpuId, backend: Backend, tsc_deadline: bool) -> CpuId 
             e.ecx |= CPUID1_ECX_TSC_DEADLINE;
         }
     }
+    if pvm {
+        for e in find(&mut cpuid, |e| e.function == 0x4000_0001) {
+            e.eax &= !KVM_PV_HYPERCALL_FEATURES;
+        }
+    }
+    cpuid
+}
+
+/// `cpuid` without SVM and VMX.
+pub fn hide_nested(cpuid: &CpuId) -> CpuId {
+    let mut cpuid = cpuid.clone();
+    for e in find(&mut cpuid, |e| e.function == 1) {
+        e.ecx &= !CPUID1_ECX_VMX;
+    }
     for e in find(&mut cpuid, |e| e.function == 0x8000_0001) {
         e.ecx &= !CPUID_80000001_ECX_SVM;
     }
     for e in find(&mut cpuid, |e| e.function == 0x8000_000a) {
         // SVM revision and features: meaningless without SVM.
         (e.eax, e.ebx, e.ecx, e.edx) = (0, 0, 0, 0);
-    }
-    if pvm {
-        for e in find(&mut cpuid, |e| e.function == 0x4000_0001) {
-            e.eax &= !KVM_PV_HYPERCALL_FEATURES;
-        }
     }
     cpuid
 }
@@ -196,9 +211,16 @@ mod tests {
             ..Default::default()
         });
         let with_nested = CpuId::from_entries(&entries).expect("cpuid");
-        let c = adjust(&with_nested, Backend::Hardware, true);
-        let s = c.as_slice();
+        let supported = adjust(&with_nested, Backend::Hardware, true);
+        let s = supported.as_slice();
         assert_ne!(s[0].ecx & CPUID1_ECX_TSC_DEADLINE, 0);
+        assert_ne!(
+            s[0].ecx & CPUID1_ECX_VMX,
+            0,
+            "a saved VM with VMX may still come here"
+        );
+        let model = hide_nested(&supported);
+        let s = model.as_slice();
         assert_eq!(s[0].ecx & CPUID1_ECX_VMX, 0);
         assert_eq!(s[4].ecx, 1, "SVM cleared, the rest kept");
         let c = adjust(&sample(), Backend::Hardware, false);

@@ -48,11 +48,26 @@ pub struct VcpuManager {
     /// The CPUID set on each created vCPU (what its state saves).
     cpuids: Vec<Option<CpuId>>,
     reused: u64,
+    tsc_khz: Option<u32>,
 }
 
 impl std::fmt::Debug for VcpuManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VcpuManager").field("slots", &self.slots).finish()
+    }
+}
+
+/// MTRRs as firmware leaves them (all RAM write-back); every CPU the same, as Linux checks.
+fn set_mtrr_default(fd: &VcpuFd) -> Result<()> {
+    let mtrr = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_MTRR_DEF_TYPE,
+        data: MTRR_DEF_TYPE_WB,
+        ..Default::default()
+    }])
+    .map_err(|_| Error::Msrs("building the MTRR default type"))?;
+    match fd.set_msrs(&mtrr).map_err(ioctl("KVM_SET_MSRS"))? {
+        1 => Ok(()),
+        _ => Err(Error::Msrs("KVM refused the MTRR default type")),
     }
 }
 
@@ -79,6 +94,7 @@ impl VcpuManager {
             power_on: vec![None; n],
             cpuids: vec![None; n],
             reused: 0,
+            tsc_khz: None,
         }
     }
 
@@ -95,6 +111,17 @@ impl VcpuManager {
     /// Replace the LAPIC conventions (once they have been detected on a real vCPU).
     pub fn set_conventions(&mut self, conv: KvmConventions) {
         self.conv = conv;
+    }
+
+    /// The guest TSC frequency of the VM (kHz); `None`: KVM's default, this host's.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.tsc_khz
+    }
+
+    /// Make `khz` the VM's TSC frequency for every vCPU created from now on (hot-added ones
+    /// included): a VM restored or migrated from another host keeps its own rate.
+    pub fn set_tsc_khz(&mut self, khz: Option<u32>) {
+        self.tsc_khz = khz;
     }
 
     /// Slot of CPU `index`.
@@ -175,21 +202,19 @@ impl VcpuManager {
         let c = cpuid::for_vcpu(&self.cpuid, &self.topology, index);
         fd.set_cpuid2(&c).map_err(ioctl("KVM_SET_CPUID2"))?;
         self.cpuids[index as usize] = Some(c);
+        // The VM's TSC rate, not this host's: a CPU hot-added after a migration must count at
+        // the rate of its siblings' TSCs. Set only when it differs (KVM refuses any change
+        // on a host without TSC scaling).
+        if let Some(khz) = self.tsc_khz {
+            if fd.get_tsc_khz().ok() != Some(khz) {
+                fd.set_tsc_khz(khz).map_err(ioctl("KVM_SET_TSC_KHZ"))?;
+            }
+        }
         let mut lapic = LapicPage::from(fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?);
         // LINT0 = ExtINT (the 8259), LINT1 = NMI: the wiring firmware leaves for the OS.
         lapic.set_lint_boot_defaults();
         fd.set_lapic(lapic.as_kvm()).map_err(ioctl("KVM_SET_LAPIC"))?;
-        // MTRRs as firmware leaves them (all RAM write-back); every CPU the same, as Linux checks.
-        let mtrr = Msrs::from_entries(&[kvm_msr_entry {
-            index: MSR_MTRR_DEF_TYPE,
-            data: MTRR_DEF_TYPE_WB,
-            ..Default::default()
-        }])
-        .map_err(|_| Error::Msrs("building the MTRR default type"))?;
-        match fd.set_msrs(&mtrr).map_err(ioctl("KVM_SET_MSRS"))? {
-            1 => Ok(()),
-            _ => Err(Error::Msrs("KVM refused the MTRR default type")),
-        }
+        set_mtrr_default(fd)
     }
 
     /// Make a parked vCPU look freshly plugged: an AP at power-on, waiting for INIT/SIPI.
@@ -210,6 +235,8 @@ impl VcpuManager {
         let mut page = LapicPage::power_on(apic_id, false, &self.conv);
         page.set_lint_boot_defaults();
         fd.set_lapic(page.as_kvm()).map_err(ioctl("KVM_SET_LAPIC"))?;
+        // The firmware MTRR setup, whatever the removed CPU's guest left there.
+        set_mtrr_default(fd)?;
         // No stale exception, interrupt, NMI or latched INIT from its previous life.
         fd.set_vcpu_events(&kvm_vcpu_events::default())
             .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;

@@ -228,6 +228,14 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, conv: &KvmConventions, tsc
             ..Default::default()
         });
     }
+    // A state saved before MTRRs were saved had KVM's power-on MTRRs (off), not the default
+    // a new vCPU gets here: restore that.
+    if !state.msrs.as_slice().iter().any(|e| e.index == MSR_MTRR_DEF_TYPE) {
+        entries.push(kvm_msr_entry {
+            index: MSR_MTRR_DEF_TYPE,
+            ..Default::default()
+        });
+    }
     entries.extend(
         state
             .msrs

@@ -120,6 +120,23 @@ pub fn incoming_tcp(dir: &Path) -> (String, Unattached) {
     (incoming, dst)
 }
 
+pub fn count(dir: &str) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Entries in `dir` once transient ones are gone: the API serves each request on a thread of
+/// its own with its own socket fd, which may outlive the answer by a moment on a loaded host.
+/// The lowest of 10 samples over half a second.
+pub fn settled(dir: &str) -> usize {
+    (0..10)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            count(dir)
+        })
+        .min()
+        .unwrap_or(0)
+}
+
 /// Default timeout of the end-to-end helpers.
 pub const T: Duration = Duration::from_secs(30);
 
