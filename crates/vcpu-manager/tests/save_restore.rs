@@ -134,3 +134,46 @@ fn mp_states_registers_and_lapic_survive_into_a_new_vm() {
     assert!(l2.lvt(regs::LVT_TIMER).masked());
     drop(vm2);
 }
+
+/// Exits go nowhere: these vCPUs are created and configured, never run.
+struct NoExits;
+
+impl vcpu_manager::ExitHandler for NoExits {
+    fn pio_read(&self, _: u16, _: &mut [u8]) {}
+    fn pio_write(&self, _: u16, _: &[u8]) {}
+    fn mmio_read(&self, _: u64, _: &mut [u8]) {}
+    fn mmio_write(&self, _: u64, _: &[u8]) {}
+    fn vcpu_stopped(&self, _: u32, _: &vcpu_manager::VcpuExitReason) {}
+}
+
+#[test]
+fn a_hot_added_vcpu_gets_the_vm_tsc_rate_not_the_hosts() {
+    let Some(kvm) = kvm_or_skip("a_hot_added_vcpu_gets_the_vm_tsc_rate_not_the_hosts") else {
+        return;
+    };
+    let vm = kvm.create_vm().unwrap();
+    vm.create_irq_chip().unwrap();
+    let topo = Topology::new(2);
+    let model = cpuid::host_model(&kvm, cpuid::Backend::detect()).unwrap();
+    let mut cpus = vcpu_manager::VcpuManager::new(
+        topo,
+        model,
+        std::sync::Arc::new(NoExits),
+        KvmConventions::CANONICAL,
+    );
+    let host = cpus.prepare(&vm, 0).unwrap().get_tsc_khz().unwrap();
+    // A VM from a host whose TSC ran 100 kHz slower: within KVM's 250 ppm tolerance, so any
+    // KVM takes it (no TSC scaling needed), and KVM_GET_TSC_KHZ reports what was set.
+    let vm_rate = host - 100;
+    cpus.set_tsc_khz(Some(vm_rate));
+    let added = cpus.prepare(&vm, 1).unwrap();
+    assert_eq!(added.get_tsc_khz().unwrap(), vm_rate, "host rate {host} kHz");
+    // Its MTRRs are on, default write-back, as firmware leaves them.
+    let mut m = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: 0x2ff,
+        ..Default::default()
+    }])
+    .unwrap();
+    assert_eq!(added.get_msrs(&mut m).unwrap(), 1);
+    assert_eq!(m.as_slice()[0].data, 0x806);
+}
