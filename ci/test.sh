@@ -123,7 +123,7 @@ bash ci/fuzz-smoke.sh
 if [ -z "${CI:-}" ] && [ "${VMM_NESTED:-1}" = 0 ]; then
     say "SKIP: nested KVM suite (VMM_NESTED=0)"
 else
-    part "every KVM test on real KVM: kvm-amd on Linux 6.1 and 6.12 in QEMU TCG (ci/nested/kvm-tests.sh)"
+    part "every KVM test and the Linux guest tests on real KVM: kvm-amd on Linux 6.1 and 6.12 in QEMU TCG, side by side (ci/nested/kvm-tests.sh)"
     nested_rc=0
     bash ci/nested/kvm-tests.sh || nested_rc=$?
     if [ "$nested_rc" = 2 ]; then

@@ -44,7 +44,7 @@ fn boot_two_of_eight_reports_status_ticks_and_powers_off() {
     let ready = con.wait_for("READY", T).expect("READY");
     assert!(ready.contains("possible=8 present=2 online=2"), "{ready}");
 
-    let s1 = con.status(T).expect("status");
+    let s1 = con.status(STATUS_T).expect("status");
     assert_eq!((s1.possible, s1.present, s1.online), (8, 2, 2));
     assert_eq!(s1.cpus.len(), 8);
     assert!(s1.cpus[..2].iter().all(|c| c.state == "online"), "{s1:?}");
@@ -55,7 +55,7 @@ fn boot_two_of_eight_reports_status_ticks_and_powers_off() {
     );
 
     std::thread::sleep(Duration::from_millis(300));
-    let s2 = con.status(T).expect("status");
+    let s2 = con.status(STATUS_T).expect("status");
     for i in 0..2 {
         assert!(
             s2.cpus[i].ticks > s1.cpus[i].ticks,
@@ -102,18 +102,18 @@ fn offline_and_online_cpu1_like_linux() {
     let lapic = vm.lapic(1).expect("lapic");
     assert!(!lapic.sw_enabled(), "SPIV bit 8 must be clear on an offlined CPU");
     assert!(lapic.lvt(lapic_state::regs::LVT_TIMER).masked());
-    let s1 = con.status(T).expect("status");
+    let s1 = con.status(STATUS_T).expect("status");
     assert_eq!(s1.cpus[1].state, "offline");
     assert_eq!(s1.online, 1);
     std::thread::sleep(Duration::from_millis(200));
-    let s2 = con.status(T).expect("status");
+    let s2 = con.status(STATUS_T).expect("status");
     assert_eq!(s2.cpus[1].ticks, s1.cpus[1].ticks, "an offline CPU must not tick");
     assert!(s2.cpus[0].ticks > s1.cpus[0].ticks);
 
     // INIT/SIPI again brings it back with its timer running.
     assert_eq!(con.command("online 1", T).expect("online"), vec!["OK"]);
     std::thread::sleep(Duration::from_millis(200));
-    let s3 = con.status(T).expect("status");
+    let s3 = con.status(STATUS_T).expect("status");
     assert_eq!(s3.cpus[1].state, "online");
     assert_eq!(s3.online, 2);
     assert!(
@@ -179,7 +179,7 @@ fn x2apic_ids_above_255_boot() {
         ready.contains("apic_mode=x2apic possible=300 present=2 online=2"),
         "{ready}"
     );
-    let s = con.status(T).expect("status");
+    let s = con.status(STATUS_T).expect("status");
     assert_eq!(s.cpus[299].apic_id, 299);
     con.command("poweroff", T).expect("poweroff");
     assert_eq!(vm.wait(Some(T)), Some(VmOutcome::PowerOff));
@@ -215,7 +215,7 @@ fn vcpus_restored_into_a_new_vm_keep_their_exact_state() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(vm.mp_state(3), Some(UNINITIALIZED));
-    let s1 = con.status(T).unwrap();
+    let s1 = con.status(STATUS_T).unwrap();
 
     let (save_us, restore_us) = ctl.transplant().expect("rebuild on a new VM");
     assert_eq!(save_us.len(), 4);
@@ -236,7 +236,7 @@ fn vcpus_restored_into_a_new_vm_keep_their_exact_state() {
         "and keeps its SW-disabled APIC"
     );
     std::thread::sleep(Duration::from_millis(300));
-    let s2 = con.status(T).unwrap();
+    let s2 = con.status(STATUS_T).unwrap();
     for i in [0, 1] {
         assert!(
             s2.cpus[i].ticks > s1.cpus[i].ticks,
@@ -255,7 +255,7 @@ fn vcpus_restored_into_a_new_vm_keep_their_exact_state() {
     assert_eq!(con.command("online 2", T).unwrap(), vec!["OK"]);
     assert_eq!(con.command("online 3", T).unwrap(), vec!["OK"]);
     std::thread::sleep(Duration::from_millis(200));
-    let s3 = con.status(T).unwrap();
+    let s3 = con.status(STATUS_T).unwrap();
     assert_eq!(s3.online, 4);
     assert!(s3.cpus[2].ticks > s2.cpus[2].ticks && s3.cpus[3].ticks > 0);
     // Hotplug still works on the new VM: remove CPU 3, the eject parks it.
