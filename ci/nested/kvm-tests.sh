@@ -8,8 +8,9 @@
 # here and not on PVM): the same set check as ci/test.sh, per kernel.
 #
 #   ci/nested/kvm-tests.sh [6.1] [6.12]     (default: both, side by side)
-# Env: NESTED_TEST_TIMEOUT_S (default 300 per test), NESTED_TIMEOUT_S (default 1800 per L1),
-# NESTED_IDLE_TIMEOUT_S (default 420: L1 silent that long is wedged; a fresh L1 resumes),
+# Env: NESTED_TEST_TIMEOUT_S (default 600 per test), NESTED_TIMEOUT_S (default 1800 per L1),
+# NESTED_IDLE_TIMEOUT_S (default 660, above the per-test bound: L1 silent that long is wedged;
+# a fresh L1 resumes),
 # NESTED_SMP (default 1 CPU per L1), NESTED_MEMORY_MIB (default 4096 per L1).
 # Exit: 0 all passed; 1 a test failed or did not run; 2 QEMU or the kernels cannot be had.
 set -euo pipefail
@@ -74,7 +75,7 @@ one() { # one EXE DIR TEST
     case "$NESTED_SKIP" in *" $3 "*) echo "nested-test NOT RUN $3"; return ;; esac
     [ -z "$NESTED_FILTER" ] || echo "$3" | grep -qE "$NESTED_FILTER" || return 0
     cd "$2"; t0=$(date +%s)
-    timeout "${NESTED_TEST_TIMEOUT_S:-300}" "$1" --exact "$3" --test-threads=1 >/tmp/out 2>&1
+    timeout "${NESTED_TEST_TIMEOUT_S:-600}" "$1" --exact "$3" --test-threads=1 >/tmp/out 2>&1
     r=$?; t=$(( $(date +%s) - t0 ))
     if [ $r -eq 0 ]; then echo "nested-test ok $3 (${t} s)"; else
         cat /tmp/out; echo "nested-test FAILED $3 (exit $r, ${t} s)"; rc=1; failed="$failed $3"; fi
@@ -102,9 +103,9 @@ run_kernel() { # run_kernel KERNEL -> sets rc
         log="$out/l1-$k-$attempt.log"
         set +e
         python3 ci/nested/run.py --kernel "$k" --smp "${NESTED_SMP:-1}" --memory-mib "${NESTED_MEMORY_MIB:-4096}" "${files[@]}" --timeout-s "${NESTED_TIMEOUT_S:-1800}" \
-            --idle-timeout-s "${NESTED_IDLE_TIMEOUT_S:-420}" \
+            --idle-timeout-s "${NESTED_IDLE_TIMEOUT_S:-660}" \
             --env KVM_TEST_LEDGER=/tmp/ledger --env VMM_REQUIRE_KVM=1 --env VMM_REQUIRE_LINUX=1 --env RUST_BACKTRACE=1 \
-            --env NESTED_TEST_TIMEOUT_S="${NESTED_TEST_TIMEOUT_S:-300}" \
+            --env NESTED_TEST_TIMEOUT_S="${NESTED_TEST_TIMEOUT_S:-600}" \
             --env NESTED_SKIP="$skip_list$done_list" --env NESTED_FILTER="${NESTED_FILTER:-}" \
             --collect "/tmp/ledger=$ledger.$attempt" --log "$log" --monitor "$out/monitor-$k.sock" "$payload" \
             | grep --line-buffered -v "TCG doesn't support requested feature"
