@@ -223,6 +223,8 @@ fn churn_of_200_operations_keeps_every_online_cpu_ticking() {
     let start = Instant::now();
     vm.guest("resetgaps");
     let mut ops = [0u32; 4];
+    // Every step waits with its helper's bound; the whole churn has none (a loaded nested L1
+    // took over 180 s for it, the step bounds still catch a stuck one).
     for _ in 0..200 {
         let s = vm.status();
         let present: Vec<u32> = (0..max)
@@ -278,7 +280,6 @@ fn churn_of_200_operations_keeps_every_online_cpu_ticking() {
             }
             _ => {}
         }
-        assert!(start.elapsed() < Duration::from_secs(180), "churn is stuck");
     }
     let s1 = vm.status();
     std::thread::sleep(Duration::from_millis(200));
