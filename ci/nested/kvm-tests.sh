@@ -52,7 +52,6 @@ vmm_bin="$PWD/target/debug/vmm-reference"
 # Tests that do not pass in L1 yet, each with the finding that keeps it out. They are not
 # run, they are reported on every run, and the set check below expects all the others.
 declare -A known=(
-    [resize_to_300_and_back_to_128_unplugs_every_cpu_above_255]="300 L2 vCPUs taking 100 timer ticks a second each overload one emulated L1 CPU: no progress in 420 s (one L1 CPU; with two, QEMU TCG loses L1 wake-ups and the L2 vCPUs triple-fault); runs on PVM"
 )
 # NESTED_RUN_KNOWN=1 runs them anyway (to work on them).
 [ "${NESTED_RUN_KNOWN:-0}" = 1 ] && known=()

@@ -309,20 +309,28 @@ fn resize_to_300_and_back_to_128_unplugs_every_cpu_above_255() {
         return;
     }
     // Cloud Hypervisor #7341: with more than 255 vCPUs, unplugging stopped after 172 CPUs.
+    // The guest onlines only the CPUs around the 8-bit boundary: 300 CPUs each taking 100
+    // timer ticks a second are more than one emulated L1 CPU can run in the nested suite,
+    // and unplugging is the VMM's part (online CPUs are offlined by the guest first).
     let mut vm = Vmm::start("big", "boot=2,max=300");
+    assert_eq!(vm.guest("autoonline off").last().unwrap(), "OK");
     assert_eq!(
         vm.api("PUT", "vm.resize", Some(r#"{"desired_vcpus":300}"#)).0,
         204
     );
     for _ in 2..300 {
-        assert!(vm.event("EVENT insert").ends_with("online=1"));
+        assert!(vm.event("EVENT insert").ends_with("online=0"));
     }
-    // 300 CPUs each taking 100 timer ticks a second on two host cores leave the BSP little
-    // time to print 300 status lines: bounded, but not by the usual 30 s.
-    let slow = Duration::from_secs(180);
-    let t = Instant::now();
-    assert_eq!(vm.con.status(slow).expect("status").online, 300);
-    eprintln!("status of 300 CPUs: {:?}", t.elapsed());
+    let online = [127, 128, 254, 255, 256, 257, 299];
+    for c in online {
+        assert_eq!(
+            vm.guest(&format!("online {c}")).last().unwrap(),
+            "OK",
+            "online {c}"
+        );
+    }
+    let st = vm.status();
+    assert_eq!((st.present, st.online), (300, 2 + online.len() as u32));
     assert_eq!(
         vm.api("PUT", "vm.resize", Some(r#"{"desired_vcpus":128}"#)).0,
         204
@@ -334,8 +342,8 @@ fn resize_to_300_and_back_to_128_unplugs_every_cpu_above_255() {
         v["pending_removals"].as_array().is_some_and(|a| a.is_empty()) && v["parked_vcpu_fds"] == 172
     });
     assert_eq!(info["present_vcpus"], 128);
-    let st = vm.con.status(slow).expect("status");
-    assert_eq!((st.present, st.online), (128, 128));
+    let st = vm.status();
+    assert_eq!((st.present, st.online), (128, 3), "CPUs 0, 1 and 127 stay online");
     assert_eq!(st.cpus[299].state, "absent");
     vm.poweroff();
 }
