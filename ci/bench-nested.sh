@@ -30,7 +30,7 @@ PY
 )
 [ ${#benches[@]} -gt 0 ] || { echo "bench-nested: no benchmark binaries" >&2; exit 1; }
 files=(--file "$PWD/target/release/vmm-reference")
-run_all="set -e; cd '$PWD/vmm-reference'; mkdir -p '$PWD/vmm-reference'
+run_all="set -e; mkdir -p '$PWD/vmm-reference'; cd '$PWD/vmm-reference'
 "
 for b in "${benches[@]}"; do
     exe=${b#* }
