@@ -17,20 +17,6 @@ use serde_json::Value;
 use vm_migration::protocol::{recv, send, FrameLimits, Message};
 use vmm_reference::console::GuestStatus;
 
-/// Per-CPU fields of `vm.info` that must survive exactly.
-const KEPT: [&str; 10] = [
-    "present",
-    "apic_id",
-    "vcpu",
-    "apic_mode",
-    "apic_sw_enabled",
-    "inserting",
-    "removing",
-    "remove_requested",
-    "ost_event",
-    "ost_status",
-];
-
 /// boot=2,max=8; CPUs 2..4 hot-added and online; CPU 3 offlined by the guest; CPU 5 hot-added
 /// and never onlined; CPU 6 inserted and CPU 4 asked to go while the guest's GPE is off, so
 /// both events wait in GPE0_STS. Returns the VMM's and the guest's view.

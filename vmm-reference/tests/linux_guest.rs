@@ -294,19 +294,6 @@ fn linux_without_tsc_deadline_verifies_its_lapic_timer_against_the_pit() {
     g.0.exits_cleanly();
 }
 
-/// Per-CPU fields of `vm.info` that a snapshot or a migration must carry exactly.
-const KEPT: [&str; 9] = [
-    "present",
-    "apic_id",
-    "vcpu",
-    "apic_mode",
-    "apic_sw_enabled",
-    "inserting",
-    "removing",
-    "remove_requested",
-    "ost_event",
-];
-
 /// The VMM's and the guest's view of a partially offline Linux guest.
 struct Before {
     info: Value,

@@ -137,6 +137,20 @@ pub fn settled(dir: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Per-CPU fields of `vm.info` that a snapshot or a migration must carry exactly.
+pub const KEPT: [&str; 10] = [
+    "present",
+    "apic_id",
+    "vcpu",
+    "apic_mode",
+    "apic_sw_enabled",
+    "inserting",
+    "removing",
+    "remove_requested",
+    "ost_event",
+    "ost_status",
+];
+
 /// Bound of a `status` reply (see [`Vmm::status`]).
 pub const STATUS_T: Duration = Duration::from_secs(180);
 
