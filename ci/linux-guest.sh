@@ -6,7 +6,7 @@
 #   initramfs.cpio.gz    busybox-static + an /init that prints LINUX_GUEST_READY on ttyS0 and
 #                        then answers the agent protocol there (status, online/offline N,
 #                        gpe mask|unmask, dirty start MIB|check, clock start|check,
-#                        klog TEXT, spin N, sleep S, poweroff); memclock is
+#                        klog TEXT, irq N, spin N, sleep S, poweroff); memclock is
 #                        ci/linux-guest/memclock.c
 # Only Debian's package archive is contacted (apt-get download; no root needed for that part).
 set -euo pipefail
@@ -96,6 +96,8 @@ while read -r cmd arg; do
         spin) if taskset -c "$arg" sh -c 'i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done'; then
                   echo OK; else echo "ERR spin $arg"; fi ;;
         klog) echo "OK klog count=$(dmesg | grep -c -- "$arg")" ;;
+        # irq N: interrupts of IRQ N on all CPUs so far (/proc/interrupts)
+        irq) echo "OK irq count=$(awk -v n="$arg:" '$1 == n { s = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i; print s }' /proc/interrupts)" ;;
         sleep) if sleep "$arg"; then echo OK; else echo "ERR sleep"; fi ;;
         poweroff) echo "OK poweroff"; poweroff -f ;;
         "") ;;

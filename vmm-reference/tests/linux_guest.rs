@@ -281,15 +281,27 @@ fn linux_keeps_its_timer_and_onlines_hot_added_cpus() {
 }
 
 #[test]
-fn linux_without_tsc_deadline_verifies_its_lapic_timer_against_the_pit() {
-    if !linux_or_skip("linux_without_tsc_deadline_verifies_its_lapic_timer_against_the_pit") {
+fn linux_without_tsc_deadline_takes_pit_ticks_on_the_madt_pin() {
+    if !linux_or_skip("linux_without_tsc_deadline_takes_pit_ticks_on_the_madt_pin") {
         return;
     }
-    // Without the TSC-deadline timer Linux calibrates its LAPIC timer and checks it against
-    // jiffies counted by the PIT: that needs the PIT on the I/O APIC pin the MADT names.
+    // Without the TSC-deadline timer Linux runs on the PIT until it has calibrated its LAPIC
+    // timer against PIT-driven jiffies: that needs the PIT on the I/O APIC pin the MADT names
+    // (ISA IRQ 0 -> GSI 2). KVM's default routing put it on pin 0, where no tick ever came.
     let mut g = Linux::boot_with("linux-pit", "boot=2,max=2", "lapic=notscdeadline");
-    assert_eq!(g.cmd("klog APIC timer disabled"), "OK klog count=0");
-    g.assert_ticking();
+    // With the PIT lost, no timer at all drives the guest and `sleep` never returns. (Whether
+    // the LAPIC timer passed Linux's check is not asserted: under host load the check compares
+    // two late TCG timers and can fail, and Linux then keeps ticking from the PIT.)
+    let a = g.status();
+    let slept = g.0.con.command("sleep 0.5", Duration::from_secs(30));
+    assert!(
+        slept.as_ref().is_ok_and(|l| l.last().is_some_and(|l| l == "OK")),
+        "no timer fires: {slept:?}; {:?}",
+        g.0.con.transcript
+    );
+    assert!(g.status().uptime > a.uptime);
+    let (irq0, klog) = (g.cmd("irq 0"), g.cmd("klog APIC timer disabled"));
+    eprintln!("PIT: {irq0}; APIC timer disabled: {klog}");
     g.0.con.send("poweroff").expect("send poweroff");
     g.0.exits_cleanly();
 }
