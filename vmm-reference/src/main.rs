@@ -516,6 +516,21 @@ impl DemoVmm {
         Ok(body)
     }
 
+    /// Wait for the VMM's side of an eject (thread joined, fd parked): the guest reports the
+    /// removal before the eject worker is done, and an add-cpu meanwhile is answered 429.
+    fn parked(&self, id: usize) -> DemoResult<()> {
+        let deadline = Instant::now() + DEMO_T;
+        while Instant::now() < deadline {
+            let info: serde_json::Value = serde_json::from_str(&self.api("GET", "vm.info", None)?)?;
+            let idle = info["pending_removals"].as_array().is_some_and(|a| a.is_empty());
+            if idle && info["cpus"][id]["vcpu"] == "parked" {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(format!("CPU {id} was not parked within {DEMO_T:?}").into())
+    }
+
     fn guest(&mut self, cmd: &str) -> DemoResult<String> {
         let reply = self.con()?.command(cmd, DEMO_T)?;
         let line = reply.last().cloned().unwrap_or_default();
@@ -580,6 +595,7 @@ fn demo_steps(dir: &std::path::Path, vmms: &mut Vec<DemoVmm>) -> DemoResult<()> 
     println!("== PUT /api/v1/vm.remove-cpu {{\"id\":2}}: the guest offlines and ejects it, the VMM parks the vCPU fd");
     vm.api("PUT", "vm.remove-cpu", Some(r#"{"id":2}"#))?;
     vm.event("EVENT remove")?;
+    vm.parked(2)?;
     println!("== PUT /api/v1/vm.add-cpu {{\"id\":2}}: CPU 2 comes back on its parked fd");
     vm.api("PUT", "vm.add-cpu", Some(r#"{"id":2}"#))?;
     vm.event("EVENT insert")?;
