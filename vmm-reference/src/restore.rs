@@ -167,7 +167,7 @@ pub(crate) fn restore_vcpus(
             vcpus.set_conventions(conv);
             detected = true;
         }
-        vcpu_manager::restore_vcpu(&fd, st, &vcpus.conventions(), tsc)
+        vcpu_manager::restore_vcpu(&fd, st, &vcpus.conventions(), tsc, vcpus.xsave_size())
             .map_err(|e| format!("restoring vCPU {index}: {e}"))?;
         vcpus.record_cpuid(*index, st.cpuid.clone());
         restore_us.push(t.elapsed().as_secs_f64() * 1e6);

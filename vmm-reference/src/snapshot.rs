@@ -484,6 +484,7 @@ mod tests {
             tsc_khz: Some(2_000_000),
             xcrs: Default::default(),
             xsave: Default::default(),
+            xsave_ext: Vec::new(),
             lapic: LapicState {
                 vcpu_id: index,
                 apic_base: ApicBase::power_on(index == 0),

@@ -21,7 +21,7 @@ mod topology;
 
 pub use manager::{Slot, VcpuManager, VCPU_TIMEOUT};
 pub use runner::{ExitHandler, VcpuExitReason, VcpuRunner};
-pub use state::{msr_list, restore_vcpu, save_vcpu, VcpuState};
+pub use state::{msr_list, restore_vcpu, save_vcpu, xsave_size, VcpuState};
 pub use topology::Topology;
 
 /// Errors of this crate.
@@ -78,6 +78,15 @@ pub enum Error {
         done: usize,
         /// How many were asked.
         wanted: usize,
+    },
+    /// An XSAVE area does not fit: saved state beyond the destination's area, or a size KVM
+    /// reported that no buffer can have.
+    #[error("an XSAVE area of {bytes} bytes does not fit in {room}")]
+    Xsave {
+        /// Bytes that must be kept.
+        bytes: usize,
+        /// Bytes there is room for.
+        room: usize,
     },
     /// The LAPIC state could not be read.
     #[error("LAPIC state: {0}")]

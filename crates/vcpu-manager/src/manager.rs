@@ -49,6 +49,8 @@ pub struct VcpuManager {
     cpuids: Vec<Option<CpuId>>,
     reused: u64,
     tsc_khz: Option<u32>,
+    /// The VM's XSAVE area size (`None`: legacy ioctls), learnt when a vCPU is prepared.
+    xsave_size: Option<usize>,
 }
 
 impl std::fmt::Debug for VcpuManager {
@@ -95,6 +97,7 @@ impl VcpuManager {
             cpuids: vec![None; n],
             reused: 0,
             tsc_khz: None,
+            xsave_size: None,
         }
     }
 
@@ -122,6 +125,12 @@ impl VcpuManager {
     /// included): a VM restored or migrated from another host keeps its own rate.
     pub fn set_tsc_khz(&mut self, khz: Option<u32>) {
         self.tsc_khz = khz;
+    }
+
+    /// The VM's XSAVE area size in bytes, or `None` for KVM's legacy 4 KiB ioctls (also
+    /// before the first vCPU was prepared).
+    pub fn xsave_size(&self) -> Option<usize> {
+        self.xsave_size
     }
 
     /// Slot of CPU `index`.
@@ -170,6 +179,7 @@ impl VcpuManager {
     /// A configured vCPU fd for CPU `index`: a new one (CPUID, LAPIC LINT wiring), or the
     /// parked one reset to an AP's power-on state. Not started yet.
     pub fn prepare(&mut self, vm: &VmFd, index: u32) -> Result<VcpuFd> {
+        self.xsave_size = crate::state::xsave_size(vm);
         let i = index as usize;
         let slot = self.slots.get_mut(i).ok_or(Error::NoSuchCpu(index))?;
         match std::mem::replace(slot, Slot::Absent) {
@@ -323,9 +333,9 @@ impl VcpuManager {
     /// Save running vCPU `index` (paused) on its own thread, with the CPUID it was given.
     pub fn save(&self, index: u32, msrs: &[u32]) -> Result<VcpuState> {
         let r = self.runner(index).ok_or(Error::NotRunning(index))?;
-        let (id, m, c) = (self.topology.apic_id(index), msrs.to_vec(), self.conv);
+        let (id, m, c, x) = (self.topology.apic_id(index), msrs.to_vec(), self.conv, self.xsave_size);
         let cpuid = self.cpuid(index).cloned().ok_or(Error::NotRunning(index))?;
-        r.with_vcpu(VCPU_TIMEOUT, move |fd| save_vcpu(fd, id, &cpuid, &m, &c))
+        r.with_vcpu(VCPU_TIMEOUT, move |fd| save_vcpu(fd, id, &cpuid, &m, &c, x))
             .ok_or(Error::Unresponsive(index))?
     }
 

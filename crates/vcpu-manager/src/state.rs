@@ -3,9 +3,9 @@
 
 use kvm_bindings::{
     kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    CpuId, Msrs,
+    CpuId, Msrs, Xsave,
 };
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use lapic_state::timer::{deadline_to_save, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
 use lapic_state::{ApicBase, KvmConventions, LapicState};
 use serde::{Deserialize, Serialize};
@@ -39,8 +39,14 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
     /// XCRs.
     pub xcrs: kvm_xcrs,
-    /// XSAVE area.
+    /// XSAVE area: its first 4 KiB (what `KVM_GET_XSAVE` returns).
     pub xsave: kvm_xsave,
+    /// The XSAVE area beyond 4 KiB, from `KVM_GET_XSAVE2`: the state of dynamically enabled
+    /// features (AMX tiles). Empty when KVM's area is 4 KiB, which is every VM whose VMM did
+    /// not request such features (`ARCH_REQ_XCOMP_GUEST_PERM`); left out of the encoding then,
+    /// so states without it decode as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub xsave_ext: Vec<u32>,
     /// LAPIC, normalised (convention-free).
     pub lapic: LapicState,
     /// MSRs (IA32_TSC included; APIC base and TSC deadline excluded).
@@ -144,18 +150,21 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Msrs> {
 /// were never set (AVX, AVX-512, XSAVE, ...) and without some leaves. Saving those would make
 /// the snapshot claim features the VM was never given, and a destination's compatibility
 /// check would compare the wrong thing.
+///
+/// `xsave_size` is the VM's XSAVE area size, from [`xsave_size`].
 pub fn save_vcpu(
     vcpu: &VcpuFd,
     vcpu_id: u32,
     cpuid: &CpuId,
     msrs: &[u32],
     conv: &KvmConventions,
+    xsave_size: Option<usize>,
 ) -> Result<VcpuState> {
     // MP state first: KVM_GET_MP_STATE processes pending INIT/SIPI and may change CS/RIP.
     let mp_state = vcpu.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?;
     let regs = vcpu.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
     let sregs = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-    let xsave = vcpu.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?;
+    let (xsave, xsave_ext) = get_xsave(vcpu, xsave_size)?;
     let xcrs = vcpu.get_xcrs().map_err(ioctl("KVM_GET_XCRS"))?;
     let debugregs = vcpu.get_debug_regs().map_err(ioctl("KVM_GET_DEBUGREGS"))?;
     let blob = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
@@ -179,6 +188,7 @@ pub fn save_vcpu(
         tsc_khz,
         xcrs,
         xsave,
+        xsave_ext,
         lapic,
         msrs: msr_vals,
         tsc_deadline,
@@ -189,8 +199,14 @@ pub fn save_vcpu(
 
 /// Restore `state` into `vcpu` (a vCPU that has never run, created with the same id).
 /// `tsc` overrides the saved IA32_TSC (pass the same value to every vCPU so their offsets are
-/// equal).
-pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, conv: &KvmConventions, tsc: Option<u64>) -> Result<()> {
+/// equal). `xsave_size` is the destination VM's XSAVE area size, from [`xsave_size`].
+pub fn restore_vcpu(
+    vcpu: &VcpuFd,
+    state: &VcpuState,
+    conv: &KvmConventions,
+    tsc: Option<u64>,
+    xsave_size: Option<usize>,
+) -> Result<()> {
     // CPUID first: it decides x2APIC legality, the timer mode mask and the LVT count.
     vcpu.set_cpuid2(&state.cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
     // SREGS before the LAPIC: it installs the APIC base (KVM reads the blob per that mode)
@@ -208,9 +224,7 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, conv: &KvmConventions, tsc
     // REGS before VCPU_EVENTS: setting REGS clears pending exceptions.
     vcpu.set_regs(&state.regs).map_err(ioctl("KVM_SET_REGS"))?;
     vcpu.set_xcrs(&state.xcrs).map_err(ioctl("KVM_SET_XCRS"))?;
-    // SAFETY: the XSAVE area came from KVM_GET_XSAVE on a vCPU of the same kind: the 4 KiB
-    // legacy area, all of it unless the VMM granted dynamic features (AMX) that need XSAVE2.
-    unsafe { vcpu.set_xsave(&state.xsave) }.map_err(ioctl("KVM_SET_XSAVE"))?;
+    set_xsave(vcpu, &state.xsave, &state.xsave_ext, xsave_size)?;
     // LAPIC after SREGS (APIC base) and before the MSRs (TSC deadline needs its LVT mode).
     lapic_state::kvm::restore(vcpu, state.vcpu_id, &state.lapic, conv).map_err(Error::LapicRestore)?;
     // MSRs: IA32_TSC first, the rest, and the TSC deadline last (compared with the TSC).
@@ -269,4 +283,106 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, conv: &KvmConventions, tsc
     vcpu.set_debug_regs(&state.debugregs)
         .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
     Ok(())
+}
+
+/// The legacy XSAVE area: `struct kvm_xsave` without its flexible tail.
+pub const XSAVE_LEGACY: usize = std::mem::size_of::<kvm_xsave>();
+
+/// The size in bytes of the XSAVE area KVM uses for the vCPUs of `vm`, from
+/// `KVM_CAP_XSAVE2` (Linux 5.17+): 4 KiB, or more once the VMM was granted dynamic features
+/// such as AMX tiles. `None` where KVM lacks the capability: only the legacy 4 KiB
+/// `KVM_GET_XSAVE`/`KVM_SET_XSAVE` exist there.
+pub fn xsave_size(vm: &VmFd) -> Option<usize> {
+    usize::try_from(vm.check_extension_int(Cap::Xsave2))
+        .ok()
+        .filter(|&n| n > 0)
+        .map(|n| n.max(XSAVE_LEGACY))
+}
+
+/// The vCPU's XSAVE area, split into the legacy 4 KiB and the rest: with `KVM_GET_XSAVE2`
+/// where KVM has it (the legacy ioctl refuses a vCPU whose area is larger).
+fn get_xsave(vcpu: &VcpuFd, size: Option<usize>) -> Result<(kvm_xsave, Vec<u32>)> {
+    let Some(size) = size else {
+        return Ok((vcpu.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?, Vec::new()));
+    };
+    let mut buf = xsave_buffer(size)?;
+    // SAFETY: `buf` holds `size` bytes, the size KVM_CAP_XSAVE2 gave for this VM, which is
+    // what KVM_GET_XSAVE2 writes.
+    unsafe { vcpu.get_xsave2(&mut buf) }.map_err(ioctl("KVM_GET_XSAVE2"))?;
+    let region = kvm_xsave {
+        region: buf.as_fam_struct_ref().xsave.region,
+        ..Default::default()
+    };
+    Ok((region, buf.as_slice().to_vec()))
+}
+
+/// The largest XSAVE area accepted: AMX, the largest component today, makes it ~11 KiB.
+pub const XSAVE_MAX: usize = 64 * 1024;
+
+/// A zeroed XSAVE buffer of `size` bytes (the legacy 4 KiB and a tail of u32 words).
+fn xsave_buffer(size: usize) -> Result<Xsave> {
+    let too_large = Error::Xsave {
+        bytes: size,
+        room: XSAVE_MAX,
+    };
+    if size > XSAVE_MAX {
+        return Err(too_large);
+    }
+    Xsave::new((size - XSAVE_LEGACY).div_ceil(4)).map_err(|_| too_large)
+}
+
+/// The saved XSAVE tail fitted to a destination tail of `words` u32s: zeros stand for
+/// components in their initial state (their XSTATE_BV bits are clear), so a shorter tail is
+/// padded; a longer one is cut only where it holds nothing, otherwise the guest would lose
+/// state the destination KVM has no room for.
+pub fn fit_xsave_tail(saved: &[u32], words: usize) -> Result<Vec<u32>> {
+    if saved.len() > words && saved[words..].iter().any(|&w| w != 0) {
+        return Err(Error::Xsave {
+            bytes: XSAVE_LEGACY + 4 * saved.len(),
+            room: XSAVE_LEGACY + 4 * words,
+        });
+    }
+    let mut out = saved[..saved.len().min(words)].to_vec();
+    out.resize(words, 0);
+    Ok(out)
+}
+
+/// Restore the XSAVE area into a buffer of the destination's `size`: KVM_SET_XSAVE reads as
+/// many bytes as the vCPU's area has, so a buffer of exactly that size is required.
+fn set_xsave(vcpu: &VcpuFd, legacy: &kvm_xsave, tail: &[u32], size: Option<usize>) -> Result<()> {
+    let Some(size) = size else {
+        fit_xsave_tail(tail, 0)?;
+        // SAFETY: without KVM_CAP_XSAVE2 the vCPU's area is the legacy 4 KiB of `kvm_xsave`.
+        return unsafe { vcpu.set_xsave(legacy) }.map_err(ioctl("KVM_SET_XSAVE"));
+    };
+    let mut buf = xsave_buffer(size)?;
+    let fitted = fit_xsave_tail(tail, buf.as_slice().len())?;
+    // SAFETY: only the fixed-size `region` is written; the length field is left alone.
+    unsafe { buf.as_mut_fam_struct() }.xsave.region = legacy.region;
+    buf.as_mut_slice().copy_from_slice(&fitted);
+    // SAFETY: `buf` holds the `size` bytes KVM_CAP_XSAVE2 gave for this VM, all of which
+    // KVM_SET_XSAVE reads.
+    unsafe { vcpu.set_xsave2(&buf) }.map_err(ioctl("KVM_SET_XSAVE"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shorter_xsave_tail_is_padded_with_initial_state() {
+        assert_eq!(fit_xsave_tail(&[1, 2], 4).ok(), Some(vec![1, 2, 0, 0]));
+        assert_eq!(fit_xsave_tail(&[], 3).ok(), Some(vec![0, 0, 0]));
+    }
+
+    #[test]
+    fn a_longer_xsave_tail_is_cut_only_where_it_is_empty() {
+        assert_eq!(fit_xsave_tail(&[7, 0, 0], 1).ok(), Some(vec![7]));
+        let e = fit_xsave_tail(&[7, 0, 9], 2).err().map(|e| e.to_string());
+        assert!(
+            e.as_deref() == Some("an XSAVE area of 4108 bytes does not fit in 4104"),
+            "{e:?}"
+        );
+        assert!(fit_xsave_tail(&[0, 5], 0).is_err());
+    }
 }

@@ -8,7 +8,7 @@ use std::io::Write;
 use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use lapic_state::{regs, KvmConventions, LapicPage};
-use vcpu_manager::{cpuid, msr_list, restore_vcpu, save_vcpu, Topology};
+use vcpu_manager::{cpuid, msr_list, restore_vcpu, save_vcpu, xsave_size, Topology};
 
 fn kvm_or_skip(test: &str) -> Option<Kvm> {
     match Kvm::new().and_then(|k| k.create_vm().map(|_| k)) {
@@ -53,7 +53,7 @@ fn mp_states_registers_and_lapic_survive_into_a_new_vm() {
     let Some(kvm) = kvm_or_skip("mp_states_registers_and_lapic_survive_into_a_new_vm") else {
         return;
     };
-    let (_vm, src) = vm_with_vcpus(&kvm, 4);
+    let (vm, src) = vm_with_vcpus(&kvm, 4);
     let conv = KvmConventions::detect(&kvm, &src[0], false).unwrap();
     let msrs = msr_list(&kvm, &src[0]).unwrap();
     // vCPU 1: an AP between INIT and SIPI. vCPU 2: an offlined CPU (halted, IF=0, APIC
@@ -79,14 +79,21 @@ fn mp_states_registers_and_lapic_survive_into_a_new_vm() {
     let mut r0 = src[0].get_regs().unwrap();
     r0.rax = 0xdead_beef;
     src[0].set_regs(&r0).unwrap();
-
+    // Vector state travels in the XSAVE area (KVM_GET_XSAVE2 where KVM has it): XMM5 at
+    // byte 240, marked live in XSTATE_BV (byte 512). Not through KVM_SET_FPU: it writes the
+    // legacy area without setting XSTATE_BV, so KVM then reports XMM in its initial state.
+    let mut xs = src[0].get_xsave().unwrap();
+    xs.region[60..64].copy_from_slice(&[0x7873_6176, 0x6520_7375, 0x7276_6976, 0x6573_2121]);
+    xs.region[128] |= 0b11;
+    // SAFETY: a 4 KiB area read from this vCPU, written back with two fields changed.
+    unsafe { src[0].set_xsave(&xs) }.unwrap();
     let topo = Topology::new(4);
     let sup = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
     let set: Vec<_> = (0..4).map(|i| cpuid::for_vcpu(&sup, &topo, i)).collect();
     let saved: Vec<_> = src
         .iter()
         .enumerate()
-        .map(|(i, fd)| save_vcpu(fd, i as u32, &set[i], &msrs, &conv).unwrap())
+        .map(|(i, fd)| save_vcpu(fd, i as u32, &set[i], &msrs, &conv, xsave_size(&vm)).unwrap())
         .collect();
     // The CPUID saved is the one set (KVM_GET_CPUID2 on PVM reports host bits never set).
     for (s, c) in saved.iter().zip(&set) {
@@ -117,7 +124,7 @@ fn mp_states_registers_and_lapic_survive_into_a_new_vm() {
         .find(|e| e.index == 0x10)
         .map(|e| e.data);
     for (fd, s) in dst.iter().zip(&saved) {
-        restore_vcpu(fd, s, &conv, tsc).unwrap();
+        restore_vcpu(fd, s, &conv, tsc, xsave_size(&vm2)).unwrap();
     }
     for (i, (fd, w)) in dst.iter().zip(want).enumerate() {
         assert_eq!(
@@ -127,6 +134,11 @@ fn mp_states_registers_and_lapic_survive_into_a_new_vm() {
         );
     }
     assert_eq!(dst[0].get_regs().unwrap().rax, 0xdead_beef);
+    assert_eq!(
+        dst[0].get_xsave().unwrap().region[60..64],
+        [0x7873_6176, 0x6520_7375, 0x7276_6976, 0x6573_2121],
+        "XMM5"
+    );
     let r2 = dst[2].get_regs().unwrap();
     assert_eq!((r2.rip, r2.rflags & 0x200), (0x1234, 0));
     let l2 = LapicPage::from(dst[2].get_lapic().unwrap());
