@@ -11,9 +11,14 @@
 #     k6.1/      bookworm linux-image-cloud-amd64 (vmlinuz, kvm modules)
 #     k6.12/     bookworm-backports linux-image-cloud-amd64
 #     busybox    busybox-static
+#   ci/nested/debs.sh --qemu-peer   also:
+#     qemu-peer/ bookworm's QEMU 7.2 (system-x86, -data, seabios) and its libraries, run with
+#                qemu-peer/run-qemu: the QEMU that runs *in* L1 beside vmm-reference (-accel kvm)
 # Exit 2 with one line on stderr when the archive cannot be reached (the caller decides
 # whether that is a SKIP or a failure).
 set -euo pipefail
+peer=0
+[ "${1:-}" = --qemu-peer ] && peer=1
 cd "$(dirname "$0")/../.."
 top="$PWD/target/nested"
 apt="$top/apt"
@@ -102,29 +107,49 @@ for p in "${pinned[@]}"; do
 done
 unpack "$top/qemu" "${qdebs[@]}" "$apt/debs/"seabios_*.deb
 
-# QEMU's shared libraries the host lacks: download and unpack them into qemu/ too, and run
+# QEMU's shared libraries the host lacks: download and unpack them into its tree too, and run
 # QEMU with LD_LIBRARY_PATH (three rounds cover libraries that need further libraries).
-qbin="$top/qemu/usr/bin/qemu-system-x86_64"
-libdir="$top/qemu/usr/lib/x86_64-linux-gnu:$top/qemu/lib/x86_64-linux-gnu"
-for _ in 1 2 3; do
-    missing=$(LD_LIBRARY_PATH="$libdir" ldd "$qbin" | awk '/not found/ {print $1}')
-    [ -z "$missing" ] && break
-    for so in $(echo "$missing" | sort -u); do
-        base=${so%%.so*}; ver=${so##*.so.}
-        case "$base" in *[0-9]) pkg="${base}-${ver}" ;; *) pkg="${base}${ver}" ;; esac
-        v=$(suite_version "$pkg" "$qemu_suite"); [ -n "$v" ] || v=$(suite_version "$pkg" bookworm)
-        [ -n "$v" ] || fail "no Debian package $pkg for $so"
-        fetch "$pkg=$v"
-        dpkg-deb -x "$apt/debs/${pkg}_${v//:/%3a}_"*.deb "$top/qemu"
+complete_libs() { # complete_libs TREE SUITE: writes TREE/run-qemu
+    local tree=$1 suite=$2
+    local qbin="$tree/usr/bin/qemu-system-x86_64"
+    local libdir="$tree/usr/lib/x86_64-linux-gnu:$tree/lib/x86_64-linux-gnu"
+    local missing so base ver pkg v
+    for _ in 1 2 3; do
+        missing=$(LD_LIBRARY_PATH="$libdir" ldd "$qbin" | awk '/not found/ {print $1}')
+        [ -z "$missing" ] && break
+        for so in $(echo "$missing" | sort -u); do
+            base=${so%%.so*}; ver=${so##*.so.}
+            case "$base" in *[0-9]) pkg="${base}-${ver}" ;; *) pkg="${base}${ver}" ;; esac
+            v=$(suite_version "$pkg" "$suite"); [ -n "$v" ] || v=$(suite_version "$pkg" bookworm)
+            [ -n "$v" ] || fail "no Debian package $pkg for $so"
+            fetch "$pkg=$v"
+            dpkg-deb -x "$apt/debs/${pkg}_${v//:/%3a}_"*.deb "$tree"
+        done
     done
-done
-missing=$(LD_LIBRARY_PATH="$libdir" ldd "$qbin" | awk '/not found/ {print $1}')
-[ -z "$missing" ] || fail "QEMU still misses libraries: $missing"
-cat > "$top/qemu/run-qemu" <<RUN
+    missing=$(LD_LIBRARY_PATH="$libdir" ldd "$qbin" | awk '/not found/ {print $1}')
+    [ -z "$missing" ] || fail "QEMU in $tree still misses libraries: $missing"
+    cat > "$tree/run-qemu" <<RUN
 #!/bin/sh
 # QEMU unpacked from Debian (ci/nested/debs.sh); TCG is a loadable module.
-export LD_LIBRARY_PATH="$libdir" QEMU_MODULE_DIR="$top/qemu/usr/lib/x86_64-linux-gnu/qemu"
-exec "$qbin" -L "$top/qemu/usr/share/qemu" -L "$top/qemu/usr/share/seabios" "\$@"
+export LD_LIBRARY_PATH="$libdir" QEMU_MODULE_DIR="$tree/usr/lib/x86_64-linux-gnu/qemu"
+exec "$qbin" -L "$tree/usr/share/qemu" -L "$tree/usr/share/seabios" "\$@"
 RUN
-chmod +x "$top/qemu/run-qemu"
+    chmod +x "$tree/run-qemu"
+}
+complete_libs "$top/qemu" "$qemu_suite"
 echo "nested: kernels $k61 $k612; QEMU $("$top/qemu/run-qemu" --version | head -1)"
+
+# The peer QEMU in L1 is bookworm's own 7.2 (what Debian users run), with KVM, not TCG.
+if [ "$peer" = 1 ]; then
+    ppinned=()
+    for p in qemu-system-x86 qemu-system-data; do ppinned+=("$p=$(suite_version "$p" bookworm)"); done
+    fetch "${ppinned[@]}"
+    pdebs=()
+    for p in "${ppinned[@]}"; do
+        name=${p%%=*}; ver=${p#*=}
+        pdebs+=("$(ls "$apt/debs/${name}_${ver//:/%3a}_"*.deb)")
+    done
+    unpack "$top/qemu-peer" "${pdebs[@]}" "$apt/debs/"seabios_*.deb
+    complete_libs "$top/qemu-peer" bookworm
+    echo "nested: peer QEMU $("$top/qemu-peer/run-qemu" --version | head -1)"
+fi

@@ -79,9 +79,11 @@ def module_files(moddir):
     return order
 
 
-def shared_libs(path):
-    """Absolute paths of the shared libraries an ELF file loads (empty for static or scripts)."""
-    r = subprocess.run(["ldd", str(path)], capture_output=True, text=True)
+def shared_libs(path, lib_path=""):
+    """Absolute paths of the shared libraries an ELF file loads (empty for static or scripts),
+    looking in `lib_path` (LD_LIBRARY_PATH form) first, as the payload will at run time."""
+    env = dict(os.environ, LD_LIBRARY_PATH=lib_path) if lib_path else None
+    r = subprocess.run(["ldd", str(path)], capture_output=True, text=True, env=env)
     libs = []
     for line in r.stdout.splitlines():
         m = re.search(r"(/\S+) \(0x", line)
@@ -129,8 +131,9 @@ class Cpio:
         return b"".join(self.parts)
 
 
-def add_host_file(cpio, path, added):
-    """Copy a host file (and, for ELF files, its libraries) to the same path in L1."""
+def add_host_file(cpio, path, added, lib_path=""):
+    """Copy a host file (and, for ELF files, its libraries) to the same path in L1; a
+    directory with everything under it."""
     path = os.path.abspath(path)
     if path in added:
         return
@@ -138,13 +141,17 @@ def add_host_file(cpio, path, added):
     real = os.path.realpath(path)
     if real != path:
         cpio.symlink(path, real)
-        add_host_file(cpio, real, added)
+        add_host_file(cpio, real, added, lib_path)
+        return
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            add_host_file(cpio, os.path.join(path, name), added, lib_path)
         return
     data = Path(path).read_bytes()
     cpio.file(path, data, 0o100755 if os.access(path, os.X_OK) else 0o100644)
     if data[:4] == b"\x7fELF":
-        for lib in shared_libs(path):
-            add_host_file(cpio, lib, added)
+        for lib in shared_libs(path, lib_path):
+            add_host_file(cpio, lib, added, lib_path)
 
 
 INIT = r"""#!/bin/busybox sh
@@ -188,7 +195,7 @@ def build_initramfs(kernel, args, out):
     cpio.file("modules/order", " ".join(n for n, _ in mods).encode(), 0o100644)
     added = set()
     for f in args.file:
-        add_host_file(cpio, f, added)
+        add_host_file(cpio, f, added, args.lib_path)
     env = "".join(f"export {k}='{v}'\n" for k, v in (e.split("=", 1) for e in args.env))
     cpio.file("payload.env", env.encode(), 0o100644)
     cpio.file("payload.sh", args.command.encode(), 0o100755)
@@ -201,7 +208,9 @@ def build_initramfs(kernel, args, out):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernel", required=True, choices=["6.1", "6.12"])
-    p.add_argument("--file", action="append", default=[])
+    p.add_argument("--file", action="append", default=[], help="a host file or directory, packed at its path")
+    p.add_argument("--lib-path", default="",
+                   help="LD_LIBRARY_PATH-style folders where packed programs find their libraries")
     p.add_argument("--collect", action="append", default=[], help="L1PATH=HOSTPATH")
     p.add_argument("--env", action="append", default=[], help="K=V for the payload")
     p.add_argument("--smp", type=int, default=1,

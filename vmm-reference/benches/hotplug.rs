@@ -10,8 +10,7 @@
 //! `device_del` -> `DEVICE_DELETED` (QEMU's own ACPI CPU hotplug; the guest drives both
 //! through the same register protocol).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +21,7 @@ use vmm_reference::console::GuestConsole;
 use vmm_reference::vm::Vm;
 
 mod common;
+use common::qmp::Qmp;
 use common::{backend, env_count, kvm_or_skip, pct, qemu_command, qemu_peer, record_row};
 
 const T: Duration = Duration::from_secs(60);
@@ -159,58 +159,6 @@ fn main() {
     }
 }
 
-/// A QMP connection: one command at a time; events seen while waiting are kept.
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Result<Qmp, String> {
-        let deadline = Instant::now() + T;
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => return Err(format!("QMP: {e}")),
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        };
-        let mut q = Qmp {
-            r: BufReader::new(s.try_clone().map_err(|e| e.to_string())?),
-            w: s,
-        };
-        q.line()?; // greeting
-        q.cmd(serde_json::json!({ "execute": "qmp_capabilities" }))?;
-        Ok(q)
-    }
-    fn line(&mut self) -> Result<serde_json::Value, String> {
-        let mut l = String::new();
-        if self.r.read_line(&mut l).map_err(|e| e.to_string())? == 0 {
-            return Err("QMP closed".into());
-        }
-        serde_json::from_str(&l).map_err(|e| e.to_string())
-    }
-    fn cmd(&mut self, c: serde_json::Value) -> Result<(), String> {
-        writeln!(self.w, "{c}").map_err(|e| e.to_string())?;
-        loop {
-            let v = self.line()?;
-            if v.get("error").is_some() {
-                return Err(format!("QMP {c}: {v}"));
-            }
-            if v.get("return").is_some() {
-                return Ok(());
-            }
-        }
-    }
-    fn event(&mut self, name: &str) -> Result<(), String> {
-        loop {
-            if self.line()?["event"] == name {
-                return Ok(());
-            }
-        }
-    }
-}
-
 /// QEMU hot-add and hot-remove of CPU 2, `samples` times each: (online ms, eject ms).
 fn qemu_hotplug(qemu: &Path, samples: usize) -> Result<(Vec<f64>, Vec<f64>), String> {
     let dir = std::env::temp_dir().join(format!("vmmref-hpbench-qemu-{}", std::process::id()));
@@ -247,21 +195,19 @@ fn qemu_hotplug(qemu: &Path, samples: usize) -> Result<(Vec<f64>, Vec<f64>), Str
     };
     let result = (|| {
         wait("READY")?;
-        let mut qmp = Qmp::connect(&qmp_path)?;
+        let mut qmp = Qmp::connect(&qmp_path, T)?;
         let (mut on, mut off) = (Vec::new(), Vec::new());
         // A new CPU each time: re-adding a removed one fails on this host's KVM (QEMU 7.2
         // re-runs KVM_SET_CPUID2 on its parked vCPU and gets EINVAL).
         for k in 2..2 + samples.min(60) {
             let t = Instant::now();
-            qmp.cmd(serde_json::json!({ "execute": "device_add", "arguments": {
-                "driver": "host-x86_64-cpu", "id": format!("cpu{k}"), "socket-id": 0, "core-id": k, "thread-id": 0 } }))?;
+            qmp.execute("device_add", serde_json::json!({
+                "driver": "host-x86_64-cpu", "id": format!("cpu{k}"), "socket-id": 0, "core-id": k, "thread-id": 0 }))?;
             wait(&format!("EVENT insert cpu={k} online=1"))?;
             on.push(t.elapsed().as_secs_f64() * 1e3);
             let t = Instant::now();
-            qmp.cmd(
-                serde_json::json!({ "execute": "device_del", "arguments": { "id": format!("cpu{k}") } }),
-            )?;
-            qmp.event("DEVICE_DELETED")?;
+            qmp.execute("device_del", serde_json::json!({ "id": format!("cpu{k}") }))?;
+            qmp.event("DEVICE_DELETED", T)?;
             off.push(t.elapsed().as_secs_f64() * 1e3);
         }
         Ok((on, off))

@@ -11,25 +11,11 @@
 mod common;
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::linux_agent::*;
 use common::*;
 use serde_json::Value;
-
-/// A Linux guest is slow to boot under nested TCG (the L1 CPU is emulated).
-const BOOT: Duration = Duration::from_secs(180);
-
-fn hardware_virt() -> bool {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let flags = cpuinfo.split_whitespace().any(|w| w == "vmx" || w == "svm");
-    flags && !std::path::Path::new("/sys/module/kvm_pvm").exists()
-}
-
-fn payload() -> (PathBuf, PathBuf) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/linux-guest");
-    (root.join("vmlinuz"), root.join("initramfs.cpio.gz"))
-}
 
 /// Whether a Linux guest can run here (hardware virtualization, /dev/kvm, the payload).
 /// Skips with a reason otherwise; panics instead under `VMM_REQUIRE_LINUX=1`.
@@ -68,56 +54,6 @@ fn linux_or_skip(test: &str) -> bool {
     }
 }
 
-/// What the agent's `status` says.
-#[derive(Debug, Clone)]
-struct Status {
-    online: Vec<u32>,
-    present: Vec<u32>,
-    uptime: f64,
-    /// Local APIC timer interrupts per online CPU.
-    loc: Vec<(u32, u64)>,
-}
-
-/// "0-1,3" -> [0, 1, 3]
-fn cpu_list(s: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for part in s.split(',').filter(|p| !p.is_empty()) {
-        let (a, b) = part.split_once('-').unwrap_or((part, part));
-        let (a, b): (u32, u32) = (a.parse().expect("cpu list"), b.parse().expect("cpu list"));
-        out.extend(a..=b);
-    }
-    out
-}
-
-impl Status {
-    fn parse(line: &str) -> Status {
-        let field = |k: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{k}=")))
-                .unwrap_or_else(|| panic!("no {k}= in {line:?}"))
-                .to_string()
-        };
-        let loc = field("loc")
-            .split(',')
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                let (c, n) = p.split_once(':').expect("cpu:count");
-                (c.parse().expect("cpu"), n.parse().expect("count"))
-            })
-            .collect();
-        Status {
-            online: cpu_list(&field("online")),
-            present: cpu_list(&field("present")),
-            uptime: field("uptime").parse().expect("uptime"),
-            loc,
-        }
-    }
-
-    fn loc_of(&self, cpu: u32) -> u64 {
-        self.loc.iter().find(|(c, _)| *c == cpu).map_or(0, |(_, n)| *n)
-    }
-}
-
 /// A Linux guest under the VMM, driven through its agent on the console.
 struct Linux(Vmm);
 
@@ -148,7 +84,7 @@ impl Linux {
             ],
         );
         vm.con
-            .wait_for("LINUX_GUEST_READY", BOOT)
+            .wait_for(READY, BOOT)
             .unwrap_or_else(|e| panic!("Linux reached its agent: {e}; {:?}", vm.con.transcript));
         Linux(vm)
     }

@@ -333,7 +333,12 @@ impl VcpuManager {
     /// Save running vCPU `index` (paused) on its own thread, with the CPUID it was given.
     pub fn save(&self, index: u32, msrs: &[u32]) -> Result<VcpuState> {
         let r = self.runner(index).ok_or(Error::NotRunning(index))?;
-        let (id, m, c, x) = (self.topology.apic_id(index), msrs.to_vec(), self.conv, self.xsave_size);
+        let (id, m, c, x) = (
+            self.topology.apic_id(index),
+            msrs.to_vec(),
+            self.conv,
+            self.xsave_size,
+        );
         let cpuid = self.cpuid(index).cloned().ok_or(Error::NotRunning(index))?;
         r.with_vcpu(VCPU_TIMEOUT, move |fd| save_vcpu(fd, id, &cpuid, &m, &c, x))
             .ok_or(Error::Unresponsive(index))?

@@ -2,6 +2,8 @@
 //! Helpers shared by the benchmarks.
 #![allow(dead_code)]
 
+pub mod qmp;
+
 /// Whether `/dev/kvm` can be opened; prints why `bench` is skipped when it cannot.
 pub fn kvm_or_skip(bench: &str) -> bool {
     let ok = std::fs::OpenOptions::new()
@@ -29,15 +31,21 @@ pub fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-/// QEMU unpacked by `ci/qemu-peer.sh` (or `$QEMU_PEER`), if present.
+/// The QEMU to compare with, if there is one: `$QEMU_PEER` (a qemu-system-x86_64, or a
+/// wrapper that runs one), else Debian's QEMU 7.2 unpacked by `ci/qemu-peer.sh` or by
+/// `ci/nested/debs.sh --qemu-peer`.
 pub fn qemu_peer() -> Option<std::path::PathBuf> {
-    let p = std::env::var_os("QEMU_PEER")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/qemu-peer/root/usr/bin/qemu-system-x86_64")
-        });
-    p.exists().then_some(p)
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+    match std::env::var_os("QEMU_PEER") {
+        Some(p) => Some(std::path::PathBuf::from(p)),
+        None => [
+            target.join("qemu-peer/root/usr/bin/qemu-system-x86_64"),
+            target.join("nested/qemu-peer/run-qemu"),
+        ]
+        .into_iter()
+        .find(|p| p.exists()),
+    }
+    .filter(|p| p.exists())
 }
 
 /// QEMU booting the test guest like our VMM does: KVM, `boot` of `max` CPUs, `mem_mib` of RAM,
@@ -45,25 +53,29 @@ pub fn qemu_peer() -> Option<std::path::PathBuf> {
 pub fn qemu_command(qemu: &std::path::Path, boot: u32, max: u32, mem_mib: u32) -> std::process::Command {
     let share = qemu.join("../../share");
     let mut c = std::process::Command::new(qemu);
-    c.arg("-L")
-        .arg(share.join("qemu"))
-        .arg("-L")
-        .arg(share.join("seabios"))
-        .args([
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host",
-            "-nographic",
-            "-nodefaults",
-            "-no-reboot",
-        ])
-        .args(["-serial", "stdio", "-m"])
-        .arg(mem_mib.to_string())
-        .arg("-smp")
-        .arg(format!("{boot},maxcpus={max}"))
-        .arg("-kernel")
-        .arg(test_guest::elf_path());
+    // Firmware next to an unpacked binary (a wrapper script passes its own -L).
+    for d in ["qemu", "seabios"]
+        .map(|d| share.join(d))
+        .iter()
+        .filter(|d| d.is_dir())
+    {
+        c.arg("-L").arg(d);
+    }
+    c.args([
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-nographic",
+        "-nodefaults",
+        "-no-reboot",
+    ])
+    .args(["-serial", "stdio", "-m"])
+    .arg(mem_mib.to_string())
+    .arg("-smp")
+    .arg(format!("{boot},maxcpus={max}"))
+    .arg("-kernel")
+    .arg(test_guest::elf_path());
     c
 }
 

@@ -2,6 +2,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod linux_agent;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -173,7 +175,7 @@ impl Unattached {
             child: self.child.take(),
             con,
             api: self.api.clone(),
-            _dir: self.dir.clone(),
+            dir: self.dir.clone(),
         }
     }
 }
@@ -194,7 +196,8 @@ pub struct Vmm {
     pub child: Option<Child>,
     pub con: GuestConsole,
     pub api: PathBuf,
-    _dir: PathBuf,
+    /// The folder it was spawned in (its sockets; a restored VMM's snapshot).
+    pub dir: PathBuf,
 }
 
 impl Vmm {
