@@ -32,6 +32,7 @@ pub mod console;
 pub mod devices;
 pub mod migration;
 pub mod restore;
+pub mod snapdir;
 pub mod snapshot;
 pub mod sock;
 pub mod vm;

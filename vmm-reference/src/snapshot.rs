@@ -4,30 +4,26 @@
 //!
 //! A snapshot directory holds `state.bin` (a `vm-migration` container: section `vm` with the
 //! VM-wide state, one section `vcpu/<index>` per vCPU that existed, all JSON inside a
-//! versioned, CRC-checked envelope) and `memory.bin` (raw RAM, restored copy-on-write).
+//! versioned, CRC-checked envelope) and the memory image it names (raw RAM, restored
+//! copy-on-write); [`crate::snapdir`] writes and reads the directory.
 //!
 //! Only vCPUs that had a running thread are saved: present CPUs whatever the guest did with
 //! them (online, offlined, never onlined, between INIT and SIPI) and CPUs with a removal
 //! pending. Ejected CPUs (parked fds) are not: on restore they are absent, and a later
 //! hot-add creates them afresh, which the guest cannot tell from a reused fd.
 
-use std::fs::File;
-use std::path::Path;
-
 use acpi_cpu_hotplug::AcpiHotplugState;
 use kvm_bindings::{kvm_irqchip, kvm_pit_state2, CpuId};
 use lapic_state::KvmConventions;
 use serde::{Deserialize, Serialize};
 use vcpu_manager::{Topology, VcpuState};
-use vm_migration::memory::{map_image_private, write_image, MemoryLayout};
+use vm_migration::memory::MemoryLayout;
 use vm_migration::{Limits, Snapshot};
 
-use crate::boot::GuestMemory;
+use crate::snapdir::ImageRef;
 
 /// Name of the state file in a snapshot directory.
 pub const STATE_FILE: &str = "state.bin";
-/// Name of the memory image in a snapshot directory.
-pub const MEMORY_FILE: &str = "memory.bin";
 /// Largest guest RAM a snapshot may describe (checked before mapping anything).
 pub const MAX_MEMORY: u64 = 1 << 40;
 /// Most possible CPUs a snapshot may describe (KVM's own limit is lower; checked again
@@ -62,6 +58,10 @@ pub enum SnapshotError {
     /// The memory image or layout is unusable.
     #[error("snapshot memory: {0}")]
     Memory(#[from] vm_migration::memory::MemoryError),
+    /// A file of the snapshot directory is not what the state needs (not a regular file,
+    /// wrong size, an image from another snapshot).
+    #[error("snapshot files: {0}")]
+    Image(String),
     /// This host cannot run the saved VM; every mismatch is listed.
     #[error("snapshot is not compatible with this host: {0}")]
     Incompatible(String),
@@ -133,12 +133,31 @@ impl From<&SerialSnapshot> for vm_superio::serial::SerialState {
     }
 }
 
+/// One KVM structure of exactly its own size (see [`vcpu_manager::state::exact_len`]).
+#[derive(Deserialize)]
+#[serde(transparent, bound(deserialize = "T: serde::de::DeserializeOwned"))]
+struct Exact<T>(#[serde(deserialize_with = "vcpu_manager::state::exact_len")] T);
+
+/// A list of KVM structures, each of exactly its own size.
+fn exact_len_each<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    Ok(Vec::<Exact<T>>::deserialize(d)?
+        .into_iter()
+        .map(|e| e.0)
+        .collect())
+}
+
 /// The in-kernel irqchip (8259 master, slave, IOAPIC), PIT and kvmclock of a VM.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KvmVmState {
     /// `KVM_GET_IRQCHIP` for PIC master, PIC slave, IOAPIC (in that order).
+    #[serde(deserialize_with = "exact_len_each")]
     pub irqchips: Vec<kvm_irqchip>,
     /// `KVM_GET_PIT2`.
+    #[serde(deserialize_with = "vcpu_manager::state::exact_len")]
     pub pit: kvm_pit_state2,
     /// `KVM_GET_CLOCK` (ns).
     pub clock: u64,
@@ -167,6 +186,10 @@ pub struct VmState {
     pub pending_removals: Vec<u32>,
     /// The VM was paused through the API when saved.
     pub paused: bool,
+    /// The memory image this state belongs to (snapshot files only; a migration carries RAM
+    /// in the stream). Absent in directories written before images had ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageRef>,
 }
 
 /// A whole saved VM (without RAM).
@@ -344,8 +367,13 @@ impl SavedVm {
 
     /// The container bytes.
     pub fn encode(&self) -> Result<Vec<u8>, SnapshotError> {
+        self.encode_with(&self.vm)
+    }
+
+    /// The container bytes with `vm` in place of this VM-wide state (the vCPUs as they are).
+    pub fn encode_with(&self, vm: &VmState) -> Result<Vec<u8>, SnapshotError> {
         let mut s = Snapshot::default();
-        let vm = serde_json::to_vec(&self.vm).map_err(|e| section_err("vm", e))?;
+        let vm = serde_json::to_vec(vm).map_err(|e| section_err("vm", e))?;
         s.add("vm", vm)?;
         for (index, st) in &self.vcpus {
             let name = format!("vcpu/{index}");
@@ -374,6 +402,9 @@ impl SavedVm {
             ));
         }
         vm.memory.validate(MAX_MEMORY)?;
+        if let Some(image) = &vm.image {
+            image.validate(vm.memory.image_len())?;
+        }
         if vm.kvm.irqchips.len() != 3 {
             return Err(section_err("vm", "expected 3 irqchip states"));
         }
@@ -416,58 +447,8 @@ impl SavedVm {
     }
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotError {
-    let what = what.into();
-    move |source| SnapshotError::Io { what, source }
-}
-
-/// Write `saved` and `mem` into `dir` (created if missing). The state file is written to a
-/// temporary name and renamed last, so a crash never leaves a directory that looks complete.
-pub fn write_dir(dir: &Path, saved: &SavedVm, mem: &GuestMemory) -> Result<u64, SnapshotError> {
-    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-    let state_path = dir.join(STATE_FILE);
-    let _ = std::fs::remove_file(&state_path);
-    let mem_path = dir.join(MEMORY_FILE);
-    let mut f = File::options()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(&mem_path)
-        .map_err(io(format!("creating {}", mem_path.display())))?;
-    let layout = write_image(mem, &mut f)?;
-    if layout != saved.vm.memory {
-        return Err(section_err("vm", "memory layout changed while saving"));
-    }
-    let bytes = saved.encode()?;
-    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    std::fs::write(&tmp, &bytes).map_err(io(format!("writing {}", tmp.display())))?;
-    std::fs::rename(&tmp, &state_path).map_err(io(format!("renaming {}", tmp.display())))?;
-    Ok(bytes.len() as u64)
-}
-
-/// Read and check a snapshot directory; RAM is mapped copy-on-write from `memory.bin`.
-pub fn read_dir(dir: &Path) -> Result<(SavedVm, GuestMemory), SnapshotError> {
-    let state_path = dir.join(STATE_FILE);
-    let len = std::fs::metadata(&state_path)
-        .map_err(io(format!("reading {}", state_path.display())))?
-        .len();
-    if len > MAX_STATE_FILE {
-        return Err(section_err(
-            STATE_FILE,
-            format!("{len} bytes is beyond the limit"),
-        ));
-    }
-    let bytes = std::fs::read(&state_path).map_err(io(format!("reading {}", state_path.display())))?;
-    let saved = SavedVm::decode(&bytes)?;
-    let mem_path = dir.join(MEMORY_FILE);
-    let f = File::open(&mem_path).map_err(io(format!("opening {}", mem_path.display())))?;
-    let mem = map_image_private(&f, &saved.vm.memory)?;
-    Ok((saved, mem))
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use acpi_cpu_hotplug::CpuHotplugController;
     use lapic_state::{ApicBase, LapicPage, LapicState};
@@ -497,7 +478,8 @@ mod tests {
         }
     }
 
-    fn sample() -> SavedVm {
+    /// A consistent saved VM of 4 possible CPUs with 1 MiB of RAM at 0.
+    pub(crate) fn sample() -> SavedVm {
         let ctl = CpuHotplugController::new((0..4).collect(), 2, 0);
         SavedVm {
             vm: VmState {
@@ -524,6 +506,7 @@ mod tests {
                 serial: SerialSnapshot::default(),
                 pending_removals: vec![1],
                 paused: false,
+                image: None,
             },
             vcpus: vec![(0, vcpu(0)), (1, vcpu(1))],
         }
@@ -567,6 +550,67 @@ mod tests {
         assert!(refuse(&|s| s.vm.kvm.irqchips.truncate(1))
             .to_string()
             .contains("irqchip"));
+    }
+
+    /// The sample with its `vm` section and vCPU 0's section edited as JSON, decoded.
+    fn decode_edited(
+        vm_edit: &dyn Fn(&mut serde_json::Value),
+        vcpu0_edit: &dyn Fn(&mut serde_json::Value),
+    ) -> Result<SavedVm, SnapshotError> {
+        let s = sample();
+        let mut snap = Snapshot::default();
+        let mut vm = serde_json::to_value(&s.vm).unwrap();
+        vm_edit(&mut vm);
+        snap.add("vm", serde_json::to_vec(&vm).unwrap()).unwrap();
+        for (i, st) in &s.vcpus {
+            let mut v = serde_json::to_value(st).unwrap();
+            if *i == 0 {
+                vcpu0_edit(&mut v);
+            }
+            snap.add(&format!("vcpu/{i}"), serde_json::to_vec(&v).unwrap())
+                .unwrap();
+        }
+        SavedVm::decode(&snap.encode())
+    }
+
+    #[test]
+    fn kvm_structures_of_the_wrong_length_are_refused() {
+        let none = |_: &mut serde_json::Value| {};
+        assert!(decode_edited(&none, &none).is_ok());
+        let pop = |v: &mut serde_json::Value| drop(v.as_array_mut().unwrap().pop());
+        let push = |v: &mut serde_json::Value| v.as_array_mut().unwrap().push(0.into());
+        for field in [
+            "regs",
+            "sregs",
+            "xsave",
+            "xcrs",
+            "vcpu_events",
+            "debugregs",
+            "mp_state",
+        ] {
+            for edit in [&pop as &dyn Fn(&mut serde_json::Value), &push] {
+                let e = decode_edited(&none, &|v| edit(&mut v[field])).err();
+                let e = e.map(|e| e.to_string()).unwrap_or_default();
+                assert!(e.contains("bytes of"), "{field}: {e}");
+            }
+        }
+        for path in [&["kvm", "pit"][..], &["kvm", "irqchips", "2"][..]] {
+            let at = |v: &mut serde_json::Value| {
+                let mut x = v;
+                for k in path {
+                    x = match k.parse::<usize>() {
+                        Ok(i) => &mut x[i],
+                        Err(_) => &mut x[*k],
+                    };
+                }
+                pop(x)
+            };
+            let e = decode_edited(&at, &none)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains("bytes of"), "{path:?}: {e}");
+        }
     }
 
     /// A host that can run any TSC rate.

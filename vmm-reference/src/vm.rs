@@ -624,6 +624,7 @@ impl VmInner {
                 serial,
                 pending_removals,
                 paused: self.paused.load(Ordering::SeqCst),
+                image: None,
             },
             vcpus: states,
         })
@@ -645,7 +646,7 @@ impl VmInner {
             .map_err(|e| ControlError::Internal(e.to_string()))
             .and_then(|_| self.save_paused(&vcpus))
             .and_then(|saved| {
-                crate::snapshot::write_dir(dir, &saved, &self.mem)
+                crate::snapdir::write_dir(dir, &saved, &self.mem)
                     .map_err(|e| ControlError::Internal(format!("writing the snapshot: {e}")))
             });
         if !self.paused.load(Ordering::SeqCst) {
@@ -806,7 +807,7 @@ impl Vm {
     /// exact mp_state, LAPIC and registers, devices with their registers and pending events.
     /// The VM runs afterwards unless it was paused when saved.
     pub fn restore(dir: &std::path::Path, serial: &SerialMode) -> Result<Vm, VmmError> {
-        let (saved, mem) = crate::snapshot::read_dir(dir).map_err(VmmError::Snapshot)?;
+        let (saved, mem) = crate::snapdir::read_dir(dir).map_err(VmmError::Snapshot)?;
         Vm::from_saved(saved, mem, serial, false, None)
     }
 

@@ -360,9 +360,9 @@ fn incompatible_or_damaged_input_is_refused_with_a_reason() {
     let url = serde_json::json!({ "destination_url": snap.display().to_string() }).to_string();
     assert_eq!(vm.api("PUT", "vm.snapshot", Some(&url)).0, 200);
     vm.poweroff();
-    // memory.bin is mapped lazily and carries no checksum: a changed page reaches the guest,
-    // whose own checksums catch it (this is what proves the migration tests' `bad=0`).
-    let image = snap.join("memory.bin");
+    // The memory image is mapped lazily and carries no checksum: a changed page reaches the
+    // guest, whose own checksums catch it (this is what proves the migration tests' `bad=0`).
+    let image = memory_image(&snap);
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -393,6 +393,17 @@ fn incompatible_or_damaged_input_is_refused_with_a_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("checksum"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+}
+
+/// The memory image of the snapshot in `dir` (`memory-<id>.bin`, named by its state).
+fn memory_image(dir: &Path) -> PathBuf {
+    let images: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("memory-"))
+        .collect();
+    assert_eq!(images.len(), 1, "one image in {}: {images:?}", dir.display());
+    images[0].clone()
 }
 
 /// Snapshot `vm` into a fresh directory and restore it in a new process.
@@ -502,6 +513,39 @@ fn a_restored_vm_snapshots_and_migrates_again() {
     );
     r3.assert_ticking(&[0, 1]);
     r3.poweroff();
+}
+
+#[test]
+fn a_restored_vm_snapshots_into_the_directory_it_was_restored_from() {
+    if !kvm_or_skip("a_restored_vm_snapshots_into_the_directory_it_was_restored_from") {
+        return;
+    }
+    // Its RAM is a private mapping of that directory's image: the new snapshot must not
+    // truncate or rewrite it (the guest triple-faulted at once when it did).
+    let mut vm = Vmm::start("resnap", "boot=2,max=4");
+    assert_eq!(vm.guest("dirty start 64").last().unwrap(), "OK");
+    let mut r = snapshot_and_restore(&vm, "resnap-dir");
+    vm.poweroff();
+    let dir = r.dir.clone();
+    let old = memory_image(&dir);
+    let url = serde_json::json!({ "destination_url": dir.display().to_string() }).to_string();
+    let (s, v) = r.api("PUT", "vm.snapshot", Some(&url));
+    assert_eq!(s, 200, "{v}");
+    assert_ne!(memory_image(&dir), old, "a new image, the old one unlinked");
+    let check = r.guest("dirty check");
+    assert!(
+        check.last().unwrap().contains(" bad=0 "),
+        "the VM lives on: {check:?}"
+    );
+    r.assert_ticking(&[0, 1]);
+    r.poweroff();
+    let mut again = Vmm::spawn(&dir, "again", &["--restore", dir.to_str().unwrap()]);
+    let check = again.guest("dirty check");
+    assert!(
+        check.last().unwrap().starts_with("OK dirty pages=64 bad=0 "),
+        "{check:?}"
+    );
+    again.poweroff();
 }
 
 /// A frame-level proxy between a migration source (connecting to `listen`) and a destination

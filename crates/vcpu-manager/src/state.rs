@@ -8,9 +8,25 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use lapic_state::timer::{deadline_to_save, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
 use lapic_state::{ApicBase, KvmConventions, LapicState};
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::{Error, Result};
+
+/// Decode a KVM structure from exactly its own number of bytes. kvm-bindings' decoder pads a
+/// short byte string with zeros and cuts a long one, so a truncated `regs` inside an
+/// otherwise valid snapshot would restore a vCPU with zeroed registers and hang it.
+pub fn exact_len<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> std::result::Result<T, D::Error> {
+    let bytes = Vec::<u8>::deserialize(d)?;
+    let want = std::mem::size_of::<T>();
+    if bytes.len() != want {
+        return Err(D::Error::invalid_length(
+            bytes.len(),
+            &format!("{want} bytes of {}", std::any::type_name::<T>()).as_str(),
+        ));
+    }
+    T::deserialize(serde::de::value::BytesDeserializer::<D::Error>::new(&bytes))
+}
 
 /// IA32_APIC_BASE: restored through SREGS, never through the MSR list (a second write after
 /// `KVM_SET_LAPIC` with another mode would rewrite the x2APIC ID and LDR).
@@ -30,16 +46,21 @@ pub struct VcpuState {
     /// CPUID as set on the vCPU.
     pub cpuid: CpuId,
     /// MP state (RUNNABLE, HALTED, UNINITIALIZED, INIT_RECEIVED, ...), exactly as KVM had it.
+    #[serde(deserialize_with = "exact_len")]
     pub mp_state: kvm_mp_state,
     /// General registers.
+    #[serde(deserialize_with = "exact_len")]
     pub regs: kvm_regs,
     /// System registers (with the APIC base and CR8).
+    #[serde(deserialize_with = "exact_len")]
     pub sregs: kvm_sregs,
     /// Guest TSC frequency, if KVM reports it.
     pub tsc_khz: Option<u32>,
     /// XCRs.
+    #[serde(deserialize_with = "exact_len")]
     pub xcrs: kvm_xcrs,
     /// XSAVE area: its first 4 KiB (what `KVM_GET_XSAVE` returns).
+    #[serde(deserialize_with = "exact_len")]
     pub xsave: kvm_xsave,
     /// The XSAVE area beyond 4 KiB, from `KVM_GET_XSAVE2`: the state of dynamically enabled
     /// features (AMX tiles). Empty when KVM's area is 4 KiB, which is every VM whose VMM did
@@ -54,8 +75,10 @@ pub struct VcpuState {
     /// IA32_TSC_DEADLINE (with the zero-deadline hazard handled at save).
     pub tsc_deadline: u64,
     /// Pending exceptions, interrupts, NMI, SMI, latched INIT, SIPI vector.
+    #[serde(deserialize_with = "exact_len")]
     pub vcpu_events: kvm_vcpu_events,
     /// Debug registers.
+    #[serde(deserialize_with = "exact_len")]
     pub debugregs: kvm_debugregs,
 }
 
