@@ -201,6 +201,35 @@ pub struct SavedVm {
     pub vcpus: Vec<(u32, VcpuState)>,
 }
 
+/// The device state agrees with the saved vCPUs: the boot count is possible, every CPU the
+/// guest sees present has a vCPU, and every pending removal is one the controller holds.
+fn check_devices(vm: &VmState, vcpus: &[(u32, VcpuState)]) -> Result<(), SnapshotError> {
+    if vm.boot_vcpus == 0 || vm.boot_vcpus > vm.max_vcpus {
+        return Err(section_err(
+            "vm",
+            format!("boot_vcpus {} out of 1..={}", vm.boot_vcpus, vm.max_vcpus),
+        ));
+    }
+    let saved = |i: u32| vcpus.iter().any(|(j, _)| *j == i);
+    let slots = &vm.acpi.cpus.cpus;
+    if let Some(i) = (0..vm.max_vcpus).find(|&i| slots[i as usize].present && !saved(i)) {
+        return Err(section_err(
+            "vm",
+            format!("CPU {i} is present but has no saved vCPU"),
+        ));
+    }
+    for &i in &vm.pending_removals {
+        let slot = &slots[i as usize];
+        if !slot.present || !slot.remove_requested {
+            return Err(section_err(
+                "vm",
+                format!("CPU {i} is pending removal, but the hotplug controller has no removal for it"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The CPUID words whose feature bits a destination must offer (leaf, subleaf, register
 /// index 0..4 = eax, ebx, ecx, edx, name).
 const FEATURE_WORDS: [(u32, u32, usize, &str); 7] = [
@@ -443,7 +472,28 @@ impl SavedVm {
         if vcpus.first().map(|(i, _)| *i) != Some(0) {
             return Err(section_err("vcpu/0", "the boot CPU is missing"));
         }
-        Ok(SavedVm { vm, vcpus })
+        let mut saved = SavedVm { vm, vcpus };
+        saved.reconcile_ejects();
+        check_devices(&saved.vm, &saved.vcpus)?;
+        Ok(saved)
+    }
+
+    /// Finish, in the saved state, removals the guest already ejected: a capture that raced
+    /// the eject worker saw the CPU gone from the controller while its vCPU still ran. Kept,
+    /// such a CPU would restore as a running vCPU with a removal pending forever (every later
+    /// resize busy). Called on capture and again on decode, for states saved before.
+    pub fn reconcile_ejects(&mut self) {
+        let slots = &self.vm.acpi.cpus.cpus;
+        let ejected = |i: u32| slots.get(i as usize).is_some_and(|s| !s.present);
+        let before = self.vcpus.len();
+        self.vcpus.retain(|(i, _)| !ejected(*i));
+        self.vm.pending_removals.retain(|i| !ejected(*i));
+        if self.vcpus.len() != before {
+            log::info!(
+                "saved state: {} vCPU(s) the guest had ejected left out",
+                before - self.vcpus.len()
+            );
+        }
     }
 }
 
@@ -480,7 +530,8 @@ pub(crate) mod tests {
 
     /// A consistent saved VM of 4 possible CPUs with 1 MiB of RAM at 0.
     pub(crate) fn sample() -> SavedVm {
-        let ctl = CpuHotplugController::new((0..4).collect(), 2, 0);
+        let mut ctl = CpuHotplugController::new((0..4).collect(), 2, 0);
+        ctl.request_remove(1).unwrap();
         SavedVm {
             vm: VmState {
                 max_vcpus: 4,
@@ -550,6 +601,31 @@ pub(crate) mod tests {
         assert!(refuse(&|s| s.vm.kvm.irqchips.truncate(1))
             .to_string()
             .contains("irqchip"));
+        // Device state that disagrees with the vCPUs.
+        assert!(refuse(&|s| s.vm.boot_vcpus = 0)
+            .to_string()
+            .contains("boot_vcpus"));
+        assert!(refuse(&|s| s.vm.boot_vcpus = 5)
+            .to_string()
+            .contains("boot_vcpus"));
+        assert!(refuse(&|s| s.vm.acpi.cpus.cpus[3].present = true)
+            .to_string()
+            .contains("CPU 3 is present but has no saved vCPU"));
+        assert!(refuse(&|s| s.vm.pending_removals = vec![0])
+            .to_string()
+            .contains("no removal for it"));
+    }
+
+    #[test]
+    fn a_cpu_ejected_during_the_capture_is_saved_as_gone() {
+        // CPU 1's removal is pending; the guest ejected it (slot no longer present) while its
+        // vCPU was still being joined, and the capture saw both.
+        let mut s = sample();
+        s.vm.acpi.cpus.cpus[1].present = false;
+        s.vm.acpi.cpus.cpus[1].remove_requested = false;
+        let back = SavedVm::decode(&s.encode().unwrap()).unwrap();
+        assert_eq!(back.vcpus.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0]);
+        assert!(back.vm.pending_removals.is_empty());
     }
 
     /// The sample with its `vm` section and vCPU 0's section edited as JSON, decoded.

@@ -612,7 +612,7 @@ impl VmInner {
             .iter()
             .copied()
             .collect();
-        Ok(SavedVm {
+        let mut saved = SavedVm {
             vm: crate::snapshot::VmState {
                 max_vcpus: self.topology.max_vcpus(),
                 boot_vcpus: self.boot_vcpus,
@@ -627,7 +627,10 @@ impl VmInner {
                 image: None,
             },
             vcpus: states,
-        })
+        };
+        // An eject the worker has not finished yet is saved as done.
+        saved.reconcile_ejects();
+        Ok(saved)
     }
 
     /// Write a snapshot of the VM into `dir` (`state.bin` + `memory.bin`). The VM is paused

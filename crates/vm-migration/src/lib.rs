@@ -66,8 +66,8 @@ pub enum Error {
     /// Not a snapshot.
     #[error("not a snapshot (bad magic)")]
     BadMagic,
-    /// Written by a newer format.
-    #[error("snapshot format version {found} is newer than the supported version {supported}")]
+    /// Written by a newer format, or version 0 (never written: a zeroed or forged header).
+    #[error("snapshot format version {found} is not supported (this build reads 1 to {supported})")]
     UnsupportedVersion {
         /// Version in the file.
         found: u32,
@@ -188,7 +188,7 @@ impl Snapshot {
             pos: MAGIC.len(),
         };
         let version = r.u32("version")?;
-        if version > FORMAT_VERSION {
+        if version == 0 || version > FORMAT_VERSION {
             return Err(Error::UnsupportedVersion {
                 found: version,
                 supported: FORMAT_VERSION,
@@ -268,6 +268,12 @@ mod tests {
         assert!(matches!(
             Snapshot::decode(&newer, &Limits::default()),
             Err(Error::UnsupportedVersion { found: 2, .. })
+        ));
+        let mut zero = good.clone();
+        zero[8] = 0;
+        assert!(matches!(
+            Snapshot::decode(&zero, &Limits::default()),
+            Err(Error::UnsupportedVersion { found: 0, .. })
         ));
         let tight = Limits {
             max_section_len: 2,
