@@ -6,7 +6,8 @@
 //! | `GET /api/v1/vm.info` | | 200, [`crate::vm::VmInfo`] as JSON |
 //! | `PUT /api/v1/vm.resize` | `{"desired_vcpus": N}` | 204; 429 while a removal is pending; 400 out of range |
 //! | `PUT /api/v1/vm.add-cpu` | optional `{"id": N}` | 200 `{"id": N}` (lowest absent CPU without a body) |
-//! | `PUT /api/v1/vm.remove-cpu` | `{"id": N}` | 204; 400 for CPU 0 or an absent CPU; 429 if already pending |
+//! | `PUT /api/v1/vm.remove-cpu` | `{"id": N}` | 204; 400 for CPU 0 or an absent CPU; 429 if already pending (a removal the guest refused is raised again) |
+//! | `PUT /api/v1/vm.cancel-removal` | `{"id": N}` | 204; 400 if no removal of N is pending; 429 while the guest carries it out |
 //! | `PUT /api/v1/vm.pause`, `vm.resume`, `vm.shutdown` | | 204 (429 during a snapshot or migration) |
 //! | `PUT /api/v1/vm.snapshot` | `{"destination_url": "file:///DIR"}` (or a plain path) | 200 `{"state_bytes": N, "paused_ms": T}` |
 //! | `PUT /api/v1/vm.restore` | `{"source_url": "file:///DIR"}` | 204 (standby VMM only: `run --standby`) |
@@ -190,6 +191,10 @@ pub fn handle(vm: &VmInner, req: &Request) -> Response {
             Ok(b) => vm.remove_cpu(b.id).map(|_| Response::empty()),
             Err(resp) => return resp,
         },
+        "vm.cancel-removal" if want("PUT") => match body::<CpuId>(req) {
+            Ok(b) => vm.cancel_removal(b.id).map(|_| Response::empty()),
+            Err(resp) => return resp,
+        },
         "vm.pause" if want("PUT") => vm.pause().map(|_| Response::empty()),
         "vm.resume" if want("PUT") => vm.resume_checked().map(|_| Response::empty()),
         "vm.shutdown" if want("PUT") => {
@@ -228,8 +233,8 @@ pub fn handle(vm: &VmInner, req: &Request) -> Response {
             }
             Err(resp) => return resp,
         },
-        "vm.info" | "vm.resize" | "vm.add-cpu" | "vm.remove-cpu" | "vm.pause" | "vm.resume"
-        | "vm.shutdown" | "vm.snapshot" | "vm.send-migration" => {
+        "vm.info" | "vm.resize" | "vm.add-cpu" | "vm.remove-cpu" | "vm.cancel-removal" | "vm.pause"
+        | "vm.resume" | "vm.shutdown" | "vm.snapshot" | "vm.send-migration" => {
             return Response::error(405, format!("{} not allowed on {op}", req.method))
         }
         _ => return Response::error(404, format!("no such endpoint {}", req.path)),

@@ -98,8 +98,13 @@ enum CtlOp {
         #[arg(long)]
         id: Option<u32>,
     },
-    /// Ask the guest to remove CPU ID.
+    /// Ask the guest to remove CPU ID (again, if it refused).
     RemoveCpu {
+        /// CPU index.
+        id: u32,
+    },
+    /// Withdraw the removal of CPU ID (one the guest refused or has not taken yet).
+    CancelRemoval {
         /// CPU index.
         id: u32,
     },
@@ -310,6 +315,7 @@ fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
         CtlOp::Resize { n } => ("PUT", "vm.resize", Some(format!("{{\"desired_vcpus\":{n}}}"))),
         CtlOp::AddCpu { id } => ("PUT", "vm.add-cpu", id.map(|i| format!("{{\"id\":{i}}}"))),
         CtlOp::RemoveCpu { id } => ("PUT", "vm.remove-cpu", Some(format!("{{\"id\":{id}}}"))),
+        CtlOp::CancelRemoval { id } => ("PUT", "vm.cancel-removal", Some(format!("{{\"id\":{id}}}"))),
         CtlOp::Pause => ("PUT", "vm.pause", None),
         CtlOp::Resume => ("PUT", "vm.resume", None),
         CtlOp::Shutdown => ("PUT", "vm.shutdown", None),

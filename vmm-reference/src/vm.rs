@@ -214,6 +214,9 @@ pub struct CpuInfo {
     pub removing: bool,
     /// The VMM asked to remove it and the guest has not ejected it yet.
     pub remove_requested: bool,
+    /// The guest refused the removal (a failing `_OST`, `ost_status` says why): retry with
+    /// `vm.remove-cpu` or withdraw it with `vm.cancel-removal`.
+    pub remove_refused: bool,
     /// Last `_OST` event.
     pub ost_event: u32,
     /// Last `_OST` status.
@@ -377,16 +380,46 @@ impl VmInner {
             ));
         }
         let mut pending = self.pending_removals.lock().unwrap_or_else(|e| e.into_inner());
-        if pending.contains(&index) {
+        let mut dev = self.lock_dev();
+        let refused = dev.controller().slot(index).is_some_and(|s| s.remove_refused);
+        if pending.contains(&index) && !refused {
             return Err(ControlError::Busy(format!(
                 "removal of CPU {index} is already in progress"
             )));
         }
-        self.lock_dev()
-            .request_remove(index)
+        // A new removal, or a retry of one the guest refused (the event is raised again).
+        dev.request_remove(index)
             .map_err(|e| ControlError::BadRequest(e.to_string()))?;
         pending.insert(index);
         Ok(())
+    }
+
+    /// Withdraw the removal of CPU `index`: one the guest refused, or one whose event the
+    /// guest has not taken yet. The CPU stays present, as the guest left it.
+    pub fn cancel_removal(&self, index: u32) -> Result<(), ControlError> {
+        let _vcpus = self.lock_vcpus();
+        self.not_migrating()?;
+        let mut pending = self.pending_removals.lock().unwrap_or_else(|e| e.into_inner());
+        if !pending.contains(&index) {
+            return Err(ControlError::BadRequest(format!(
+                "no removal of CPU {index} is pending"
+            )));
+        }
+        self.lock_dev()
+            .cancel_remove(index)
+            .map_err(|e| ControlError::Busy(format!("{e}: the guest is carrying it out, retry")))?;
+        pending.remove(&index);
+        Ok(())
+    }
+
+    /// CPUs whose removal the guest refused (they keep `resize` busy until retried or
+    /// cancelled).
+    fn refused_removals(&self) -> Vec<u32> {
+        let dev = self.lock_dev();
+        let st = dev.controller().state();
+        (0..st.cpus.len() as u32)
+            .filter(|&i| st.cpus[i as usize].remove_refused)
+            .collect()
     }
 
     /// Make `desired` CPUs present: add the lowest absent ones or remove the highest present.
@@ -404,6 +437,12 @@ impl VmInner {
             .unwrap_or_else(|e| e.into_inner())
             .is_empty()
         {
+            let refused = self.refused_removals();
+            if !refused.is_empty() {
+                return Err(ControlError::Busy(format!(
+                    "the guest refused to remove CPU(s) {refused:?}: retry with vm.remove-cpu or withdraw with vm.cancel-removal"
+                )));
+            }
             return Err(ControlError::Busy("a CPU removal is in progress, retry".into()));
         }
         let present = self.present();
@@ -494,6 +533,7 @@ impl VmInner {
                 inserting: s.inserting,
                 removing: s.removing,
                 remove_requested: s.remove_requested,
+                remove_refused: s.remove_refused,
                 ost_event: s.ost_event,
                 ost_status: s.ost_status,
             });

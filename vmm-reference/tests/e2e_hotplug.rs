@@ -172,6 +172,62 @@ fn refusals_busy_answers_and_bad_requests_leave_the_vm_running() {
 }
 
 #[test]
+fn a_removal_the_guest_refuses_is_reported_retried_and_cancelled() {
+    if !kvm_or_skip("a_removal_the_guest_refuses_is_reported_retried_and_cancelled") {
+        return;
+    }
+    // Like Linux with a CPU it cannot offline: the guest answers _OST(3, 0x82). That used
+    // to wedge hotplug: remove-cpu, add-cpu and resize answered busy forever.
+    let mut vm = Vmm::start("refused", "boot=3,max=4");
+    assert_eq!(vm.guest("refuse 2"), vec!["OK"]);
+    assert_eq!(vm.api("PUT", "vm.remove-cpu", Some(r#"{"id":2}"#)).0, 204);
+    assert_eq!(vm.event("EVENT remove"), "EVENT remove cpu=2 ejected=0");
+    let info = vm.until("refusal reported", |v| cpu(v, 2)["remove_refused"] == true);
+    assert_eq!(
+        (
+            cpu(&info, 2)["ost_event"].as_u64(),
+            cpu(&info, 2)["ost_status"].as_u64()
+        ),
+        (Some(3), Some(0x82))
+    );
+    let (s, v) = vm.api("PUT", "vm.resize", Some(r#"{"desired_vcpus":4}"#));
+    assert!(
+        s == 429 && v["error"].as_str().is_some_and(|e| e.contains("cancel")),
+        "{s} {v}"
+    );
+    // Other CPUs stay pluggable.
+    assert_eq!(vm.api("PUT", "vm.add-cpu", Some(r#"{"id":3}"#)).0, 200);
+    assert_eq!(vm.event("EVENT insert"), "EVENT insert cpu=3 online=1");
+    // A retry raises the event again; refused again.
+    assert_eq!(vm.api("PUT", "vm.remove-cpu", Some(r#"{"id":2}"#)).0, 204);
+    assert_eq!(vm.event("EVENT remove"), "EVENT remove cpu=2 ejected=0");
+    vm.until("refused again", |v| cpu(v, 2)["remove_refused"] == true);
+    // Withdrawn: the CPU stays, online, and hotplug is free again.
+    assert_eq!(vm.api("PUT", "vm.cancel-removal", Some(r#"{"id":2}"#)).0, 204);
+    let info = vm.info();
+    assert_eq!(info["pending_removals"], serde_json::json!([]));
+    assert_eq!(
+        (
+            cpu(&info, 2)["present"].as_bool(),
+            cpu(&info, 2)["remove_requested"].as_bool()
+        ),
+        (Some(true), Some(false))
+    );
+    assert_eq!(vm.api("PUT", "vm.cancel-removal", Some(r#"{"id":2}"#)).0, 400);
+    vm.assert_ticking(&[0, 1, 2, 3]);
+    // Once the guest lets it go, the same CPU is removed as usual.
+    assert_eq!(vm.guest("refuse off"), vec!["OK"]);
+    assert_eq!(vm.api("PUT", "vm.resize", Some(r#"{"desired_vcpus":2}"#)).0, 204);
+    for _ in 0..2 {
+        assert!(vm.event("EVENT remove").ends_with("ejected=1"));
+    }
+    vm.until("both parked", |v| {
+        v["present_vcpus"] == 2 && v["pending_removals"].as_array().is_some_and(|a| a.is_empty())
+    });
+    vm.poweroff();
+}
+
+#[test]
 fn cpus_with_apic_ids_above_255_come_online_in_x2apic_mode() {
     if !kvm_or_skip("cpus_with_apic_ids_above_255_come_online_in_x2apic_mode") {
         return;

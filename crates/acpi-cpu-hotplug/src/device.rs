@@ -147,6 +147,12 @@ impl AcpiHotplugDevice {
         Ok(())
     }
 
+    /// Withdraw a removal the guest refused or has not taken yet
+    /// ([`CpuHotplugController::cancel_remove`]).
+    pub fn cancel_remove(&mut self, cpu: u32) -> Result<(), HotplugError> {
+        self.cpus.cancel_remove(cpu)
+    }
+
     /// Last `_OST` (event, status) for `cpu`.
     pub fn ost_status(&self, cpu: u32) -> Option<(u32, u32)> {
         self.cpus.ost_status(cpu)

@@ -65,6 +65,10 @@ pub struct CpuSlot {
     /// The VMM asked to remove this CPU and the guest has not ejected it yet. Owned by the
     /// VMM: the guest clearing `removing` does not clear it, so the eject guard stays right.
     pub remove_requested: bool,
+    /// The guest answered the removal with a failing `_OST` (Linux does when it cannot
+    /// offline the CPU): the removal stays requested until the VMM retries or cancels it.
+    #[serde(default)]
+    pub remove_refused: bool,
     /// Last `_OST` event the guest wrote.
     pub ost_event: u32,
     /// Last `_OST` status the guest wrote.
@@ -102,6 +106,9 @@ pub enum HotplugError {
     /// A removal of this CPU is already in progress.
     #[error("removal of CPU {0} is already in progress")]
     RemovalPending(u32),
+    /// No removal of this CPU is requested.
+    #[error("no removal of CPU {0} is pending")]
+    NoRemoval(u32),
     /// A saved state does not fit this controller.
     #[error("saved hotplug state has {found} CPUs, this controller {expected}")]
     StateMismatch {
@@ -110,6 +117,19 @@ pub enum HotplugError {
         /// CPUs of the controller.
         expected: usize,
     },
+}
+
+/// `_OST` source events about removal: the eject request (notify 3) and ejection
+/// processing (0x103).
+fn is_eject_event(event: u32) -> bool {
+    event == 0x03 || event == 0x103
+}
+
+/// `_OST` status codes that say an event failed: non-specific failure (1), unrecognized
+/// notify (2), and for ejects 0x80-0x83 (not supported, in use, busy, dependency busy).
+/// 0x84 (ejection in progress) is not a failure.
+fn is_ost_failure(status: u32) -> bool {
+    matches!(status, 1 | 2 | 0x80..=0x83)
 }
 
 /// The controller: register protocol, per-CPU state machine, eject guard.
@@ -220,11 +240,30 @@ impl CpuHotplugController {
         if !s.present {
             return Err(HotplugError::NotPresent(cpu));
         }
-        if s.remove_requested {
+        if s.remove_requested && !s.remove_refused {
             return Err(HotplugError::RemovalPending(cpu));
         }
+        // A new request, or a retry of one the guest refused: the event is raised again.
         s.removing = true;
         s.remove_requested = true;
+        s.remove_refused = false;
+        Ok(())
+    }
+
+    /// VMM: withdraw the removal of CPU `cpu`, if the guest refused it or has not taken the
+    /// event yet. A removal the guest is carrying out cannot be withdrawn: its eject would
+    /// then be refused while the guest believes the CPU gone.
+    pub fn cancel_remove(&mut self, cpu: u32) -> Result<(), HotplugError> {
+        let s = self.slot_mut(cpu)?;
+        if !s.remove_requested {
+            return Err(HotplugError::NoRemoval(cpu));
+        }
+        if !s.remove_refused && !s.removing {
+            return Err(HotplugError::RemovalPending(cpu));
+        }
+        s.removing = false;
+        s.remove_requested = false;
+        s.remove_refused = false;
         Ok(())
     }
 
@@ -295,6 +334,9 @@ impl CpuHotplugController {
                 CMD_OST_STATUS => {
                     let c = &mut self.st.cpus[sel as usize];
                     c.ost_status = value;
+                    if c.remove_requested && is_eject_event(c.ost_event) && is_ost_failure(value) {
+                        c.remove_refused = true;
+                    }
                     sink.ost(sel, c.ost_event, value);
                 }
                 _ => {}
@@ -449,5 +491,54 @@ mod tests {
         c.write(0, &1u32.to_le_bytes(), &s);
         c.write(5, &[9], &s);
         assert_eq!(c.state().command, CMD_OST_STATUS);
+    }
+
+    /// The guest reports `_OST(event, status)` for CPU `cpu`.
+    fn ost(c: &mut CpuHotplugController, s: &Sink, cpu: u32, event: u32, status: u32) {
+        c.write(0, &cpu.to_le_bytes(), s);
+        c.write(5, &[CMD_OST_EVENT], s);
+        c.write(8, &event.to_le_bytes(), s);
+        c.write(5, &[CMD_OST_STATUS], s);
+        c.write(8, &status.to_le_bytes(), s);
+    }
+
+    #[test]
+    fn a_refused_removal_can_be_retried_and_cancelled() {
+        let (mut c, s) = (ctl(), Sink::default());
+        c.request_remove(1).unwrap();
+        // Nothing refused yet: a second request is busy, a cancel before the guest took the
+        // event is fine, and then the CPU stays.
+        assert_eq!(c.request_remove(1), Err(HotplugError::RemovalPending(1)));
+        c.cancel_remove(1).unwrap();
+        assert!(!c.event_pending() && c.slot(1).unwrap().present);
+        assert_eq!(c.cancel_remove(1), Err(HotplugError::NoRemoval(1)));
+        // The guest takes the event, cannot offline the CPU and says so (Linux: 0x103 or 3
+        // with "device busy"): the removal is refused, not stuck.
+        c.request_remove(1).unwrap();
+        c.write(0, &1u32.to_le_bytes(), &s);
+        c.write(4, &[CTRL_CLEAR_REMOVE], &s);
+        assert_eq!(
+            c.cancel_remove(1),
+            Err(HotplugError::RemovalPending(1)),
+            "guest at work"
+        );
+        ost(&mut c, &s, 1, 0x103, 0x82);
+        assert!(c.slot(1).unwrap().remove_refused);
+        // Retry: the event is raised again.
+        c.request_remove(1).unwrap();
+        let slot = *c.slot(1).unwrap();
+        assert!(slot.removing && slot.remove_requested && !slot.remove_refused);
+        // Refused again, then withdrawn.
+        c.write(4, &[CTRL_CLEAR_REMOVE], &s);
+        ost(&mut c, &s, 1, 0x03, 0x01);
+        c.cancel_remove(1).unwrap();
+        let slot = *c.slot(1).unwrap();
+        assert!(slot.present && !slot.remove_requested && !slot.removing && !slot.remove_refused);
+        // Success reports and the in-progress code refuse nothing; neither do other events.
+        c.request_remove(1).unwrap();
+        for (event, status) in [(0x03, 0x00), (0x103, 0x84), (0x01, 0x82)] {
+            ost(&mut c, &s, 1, event, status);
+            assert!(!c.slot(1).unwrap().remove_refused);
+        }
     }
 }

@@ -17,7 +17,8 @@ const OST_DEVICE_CHECK: u32 = 0x01;
 const OST_EJECT_REQUEST: u32 = 0x03;
 const OST_SUCCESS: u32 = 0x00;
 const OST_FAILURE: u32 = 0x01;
-const OST_EJECT_DEVICE_BUSY: u32 = 0x81;
+/// What Linux reports when it cannot offline a CPU it is asked to eject (-EBUSY).
+const OST_EJECT_DEVICE_BUSY: u32 = 0x82;
 
 static BASE: AtomicU32 = AtomicU32::new(0);
 static GPE0: AtomicU32 = AtomicU32::new(0);
@@ -25,6 +26,9 @@ static GPE0_HALF: AtomicU32 = AtomicU32::new(0);
 pub static SCAN_PENDING: AtomicBool = AtomicBool::new(false);
 pub static SCI_COUNT: AtomicU64 = AtomicU64::new(0);
 pub static AUTO_ONLINE: AtomicBool = AtomicBool::new(true);
+/// A CPU whose removal the guest refuses (`refuse N`; u32::MAX: none), as Linux does for a CPU
+/// it cannot offline.
+pub static REFUSE_REMOVE: AtomicU32 = AtomicU32::new(u32::MAX);
 pub static INSERTS: AtomicU64 = AtomicU64::new(0);
 pub static EJECTS: AtomicU64 = AtomicU64::new(0);
 

@@ -569,6 +569,17 @@ fn execute(line: &[u8]) {
             }
             _ => err("usage: autoonline on|off"),
         },
+        b"refuse" => match (arg, parse_num(arg)) {
+            (b"off", _) => {
+                hotplug::REFUSE_REMOVE.store(u32::MAX, Ordering::SeqCst);
+                puts("OK\n");
+            }
+            (_, Some(n)) if n < ncpus() => {
+                hotplug::REFUSE_REMOVE.store(n as u32, Ordering::SeqCst);
+                puts("OK\n");
+            }
+            _ => err("usage: refuse <cpu index>|off"),
+        },
         b"eject" => match parse_num(arg) {
             Some(n) if n < ncpus() => {
                 hotplug::eject(n as u32);
@@ -596,7 +607,7 @@ fn execute(line: &[u8]) {
         b"dirty" => cmd_dirty(arg),
         b"triple-fault" => triple_fault(),
         b"help" => {
-            puts("commands: status | online N | offline N | eject N | autoonline on|off | gpe on|off | scan | resetgaps | dirty start N|stop|check | poweroff | triple-fault | help\nOK\n");
+            puts("commands: status | online N | offline N | eject N | refuse N|off | autoonline on|off | gpe on|off | scan | resetgaps | dirty start N|stop|check | poweroff | triple-fault | help\nOK\n");
         }
         _ => err("unknown command"),
     }
@@ -741,7 +752,9 @@ fn scan() {
             }
             Some(hotplug::Event::Remove(uid)) => {
                 let idx = uid as usize;
+                let refused = hotplug::REFUSE_REMOVE.load(Ordering::SeqCst) == uid;
                 let gone = match cpu(idx) {
+                    Some(_) if refused => false,
                     Some(c) if idx != BSP_INDEX.load(Ordering::Relaxed) as usize => {
                         c.state.load(Ordering::SeqCst) != ST_ONLINE || offline_cpu(idx).is_ok()
                     }
