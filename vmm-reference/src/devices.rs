@@ -167,7 +167,8 @@ impl MutDevicePio for SerialDevice {
     fn pio_write(&mut self, _base: PioAddress, offset: u16, data: &[u8]) {
         if data.len() == 1 && offset < 8 {
             if let Err(e) = self.serial.write(offset as u8, data[0]) {
-                log::warn!("serial write: {e}");
+                static LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::new();
+                crate::rate_limited!(LOG, warn, "serial write: {e}");
             }
         }
     }

@@ -31,6 +31,7 @@ pub mod config;
 pub mod console;
 pub mod devices;
 pub mod migration;
+pub mod ratelimit;
 pub mod restore;
 pub mod snapdir;
 pub mod snapshot;

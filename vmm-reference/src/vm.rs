@@ -27,6 +27,7 @@ use crate::acpi::{self, AcpiConfig, COM1_IRQ, COM1_PORT};
 use crate::boot::{self, GuestMemory};
 use crate::config::{check_kernel_file, ConfigError, KernelSource, SerialMode, VmConfig};
 use crate::devices::{serve_socket, ConsoleOut, LevelIrq, SerialDevice, SocketConsole};
+use crate::ratelimit::RateLimit;
 use crate::restore::{
     capture, check_compat, detect_conventions, restore_kvm_vm_state, restore_vcpus, Prepared,
 };
@@ -114,7 +115,12 @@ impl SleepSink for PowerButton {
                 .unwrap_or_else(|e| e.into_inner())
                 .send(VmEvent::PowerOff);
         } else {
-            log::warn!("guest requested unsupported sleep type {slp_typ}; ignored");
+            static LOG: RateLimit = RateLimit::new();
+            crate::rate_limited!(
+                LOG,
+                warn,
+                "guest requested unsupported sleep type {slp_typ}; ignored"
+            );
         }
     }
 }
@@ -135,12 +141,18 @@ impl HotplugEvents {
 
 impl HotplugSink for HotplugEvents {
     fn cpu_ejected(&self, cpu: u32) {
-        log::info!("guest ejected CPU {cpu}");
+        static LOG: RateLimit = RateLimit::new();
+        crate::rate_limited!(LOG, info, "guest ejected CPU {cpu}");
         self.ejected.lock().unwrap_or_else(|e| e.into_inner()).push(cpu);
         let _ = self.worker.lock().unwrap_or_else(|e| e.into_inner()).send(cpu);
     }
     fn ost(&self, cpu: u32, event: u32, status: u32) {
-        log::info!("guest _OST for CPU {cpu}: event {event:#x} status {status:#x}");
+        static LOG: RateLimit = RateLimit::new();
+        crate::rate_limited!(
+            LOG,
+            info,
+            "guest _OST for CPU {cpu}: event {event:#x} status {status:#x}"
+        );
     }
 }
 

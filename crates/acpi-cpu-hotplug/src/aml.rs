@@ -207,6 +207,9 @@ impl CpuHotplugAml {
             true,
             vec![
                 &acquire,
+                // Start the search at CPU 0: a selector the OS left at or beyond the last CPU
+                // makes the device ignore the command, and the event would wait for the next GPE.
+                &Store::new(&p(CSEL), &ZERO),
                 &Store::new(&Local(1), &ZERO),
                 &While::new(
                     &LessThan::new(&Local(1), &max),

@@ -369,8 +369,12 @@ impl CpuHotplugController {
             // The guard: only CPUs the VMM asked to remove, never the boot CPU.
             if sel == boot || !c.remove_requested || !c.present {
                 self.st.refused_ejects += 1;
+                // The guest can repeat this at will: logged at the 1st, 2nd, 4th, 8th, ...
+                if !self.st.refused_ejects.is_power_of_two() {
+                    return;
+                }
                 log::warn!(
-                    "refused eject of CPU {sel} (boot CPU: {}, removal requested: {}, present: {}); {} refused so far",
+                    "refused eject of CPU {sel} (boot CPU: {}, removal requested: {}, present: {}); {} refused so far (logged at powers of two)",
                     sel == boot,
                     c.remove_requested,
                     c.present,

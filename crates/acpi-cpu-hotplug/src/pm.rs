@@ -226,7 +226,8 @@ impl AcpiPm {
         self.st.pm1_cnt = (v | PM1_CNT_SCI_EN) & !PM1_CNT_SLP_EN;
         if slp_en {
             let typ = ((v >> 10) & 7) as u8;
-            log::info!("guest requested sleep, SLP_TYP={typ}");
+            // Debug only: a guest can repeat this at will; the sink decides what to report.
+            log::debug!("guest requested sleep, SLP_TYP={typ}");
             // No WAK_STS: nothing here resumes from a sleep state; S5 ends the VM.
             self.sleep.sleep(typ);
         }

@@ -121,6 +121,13 @@ fn iasl_disassembles_and_recompiles() {
         ] {
             assert!(dsl.contains(must), "{must} missing (max {max})");
         }
+        // CSCN starts its search at CPU 0 before the first command.
+        let cscn = dsl.split("Method (CSCN").nth(1).unwrap_or_default();
+        let head = cscn.split("While").next().unwrap_or_default();
+        assert!(
+            head.contains("CSEL = Zero"),
+            "CSCN does not reset the selector (max {max}):\n{head}"
+        );
         assert_eq!(dsl.matches("\"ACPI0007\"").count(), max as usize);
         assert_eq!(
             dsl.matches("Method (_EJ0, 1").count(),

@@ -206,6 +206,7 @@ fn cscn(dev: &mut AcpiHotplugDevice, max: u32) -> Vec<(u32, u32)> {
     let hp = base(3);
     let mut notes = Vec::new();
     let mut rounds = 0;
+    dev.pio_write(hp, 0, &0u32.to_le_bytes()); // CSEL = 0: the search starts at CPU 0
     while rounds < max {
         dev.pio_write(hp, 5, &[0]); // CCMD = 0: next CPU with event
         let mut d = [0u8; 4];
@@ -251,6 +252,18 @@ fn cscn_replay_notifies_each_event_once_and_terminates() {
     r.dev.pio_write(base(3), 0, &1u32.to_le_bytes());
     r.dev.pio_write(base(3), 4, &[8]);
     assert_eq!(*r.sink.0.lock().unwrap(), vec!["eject 1".to_string()]);
+}
+
+#[test]
+fn a_selector_left_beyond_the_last_cpu_does_not_hide_an_event() {
+    let mut r = rig();
+    r.dev.pio_write(base(2), 2, &[1 << CPU_HOTPLUG_GPE]);
+    // The OS left the selector out of range (probing, or a CPU number it computed itself).
+    r.dev.pio_write(base(3), 0, &(MAX + 7).to_le_bytes());
+    r.dev.request_insert(5).unwrap();
+    r.dev.pio_write(base(2), 0, &[1 << CPU_HOTPLUG_GPE]);
+    assert_eq!(cscn(&mut r.dev, MAX), vec![(5, 1)]);
+    assert!(!r.dev.controller().event_pending());
 }
 
 #[test]
