@@ -82,6 +82,16 @@ gpe() {
     case "$1" in mask|unmask) v=$1 ;; *) echo "ERR gpe mask|unmask"; return ;; esac
     if echo "$v" > /sys/firmware/acpi/interrupts/gpe02; then echo OK; else echo "ERR gpe02 $v"; fi
 }
+# acpi_eject N: what an administrator does to unplug CPU N from inside the guest: write 1 to
+# the eject attribute of its ACPI processor device (the one whose _UID is N).
+acpi_eject() {
+    for d in /sys/bus/acpi/devices/ACPI0007:*; do
+        [ "$(cat "$d/uid" 2>/dev/null)" = "$1" ] || continue
+        if echo 1 > "$d/eject"; then echo OK; else echo "ERR eject $d"; fi
+        return
+    done
+    echo "ERR no ACPI processor device with _UID $1"
+}
 echo "LINUX_GUEST_READY online=$(cat $cpu/online) present=$(cat $cpu/present) possible=$(cat $cpu/possible)"
 while read -r cmd arg; do
     case "$cmd" in
@@ -89,6 +99,7 @@ while read -r cmd arg; do
         online) set_online "$arg" 1 ;;
         offline) set_online "$arg" 0 ;;
         gpe) gpe "$arg" ;;
+        acpi-eject) acpi_eject "$arg" ;;
         # dirty start MIB | dirty check | clock start | clock check (see memclock.c)
         dirty|clock) set -- $arg; memclock "$cmd-$1" $2; r=$?
             [ $r -gt 128 ] && echo "ERR memclock killed by signal $((r - 128))" ;;

@@ -129,11 +129,14 @@ fn refusals_busy_answers_and_bad_requests_leave_the_vm_running() {
     // The boot CPU cannot be removed.
     let (s, v) = vm.api("PUT", "vm.remove-cpu", Some(r#"{"id":0}"#));
     assert_eq!(s, 400, "{v}");
-    // A guest eject of a CPU the VMM did not ask to remove is refused and counted.
+    // A guest eject of a CPU the VMM did not ask to remove is refused and counted, and the
+    // CPU is announced to the guest again, so both sides agree it is still there.
     assert_eq!(vm.guest("eject 1"), vec!["OK"]);
+    assert_eq!(vm.event("EVENT insert"), "EVENT insert cpu=1 online=1");
     let info = vm.until("refusal counted", |v| v["refused_ejects"] == 1);
     assert_eq!(cpu(&info, 1)["vcpu"], "running");
     assert_eq!(cpu(&info, 1)["present"], true);
+    assert_eq!(cpu(&info, 1)["inserting"], false, "the guest took the event");
     // Hold a removal pending: the guest disables the hotplug GPE first.
     assert_eq!(vm.guest("gpe off"), vec!["OK"]);
     assert_eq!(vm.api("PUT", "vm.remove-cpu", Some(r#"{"id":1}"#)).0, 204);

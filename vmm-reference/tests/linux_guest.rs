@@ -242,6 +242,42 @@ fn linux_without_tsc_deadline_takes_pit_ticks_on_the_madt_pin() {
     g.0.exits_cleanly();
 }
 
+#[test]
+fn linux_ejecting_a_cpu_on_its_own_gets_it_back() {
+    if !linux_or_skip("linux_ejecting_a_cpu_on_its_own_gets_it_back") {
+        return;
+    }
+    // The guest unplugs CPU 2 itself (sysfs eject of its ACPI device): Linux offlines it and
+    // calls _EJ0, which the VMM refuses (only the VMM removes CPUs). The VMM announces the CPU
+    // again, so the guest and the VMM end up agreeing that it is present.
+    let mut g = Linux::boot("linux-eject", "boot=2,max=4");
+    assert_eq!(g.0.api("PUT", "vm.add-cpu", Some(r#"{"id":2}"#)).0, 200);
+    g.until("CPU 2 present", |s| s.present == [0, 1, 2]);
+    g.cmd("online 2");
+    g.cmd("acpi-eject 2");
+    g.0.until("eject refused", |v| v["refused_ejects"] == 1);
+    let s = g.until("CPU 2 back and offline", |s| {
+        s.present == [0, 1, 2] && s.online == [0, 1]
+    });
+    eprintln!(
+        "after a guest-initiated eject: {s:?}; {}",
+        g.cmd("klog Eject incomplete")
+    );
+    let info = g.0.info();
+    assert_eq!(
+        (cpu(&info, 2)["present"].as_bool(), cpu(&info, 2)["vcpu"].as_str()),
+        (Some(true), Some("running"))
+    );
+    // The CPU is usable again, and the VMM can still remove it the normal way.
+    g.cmd("online 2");
+    g.assert_ticking();
+    assert_eq!(g.0.api("PUT", "vm.remove-cpu", Some(r#"{"id":2}"#)).0, 204);
+    g.0.until("CPU 2 parked", |v| cpu(v, 2)["vcpu"] == "parked");
+    g.until("CPU 2 gone", |s| s.present == [0, 1]);
+    g.0.con.send("poweroff").expect("send poweroff");
+    g.0.exits_cleanly();
+}
+
 /// The VMM's and the guest's view of a partially offline Linux guest.
 struct Before {
     info: Value,

@@ -186,7 +186,9 @@ impl MutDevicePio for AcpiHotplugDevice {
 
     fn pio_write(&mut self, base: PioAddress, offset: u16, data: &[u8]) {
         if base.0 == self.layout.cpu_hotplug {
-            self.cpus.write(offset, data, &*self.sink);
+            if self.cpus.write(offset, data, &*self.sink) {
+                self.pm.set_gpe_status(CPU_HOTPLUG_GPE);
+            }
         } else {
             self.pm.pio_write(base, offset, data);
         }

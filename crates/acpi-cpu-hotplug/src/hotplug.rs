@@ -302,8 +302,10 @@ impl CpuHotplugController {
         }
     }
 
-    /// Guest write at `offset` (1 to 4 bytes); side effects go to `sink`.
-    pub fn write(&mut self, offset: u16, data: &[u8], sink: &dyn HotplugSink) {
+    /// Guest write at `offset` (1 to 4 bytes); side effects go to `sink`. Returns true when
+    /// the write left a new event for the guest (a refused eject re-announces its CPU): the
+    /// caller raises the GPE ([`CPU_HOTPLUG_GPE`]).
+    pub fn write(&mut self, offset: u16, data: &[u8], sink: &dyn HotplugSink) -> bool {
         let mut b = [0u8; 4];
         for (d, s) in b.iter_mut().zip(data) {
             *d = *s;
@@ -311,18 +313,18 @@ impl CpuHotplugController {
         let value = u32::from_le_bytes(b);
         if offset == 0 {
             self.st.selector = value;
-            return;
+            return false;
         }
         let sel = self.st.selector;
         if sel as usize >= self.st.cpus.len() {
-            return;
+            return false;
         }
         match offset {
-            4 => self.write_control(sel, value as u8, sink),
+            4 => return self.write_control(sel, value as u8, sink),
             5 => {
                 let cmd = value as u8;
                 if cmd >= CMD_MAX {
-                    return;
+                    return false;
                 }
                 self.st.command = cmd;
                 if cmd == CMD_GET_NEXT_CPU_WITH_EVENT {
@@ -343,6 +345,7 @@ impl CpuHotplugController {
             },
             _ => {}
         }
+        false
     }
 
     fn select_next_event(&mut self) {
@@ -358,7 +361,7 @@ impl CpuHotplugController {
         }
     }
 
-    fn write_control(&mut self, sel: u32, ctrl: u8, sink: &dyn HotplugSink) {
+    fn write_control(&mut self, sel: u32, ctrl: u8, sink: &dyn HotplugSink) -> bool {
         let boot = self.boot_cpu;
         let c = &mut self.st.cpus[sel as usize];
         if ctrl & CTRL_CLEAR_INSERT != 0 {
@@ -369,9 +372,14 @@ impl CpuHotplugController {
             // The guard: only CPUs the VMM asked to remove, never the boot CPU.
             if sel == boot || !c.remove_requested || !c.present {
                 self.st.refused_ejects += 1;
+                // A guest ejecting on its own (Linux: the ACPI device's sysfs `eject`) has
+                // already torn the CPU down before _EJ0. The CPU stays, so announce it again
+                // (Device Check): the guest re-adds it and both sides agree it is present.
+                let reannounce = c.present && sel != boot;
+                c.inserting |= reannounce;
                 // The guest can repeat this at will: logged at the 1st, 2nd, 4th, 8th, ...
                 if !self.st.refused_ejects.is_power_of_two() {
-                    return;
+                    return reannounce;
                 }
                 log::warn!(
                     "refused eject of CPU {sel} (boot CPU: {}, removal requested: {}, present: {}); {} refused so far (logged at powers of two)",
@@ -380,7 +388,7 @@ impl CpuHotplugController {
                     c.present,
                     self.st.refused_ejects
                 );
-                return;
+                return reannounce;
             }
             *c = CpuSlot {
                 ost_event: c.ost_event,
@@ -389,6 +397,7 @@ impl CpuHotplugController {
             };
             sink.cpu_ejected(sel);
         }
+        false
     }
 }
 
@@ -450,16 +459,19 @@ mod tests {
     #[test]
     fn eject_guard() {
         let (mut c, s) = (ctl(), Sink::default());
-        // Ejecting a CPU the VMM did not ask to remove is refused and counted.
+        // Ejecting a CPU the VMM did not ask to remove is refused and counted, and the CPU is
+        // announced again (the guest may have torn it down already).
         c.write(0, &1u32.to_le_bytes(), &s);
-        c.write(4, &[CTRL_EJECT], &s);
+        assert!(c.write(4, &[CTRL_EJECT], &s), "the caller must raise the GPE");
         assert_eq!(c.refused_ejects(), 1);
-        assert!(c.slot(1).unwrap().present);
-        // The boot CPU is never removable nor ejectable.
+        assert!(c.slot(1).unwrap().present && c.slot(1).unwrap().inserting);
+        c.write(4, &[CTRL_CLEAR_INSERT], &s);
+        // The boot CPU is never removable nor ejectable, and never re-announced.
         assert_eq!(c.request_remove(0), Err(HotplugError::BootCpu(0)));
         c.write(0, &0u32.to_le_bytes(), &s);
-        c.write(4, &[CTRL_EJECT], &s);
+        assert!(!c.write(4, &[CTRL_EJECT], &s));
         assert_eq!(c.refused_ejects(), 2);
+        assert!(!c.event_pending());
         // A requested removal: the guest takes the event (clears `removing`), then ejects.
         c.request_remove(1).unwrap();
         assert_eq!(c.request_remove(1), Err(HotplugError::RemovalPending(1)));
