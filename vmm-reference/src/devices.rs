@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
 use acpi_cpu_hotplug::InterruptLine;
@@ -61,51 +61,136 @@ impl Write for ConsoleOut {
     }
 }
 
-/// Cap on output kept for a client that has not connected yet.
-const BACKLOG_MAX: usize = 1 << 20;
+/// Console output held for a client that is slow or not connected yet; beyond it, output is
+/// dropped and counted.
+const OUTBOX_MAX: usize = 1 << 20;
 
-/// A listening Unix socket whose (single, latest) client is the console. Output produced
-/// before a client connects is kept (up to 1 MiB) and sent when it connects, so nothing the
-/// guest printed early (e.g. `READY`) is lost.
+/// Output waiting for the console client, and what did not fit.
+#[derive(Default)]
+struct Outbox {
+    buf: Vec<u8>,
+    dropped: u64,
+    client: Option<UnixStream>,
+}
+
+/// A listening Unix socket whose (single, latest) client is the console. The guest's output
+/// never waits for the client: it goes into a bounded outbox (1 MiB) that a writer thread
+/// sends, so a client that stops reading cannot stall the vCPU writing to COM1. Output
+/// produced before a client connects is kept the same way and sent when it connects, so
+/// nothing the guest printed early (e.g. `READY`) is lost.
 pub struct SocketConsole {
     path: PathBuf,
-    state: Mutex<(Option<UnixStream>, Vec<u8>)>,
+    out: Mutex<Outbox>,
+    ready: Condvar,
 }
 
 impl SocketConsole {
-    /// Bind `path` (replacing a stale socket file).
+    /// Bind `path` (replacing a stale socket file) and start the writer thread.
     pub fn bind(path: &Path) -> std::io::Result<(Arc<Self>, UnixListener)> {
         let listener = crate::sock::bind_listening(path)?;
-        Ok((
-            Arc::new(SocketConsole {
-                path: path.into(),
-                state: Mutex::new((None, Vec::new())),
-            }),
-            listener,
-        ))
+        let console = Arc::new(SocketConsole {
+            path: path.into(),
+            out: Mutex::new(Outbox::default()),
+            ready: Condvar::new(),
+        });
+        let weak = Arc::downgrade(&console);
+        std::thread::Builder::new()
+            .name("console-out".into())
+            .spawn(move || write_out(&weak))?;
+        Ok((console, listener))
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queue guest output; never blocks on the client.
     fn output(&self, buf: &[u8]) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (stream, backlog) = &mut *st;
-        if let Some(s) = stream {
-            if s.write_all(buf).is_ok() {
-                return;
-            }
-            *stream = None;
-        }
-        if backlog.len() + buf.len() <= BACKLOG_MAX {
-            backlog.extend_from_slice(buf);
+        let mut o = self.lock();
+        let room = OUTBOX_MAX.saturating_sub(o.buf.len()).min(buf.len());
+        o.buf.extend_from_slice(&buf[..room]);
+        o.dropped += (buf.len() - room) as u64;
+        let dropped = o.dropped;
+        drop(o);
+        self.ready.notify_one();
+        if room < buf.len() {
+            static LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::new();
+            crate::rate_limited!(
+                LOG,
+                warn,
+                "console client is not reading: {dropped} bytes of guest output dropped so far"
+            );
         }
     }
 
-    fn attach(&self, mut s: UnixStream) -> std::io::Result<()> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.write_all(&st.1)?;
-        st.1.clear();
-        st.0 = Some(s);
+    /// Bytes of guest output dropped because the client did not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.lock().dropped
+    }
+
+    fn attach(&self, s: UnixStream) -> std::io::Result<()> {
+        // A bounded write: the writer thread must come back to check for a newer client.
+        s.set_write_timeout(Some(Duration::from_millis(200)))?;
+        self.lock().client = Some(s);
+        self.ready.notify_one();
         Ok(())
     }
+}
+
+/// The console's writer thread: sends the outbox to the client until the console is gone.
+fn write_out(console: &Weak<SocketConsole>) {
+    loop {
+        let Some(c) = console.upgrade() else { return };
+        let mut o = c.lock();
+        if o.buf.is_empty() || o.client.is_none() {
+            let _ = c.ready.wait_timeout(o, Duration::from_millis(200));
+            continue;
+        }
+        let data = std::mem::take(&mut o.buf);
+        let Some(mut client) = o.client.as_ref().and_then(|s| s.try_clone().ok()) else {
+            o.client = None;
+            o.buf = data;
+            continue;
+        };
+        drop(o);
+        let sent = send_some(&mut client, &data);
+        let mut o = c.lock();
+        if sent.is_none() {
+            o.client = None;
+        }
+        // What was not sent goes back in front of what arrived meanwhile (bounded again).
+        let rest = &data[sent.unwrap_or(0)..];
+        if !rest.is_empty() {
+            let newer = std::mem::take(&mut o.buf);
+            let keep = OUTBOX_MAX.min(rest.len() + newer.len());
+            o.buf = [rest, &newer[..]].concat();
+            o.dropped += (o.buf.len() - keep) as u64;
+            o.buf.truncate(keep);
+        }
+    }
+}
+
+/// Write as much of `data` as the client takes before its write timeout: `Some(bytes)`, or
+/// `None` when the client is gone.
+fn send_some(client: &mut UnixStream, data: &[u8]) -> Option<usize> {
+    let mut off = 0;
+    while off < data.len() {
+        match client.write(&data[off..]) {
+            Ok(0) => return None,
+            Ok(n) => off += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Some(off)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    Some(off)
 }
 
 impl Drop for SocketConsole {

@@ -267,3 +267,41 @@ fn vcpus_restored_into_a_new_vm_keep_their_exact_state() {
     con.command("poweroff", T).unwrap();
     assert_eq!(vm.wait(Some(T)), Some(VmOutcome::PowerOff));
 }
+
+#[test]
+fn a_console_client_that_stops_reading_cannot_stall_the_vcpus() {
+    if !kvm_or_skip("a_console_client_that_stops_reading_cannot_stall_the_vcpus") {
+        return;
+    }
+    // The client sends 600 `status` commands (~400 KB of replies, more than a socket buffer
+    // holds) and reads nothing. COM1 output used to block the vCPU in the socket write:
+    // pause then answered 500 and the guest stood still.
+    let mut vm = Vmm::start("stalled-console", "boot=2,max=8");
+    for _ in 0..600 {
+        vm.con.send("status").expect("send");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    let (s, v) = vm.api("PUT", "vm.pause", None);
+    assert_eq!(s, 204, "pause with an unread console: {v}");
+    assert!(
+        t.elapsed() < vcpu_manager_timeout(),
+        "pause took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(vm.api("PUT", "vm.resume", None).0, 204);
+    // Reading again, every reply arrives (within the 1 MiB the VMM holds) and the guest
+    // answers new commands.
+    let mut replies = 0;
+    while replies < 600 {
+        let l = vm.con.read_line(T).expect("a reply");
+        replies += usize::from(l.starts_with("OK") && !l.contains("poweroff"));
+    }
+    assert_eq!(vm.status().online, 2);
+    vm.poweroff();
+}
+
+/// The vCPU manager's own bound for a vCPU to answer (a stalled vCPU hits it).
+fn vcpu_manager_timeout() -> Duration {
+    vcpu_manager::VCPU_TIMEOUT
+}
