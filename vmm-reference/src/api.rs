@@ -18,7 +18,7 @@
 //! running. The server is a few hundred lines on purpose: one request per connection, bodies
 //! capped at 64 KiB, no dependency beyond serde_json.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -77,48 +77,112 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         413 => "Payload Too Large",
         429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
         _ => "Internal Server Error",
     }
 }
 
-/// Read one HTTP/1.1 request.
-pub fn read_request(stream: &mut impl Read) -> Result<Request, Response> {
-    let mut r = BufReader::new(stream);
-    let mut line = String::new();
-    r.read_line(&mut line).map_err(|e| Response::error(400, e))?;
-    let mut parts = line.split_whitespace();
-    let (Some(method), Some(path)) = (parts.next(), parts.next()) else {
+/// Largest request line plus headers accepted.
+const MAX_HEAD: usize = 8 * 1024;
+/// Time a client has to send its whole request.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// Connections served at once; more are answered 503 at once.
+const MAX_CONNECTIONS: usize = 32;
+
+fn read_err(what: &str, e: std::io::Error) -> Response {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            Response::error(408, format!("{what}: the request did not arrive in time"))
+        }
+        _ => Response::error(400, format!("{what}: {e}")),
+    }
+}
+
+/// The method, path and body length of a complete request head (parsed by httparse).
+fn parse_head(head: &[u8]) -> Result<(String, String, usize), Response> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADER_LINES];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(head)
+        .map_err(|e| Response::error(400, format!("malformed request: {e}")))?;
+    let (Some(method), Some(path)) = (req.method, req.path) else {
         return Err(Response::error(400, "malformed request line"));
     };
-    let (method, path) = (method.to_string(), path.to_string());
     let mut len = 0usize;
-    for _ in 0..MAX_HEADER_LINES {
-        let mut h = String::new();
-        if r.read_line(&mut h).map_err(|e| Response::error(400, e))? == 0 {
-            break;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(Response::error(400, "only Content-Length bodies are supported"));
         }
-        let h = h.trim_end();
-        if h.is_empty() {
-            let mut body = vec![0u8; len];
-            r.read_exact(&mut body)
-                .map_err(|e| Response::error(400, format!("reading body: {e}")))?;
-            return Ok(Request { method, path, body });
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.trim().eq_ignore_ascii_case("content-length") {
-                len = v
-                    .trim()
-                    .parse()
-                    .map_err(|_| Response::error(400, "bad Content-Length"))?;
-                if len > MAX_BODY {
-                    return Err(Response::error(413, "body too large"));
-                }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            len = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| Response::error(400, "bad Content-Length"))?;
+            if len > MAX_BODY {
+                return Err(Response::error(413, "body too large"));
             }
         }
     }
-    Err(Response::error(400, "too many or unterminated headers"))
+    Ok((method.to_string(), path.to_string(), len))
+}
+
+/// Read one HTTP/1.1 request: a head of at most 8 KiB and 64 header lines (httparse, a
+/// well-kept parser, rather than our own), a `Content-Length` body of at most 64 KiB.
+/// Nothing is allocated beyond those bounds, whatever the client sends.
+pub fn read_request(stream: &mut impl Read) -> Result<Request, Response> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let head_len = loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADER_LINES];
+        match httparse::Request::new(&mut headers).parse(&buf) {
+            Ok(httparse::Status::Complete(n)) => break n,
+            Ok(httparse::Status::Partial) => {}
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Response::error(431, "more than 64 header lines"))
+            }
+            Err(e) => return Err(Response::error(400, format!("malformed request: {e}"))),
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(Response::error(431, "request head larger than 8 KiB"));
+        }
+        let room = (MAX_HEAD - buf.len()).min(chunk.len());
+        let n = stream
+            .read(&mut chunk[..room])
+            .map_err(|e| read_err("reading the request", e))?;
+        if n == 0 {
+            return Err(Response::error(400, "the connection closed mid-request"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let (method, path, len) = parse_head(&buf[..head_len])?;
+    let mut body: Vec<u8> = buf[head_len..].iter().copied().take(len).collect();
+    let have = body.len();
+    body.resize(len, 0);
+    stream
+        .read_exact(&mut body[have..])
+        .map_err(|e| read_err("reading the body", e))?;
+    Ok(Request { method, path, body })
+}
+
+/// A stream whose reads share one deadline (a per-read timeout would let a client that
+/// sends a byte at a time hold its connection forever).
+struct Deadline<'a> {
+    stream: &'a UnixStream,
+    until: std::time::Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        (&mut &*self.stream).read(buf)
+    }
 }
 
 fn control(e: ControlError) -> Response {
@@ -383,8 +447,12 @@ pub fn route(target: &ApiTarget, req: &Request) -> Response {
 }
 
 fn serve_one(target: &ApiTarget, mut stream: UnixStream) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let resp = match read_request(&mut stream) {
+    let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
+    let mut timed = Deadline {
+        stream: &stream,
+        until: std::time::Instant::now() + REQUEST_DEADLINE,
+    };
+    let resp = match read_request(&mut timed) {
         Ok(req) => route(target, &req),
         Err(resp) => resp,
     };
@@ -402,10 +470,30 @@ pub fn wait_idle(timeout: Duration) {
     }
 }
 
-/// Serve the API on `listener` until the VMM ends (one thread per connection).
+/// Serve the API on `listener` until the VMM ends (one thread per connection, at most
+/// [`MAX_CONNECTIONS`] at once).
 pub fn serve(listener: UnixListener, target: Arc<ApiTarget>) {
     for conn in listener.incoming() {
-        let Ok(stream) = conn else { continue };
+        let mut stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors or memory: wait instead of spinning on the error.
+                static LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::new();
+                crate::rate_limited!(LOG, warn, "API accept: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if IN_FLIGHT.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+            // Take what the client sent at once (closing on unread data would reset the
+            // connection before it reads the answer), answer 503, close. Bounded: 50 ms.
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(50)));
+            let _ = stream.read(&mut [0u8; 8192]);
+            let busy = Response::error(503, format!("more than {MAX_CONNECTIONS} connections, retry"));
+            let _ = write_response(&mut stream, &busy);
+            continue;
+        }
         let target = target.clone();
         IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
         if std::thread::Builder::new()
@@ -466,5 +554,37 @@ mod tests {
         assert_eq!(read_request(&mut &bad[..]).unwrap_err().status, 400);
         let short = b"PUT / HTTP/1.1\r\nContent-Length: 10\r\n\r\nab";
         assert_eq!(read_request(&mut &short[..]).unwrap_err().status, 400);
+        let chunked = b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(read_request(&mut &chunked[..]).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn an_endless_line_or_header_flood_is_cut_at_8_kib() {
+        // A line without end (it grew the VMM to 266 MB): refused after reading 8 KiB.
+        let mut endless = std::io::repeat(b'A').take(256 << 20);
+        assert_eq!(read_request(&mut endless).unwrap_err().status, 431);
+        assert!(
+            endless.limit() > (256 << 20) - 16 * 1024,
+            "read no more than the bound"
+        );
+        let mut many = b"GET /api/v1/vm.info HTTP/1.1\r\n".to_vec();
+        for i in 0..100 {
+            many.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(read_request(&mut &many[..]).unwrap_err().status, 431);
+    }
+
+    #[test]
+    fn a_client_that_trickles_meets_one_deadline() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut b, b"GET /api/v1/vm.info HT").unwrap();
+        let t = std::time::Instant::now();
+        let mut timed = Deadline {
+            stream: &a,
+            until: t + Duration::from_millis(300),
+        };
+        assert_eq!(read_request(&mut timed).unwrap_err().status, 408);
+        assert!(t.elapsed() < Duration::from_secs(5));
     }
 }

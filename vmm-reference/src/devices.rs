@@ -82,16 +82,18 @@ pub struct SocketConsole {
     path: PathBuf,
     out: Mutex<Outbox>,
     ready: Condvar,
+    _lock: crate::sock::PathLock,
 }
 
 impl SocketConsole {
     /// Bind `path` (replacing a stale socket file) and start the writer thread.
     pub fn bind(path: &Path) -> std::io::Result<(Arc<Self>, UnixListener)> {
-        let listener = crate::sock::bind_listening(path)?;
+        let (listener, lock) = crate::sock::bind_listening(path)?;
         let console = Arc::new(SocketConsole {
             path: path.into(),
             out: Mutex::new(Outbox::default()),
             ready: Condvar::new(),
+            _lock: lock,
         });
         let weak = Arc::downgrade(&console);
         std::thread::Builder::new()

@@ -241,12 +241,13 @@ enum Start {
 
 fn run(start: Start, api_socket: Option<&std::path::Path>) -> ExitCode {
     // Bind the API socket first, so a bad path fails before the guest starts.
-    let mut listener = match api_socket {
+    // The socket's lock lives until the VMM ends: no second VMM can take the path over.
+    let (mut listener, _api_lock) = match api_socket {
         Some(p) => match vmm_reference::sock::bind_listening(p) {
-            Ok(l) => Some(l),
+            Ok((l, lock)) => (Some(l), Some(lock)),
             Err(e) => return fail(format!("--api-socket {}: {e}", p.display())),
         },
-        None => None,
+        None => (None, None),
     };
     let spawn_api = |l: std::os::unix::net::UnixListener, target| {
         std::thread::Builder::new()

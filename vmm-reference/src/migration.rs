@@ -95,7 +95,7 @@ impl Address {
     pub fn accept_one(&self) -> std::io::Result<Box<dyn Stream>> {
         Ok(match self {
             Address::Unix(p) => {
-                let l = crate::sock::bind_listening(p)?;
+                let (l, _lock) = crate::sock::bind_listening(p)?;
                 let (s, _) = l.accept()?;
                 let _ = std::fs::remove_file(p);
                 s.set_read_timeout(Some(PEER_SILENCE))?;

@@ -4,29 +4,94 @@
 //! `UnixListener::bind` creates the path at `bind(2)` and listens a moment later: a client that
 //! waits for the path and connects in between is refused (seen on a loaded one-CPU host). So
 //! the listener is bound under a temporary name in the same directory and renamed into place.
+//!
+//! A socket belongs to the process holding `PATH.lock` (an flock): a second VMM given the same
+//! path is refused instead of silently taking the first one's socket over, and only a socket
+//! nobody holds is replaced. Sockets are created 0600: they control the VM.
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+
+/// The lock that makes a socket path this process's; dropping it removes the lock file.
+#[derive(Debug)]
+pub struct PathLock {
+    path: PathBuf,
+    _file: File,
+}
+
+impl Drop for PathLock {
+    fn drop(&mut self) {
+        // Unlinked while still held: a process that opened it meanwhile finds, after its
+        // flock, that the path is another file now, and starts over.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Take `PATH.lock` without waiting; refused while another process holds it.
+pub fn lock_path(path: &Path) -> std::io::Result<PathLock> {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(".lock");
+    let lock = PathBuf::from(name);
+    for _ in 0..8 {
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&lock)?;
+        // SAFETY: flock on a descriptor `f` owns; the lock lives as long as `f`.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "{} is in use by another process (it holds {})",
+                    path.display(),
+                    lock.display()
+                ),
+            ));
+        }
+        // The holder before us may have unlinked the file between our open and our flock.
+        let same =
+            std::fs::metadata(&lock).is_ok_and(|m| m.ino() == f.metadata().map(|n| n.ino()).unwrap_or(0));
+        if same {
+            return Ok(PathLock { path: lock, _file: f });
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::WouldBlock,
+        format!("{} keeps changing", lock.display()),
+    ))
+}
 
 /// Longest socket path (`sun_path` holds 108 bytes with the terminating NUL).
 const SUN_PATH_MAX: usize = 107;
 
-/// Listen on `path`, replacing a stale socket there; the path exists only once connectable
-/// (except for a path too long to take the temporary suffix: that one is bound in place).
-pub fn bind_listening(path: &Path) -> std::io::Result<UnixListener> {
+/// Listen on `path` (mode 0600) once this process holds its lock, replacing a stale socket
+/// there; the path exists only once connectable (except for a path too long to take the
+/// temporary suffix: that one is bound in place). Keep the lock as long as the listener.
+pub fn bind_listening(path: &Path) -> std::io::Result<(UnixListener, PathLock)> {
+    let lock = lock_path(path)?;
     let tmp = temp_name(path);
+    let owner_only = std::fs::Permissions::from_mode(0o600);
     if tmp.as_os_str().len() > SUN_PATH_MAX {
         let _ = std::fs::remove_file(path);
-        return UnixListener::bind(path);
+        let l = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, owner_only)?;
+        return Ok((l, lock));
     }
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp)?;
-    // rename(2) replaces a stale socket file atomically.
-    if let Err(e) = std::fs::rename(&tmp, path) {
+    // 0600 before the path appears; rename(2) then replaces a stale socket file atomically.
+    if let Err(e) = std::fs::set_permissions(&tmp, owner_only).and_then(|()| std::fs::rename(&tmp, path)) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    Ok(listener)
+    Ok((listener, lock))
 }
 
 fn temp_name(path: &Path) -> PathBuf {
@@ -45,10 +110,20 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("api.sock");
         std::fs::write(&p, b"stale").unwrap();
-        let l = bind_listening(&p).unwrap();
+        let (l, lock) = bind_listening(&p).unwrap();
         assert!(std::os::unix::net::UnixStream::connect(&p).is_ok());
         assert!(l.accept().is_ok());
         assert!(!temp_name(&p).exists());
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        // A second owner is refused while the first holds the path, and the first keeps it.
+        let e = bind_listening(&p)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("in use by another process"), "{e}");
+        assert!(std::os::unix::net::UnixStream::connect(&p).is_ok());
+        drop(lock);
+        assert!(bind_listening(&p).is_ok(), "free again once the lock is gone");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -305,3 +305,79 @@ fn a_console_client_that_stops_reading_cannot_stall_the_vcpus() {
 fn vcpu_manager_timeout() -> Duration {
     vcpu_manager::VCPU_TIMEOUT
 }
+
+#[test]
+fn the_api_stays_bounded_under_idle_and_flooding_clients() {
+    if !kvm_or_skip("the_api_stays_bounded_under_idle_and_flooding_clients") {
+        return;
+    }
+    // 1000 clients that sent nothing held 1007 threads; a 256 MiB line grew the VMM to 266 MB.
+    let mut vm = Vmm::start("api-bounds", "boot=2,max=4");
+    let tasks = format!("/proc/{}/task", vm.pid());
+    let base = count(&tasks);
+    let idle: Vec<_> = (0..200)
+        .map(|_| std::os::unix::net::UnixStream::connect(&vm.api).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        count(&tasks) <= base + 32,
+        "{} threads for 200 idle clients",
+        count(&tasks)
+    );
+    let (s, v) = vm.api("GET", "vm.info", None);
+    assert_eq!(s, 503, "the connection cap answers at once: {v}");
+    drop(idle);
+    // Closed clients free their slots at once; an endless line is cut at 8 KiB.
+    let deadline = Instant::now() + T;
+    while vm.api("GET", "vm.info", None).0 != 200 {
+        assert!(Instant::now() < deadline, "the API never came back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut flood = std::os::unix::net::UnixStream::connect(&vm.api).expect("connect");
+    let line = vec![b'A'; 1 << 20];
+    let _ = std::io::Write::write_all(&mut flood, &line);
+    let mut reply = String::new();
+    let _ = std::io::Read::read_to_string(&mut flood, &mut reply);
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", vm.pid()))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(rss_kib < 512 << 10, "peak RSS {rss_kib} KiB");
+    assert_eq!(vm.status().online, 2);
+    vm.poweroff();
+}
+
+#[test]
+fn a_second_vmm_cannot_take_over_an_api_socket_in_use() {
+    if !kvm_or_skip("a_second_vmm_cannot_take_over_an_api_socket_in_use") {
+        return;
+    }
+    let vm = Vmm::start("api-owner", "boot=1,max=2");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&vm.api).expect("socket").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the API socket is the owner's only");
+    let api = vm.api.to_str().expect("path").to_string();
+    let mut second = spawn_vmm(&[
+        "--cpus",
+        "boot=1,max=1",
+        "--memory",
+        "64M",
+        "--api-socket",
+        &api,
+        "--serial",
+        "file=/dev/null",
+    ]);
+    let out = wait_child(&mut second, T);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another process"), "{err}");
+    assert_eq!(
+        vm.api("GET", "vm.info", None).0,
+        200,
+        "the first VMM keeps its API"
+    );
+    vm.poweroff();
+}
