@@ -53,6 +53,9 @@ pub enum VcpuExitReason {
     Unsupported(u32),
     /// `KVM_RUN` failed with this errno.
     RunError(i32),
+    /// The exit handler panicked on this vCPU's thread (the message, if it was text). The
+    /// thread ends normally and hands its fd back, so the slot can be parked and reused.
+    Panicked(String),
 }
 
 impl std::fmt::Display for VcpuExitReason {
@@ -72,6 +75,7 @@ impl std::fmt::Display for VcpuExitReason {
             VcpuExitReason::Hlt => write!(f, "guest halted"),
             VcpuExitReason::Unsupported(r) => write!(f, "unhandled KVM exit {r}"),
             VcpuExitReason::RunError(e) => write!(f, "KVM_RUN failed: errno {e}"),
+            VcpuExitReason::Panicked(m) => write!(f, "the exit handler panicked: {m}"),
         }
     }
 }
@@ -81,6 +85,12 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 }
 
 static REGISTER: Once = Once::new();
+
+/// How long [`VcpuRunner::stop_and_join`] kicks a vCPU thread before leaving it behind.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Exits taken while completing a pending I/O before a pause (a `rep ins/outs` makes one
+/// exit per page of data): beyond it the pause goes ahead and the rest is finished later.
+const COMPLETE_IO_MAX_EXITS: usize = 1 << 16;
 
 /// Signal used to kick vCPU threads out of `KVM_RUN` (SIGRTMIN + 0).
 pub fn kick_signal() -> libc::c_int {
@@ -159,7 +169,18 @@ impl VcpuRunner {
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                let reason = run_loop(&mut fd, &*handler, &sh);
+                // A panicking handler must not take the fd with it: the slot stays usable.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_loop(&mut fd, &*handler, &sh)
+                }));
+                let reason = run.unwrap_or_else(|p| {
+                    let msg = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "(not text)".into());
+                    VcpuExitReason::Panicked(msg)
+                });
                 sh.state.store(EXITED, Ordering::SeqCst);
                 sh.notify();
                 handler.vcpu_stopped(index, &reason);
@@ -265,7 +286,22 @@ impl VcpuRunner {
     pub fn stop_and_join(mut self) -> Option<VcpuFd> {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.notify();
-        self.kick();
+        // Kick until the thread has ended, within a bound: a thread blocked outside KVM_RUN
+        // (in an exit handler) is left running rather than waited for forever.
+        let deadline = Instant::now() + JOIN_TIMEOUT;
+        while !self.handle.as_ref().is_none_or(|h| h.is_finished()) {
+            if Instant::now() >= deadline {
+                log::error!(
+                    "vCPU {} did not stop within {JOIN_TIMEOUT:?}; its thread is left behind",
+                    self.index
+                );
+                // Detached: its fd stays with it (the slot becomes absent, not parked).
+                drop(self.handle.take());
+                return None;
+            }
+            self.kick();
+            std::thread::sleep(Duration::from_millis(1));
+        }
         self.handle.take().and_then(|h| h.join().ok())
     }
 }
@@ -292,11 +328,40 @@ fn serve_requests(fd: &mut VcpuFd, sh: &Shared) {
 }
 
 /// Complete a PIO/MMIO exit the thread already handled: KVM finishes the instruction on the
-/// next entry, which `immediate_exit` turns into a return without running guest code.
-fn complete_pending_io(fd: &mut VcpuFd) {
+/// next entry, which `immediate_exit` turns into a return without running guest code. That
+/// entry can itself exit again (the next page of a `rep ins/outs`, the second half of a split
+/// MMIO access): each such exit is dispatched like any other, until KVM_RUN answers EINTR.
+/// Returns whether an exit is still pending (only past [`COMPLETE_IO_MAX_EXITS`]).
+fn complete_pending_io(fd: &mut VcpuFd, handler: &dyn ExitHandler) -> bool {
     fd.set_kvm_immediate_exit(1);
-    let _ = fd.run();
+    let mut pending = true;
+    for _ in 0..COMPLETE_IO_MAX_EXITS {
+        pending = match fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                handler.pio_read(port, data);
+                true
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                handler.pio_write(port, data);
+                true
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                handler.mmio_read(addr, data);
+                true
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                handler.mmio_write(addr, data);
+                true
+            }
+            // EINTR (immediate_exit honoured: nothing pending) or anything else: done.
+            _ => false,
+        };
+        if !pending {
+            break;
+        }
+    }
     fd.set_kvm_immediate_exit(0);
+    pending
 }
 
 fn run_loop(fd: &mut VcpuFd, handler: &dyn ExitHandler, sh: &Shared) -> VcpuExitReason {
@@ -308,8 +373,7 @@ fn run_loop(fd: &mut VcpuFd, handler: &dyn ExitHandler, sh: &Shared) -> VcpuExit
         serve_requests(fd, sh);
         if sh.pause.load(Ordering::SeqCst) {
             if pending_io {
-                complete_pending_io(fd);
-                pending_io = false;
+                pending_io = complete_pending_io(fd, handler);
             }
             // Paused: out of KVM_RUN, serving requests until resumed or stopped. No lock the
             // exit path needs is held while waiting.

@@ -3,35 +3,12 @@
 //! preserved exactly (UNINITIALIZED, INIT_RECEIVED, HALTED, RUNNABLE), and so are the
 //! registers and the LAPIC (including an offlined CPU's SW-disabled APIC).
 
-use std::io::Write;
-
 use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use lapic_state::{regs, KvmConventions, LapicPage};
+mod common;
+use common::kvm_or_skip;
 use vcpu_manager::{cpuid, msr_list, restore_vcpu, save_vcpu, xsave_size, Topology};
-
-fn kvm_or_skip(test: &str) -> Option<Kvm> {
-    match Kvm::new().and_then(|k| k.create_vm().map(|_| k)) {
-        Ok(k) => {
-            if let Some(path) = std::env::var_os("KVM_TEST_LEDGER") {
-                if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-                    // One write(2) per line: with O_APPEND it cannot interleave with another test
-                    // thread's (writeln! issues the name and the newline as separate writes).
-                    let _ = f.write_all(format!("{test}\n").as_bytes());
-                }
-            }
-            Some(k)
-        }
-        Err(e) => {
-            assert!(
-                std::env::var("VMM_REQUIRE_KVM").as_deref() != Ok("1"),
-                "{test}: /dev/kvm unusable: {e}"
-            );
-            eprintln!("SKIP {test}: /dev/kvm is not usable ({e})");
-            None
-        }
-    }
-}
 
 fn vm_with_vcpus(kvm: &Kvm, n: u32) -> (VmFd, Vec<VcpuFd>) {
     let vm = kvm.create_vm().unwrap();

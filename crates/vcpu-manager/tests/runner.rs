@@ -1,0 +1,189 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The vCPU runner on the real /dev/kvm, with a few bytes of real-mode guest code: no exit is
+//! lost when a pause lands in the middle of a `rep outsb`, a panicking exit handler hands the
+//! fd back, and stopping a thread stuck in its handler returns within a bound.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vcpu_manager::{ExitHandler, VcpuExitReason, VcpuRunner};
+
+mod common;
+use common::kvm_or_skip;
+
+const RAM: usize = 0x10000;
+const CODE: u64 = 0x1000;
+const DATA: usize = 0x2000;
+const LEN: usize = 0x8000;
+
+/// Guest RAM at 0 (anonymous, never freed: the VM outlives nothing here but the test).
+fn vm_with_ram(kvm: &Kvm, code: &[u8]) -> (VmFd, VcpuFd) {
+    let vm = kvm.create_vm().unwrap();
+    // SAFETY: a fresh anonymous private mapping; KVM is given its address and length.
+    let mem = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            RAM,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(mem, libc::MAP_FAILED);
+    // SAFETY: `mem` is RAM bytes long and writable; code and data fit below it.
+    let ram = unsafe { std::slice::from_raw_parts_mut(mem.cast::<u8>(), RAM) };
+    ram[CODE as usize..CODE as usize + code.len()].copy_from_slice(code);
+    for (i, b) in ram[DATA..DATA + LEN].iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        guest_phys_addr: 0,
+        memory_size: RAM as u64,
+        userspace_addr: mem as u64,
+        flags: 0,
+    };
+    // SAFETY: the region is a live mapping of RAM bytes that is never unmapped.
+    unsafe { vm.set_user_memory_region(region) }.unwrap();
+    let fd = vm.create_vcpu(0).unwrap();
+    let mut sregs = fd.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    sregs.ds.base = 0;
+    sregs.ds.selector = 0;
+    fd.set_sregs(&sregs).unwrap();
+    let mut regs = fd.get_regs().unwrap();
+    regs.rip = CODE;
+    regs.rflags = 2;
+    fd.set_regs(&regs).unwrap();
+    (vm, fd)
+}
+
+/// Collects what the guest writes to port 0x80; port 0x81 says it is done.
+#[derive(Default)]
+struct Collect {
+    bytes: Mutex<Vec<u8>>,
+    done: AtomicBool,
+    stopped: Mutex<Option<VcpuExitReason>>,
+    panic_on: Option<u16>,
+    block: Mutex<Option<mpsc::Receiver<()>>>,
+}
+
+impl ExitHandler for Collect {
+    fn pio_read(&self, _: u16, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        if Some(port) == self.panic_on {
+            panic!("handler bug on port {port:#x}");
+        }
+        if let Some(rx) = self.block.lock().unwrap().take() {
+            let _ = rx.recv_timeout(Duration::from_secs(30));
+        }
+        match port {
+            0x80 => self.bytes.lock().unwrap().extend_from_slice(data),
+            0x81 => self.done.store(true, Ordering::SeqCst),
+            _ => {}
+        }
+    }
+    fn mmio_read(&self, _: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn mmio_write(&self, _: u64, _: &[u8]) {}
+    fn vcpu_stopped(&self, _: u32, reason: &VcpuExitReason) {
+        *self.stopped.lock().unwrap() = Some(reason.clone());
+    }
+}
+
+/// mov si, DATA; mov cx, LEN; mov dx, 0x80; cld; rep outsb; mov dx, 0x81; out dx, al; jmp $
+const REP_OUTSB: [u8; 17] = [
+    0xbe, 0x00, 0x20, 0xb9, 0x00, 0x80, 0xba, 0x80, 0x00, 0xfc, 0xf3, 0x6e, 0xba, 0x81, 0x00, 0xee, 0xeb,
+];
+
+fn rep_outsb_code() -> Vec<u8> {
+    let mut c = REP_OUTSB.to_vec();
+    c.push(0xfe);
+    c
+}
+
+#[test]
+fn pauses_in_the_middle_of_a_rep_outsb_lose_no_byte() {
+    let Some(kvm) = kvm_or_skip("pauses_in_the_middle_of_a_rep_outsb_lose_no_byte") else {
+        return;
+    };
+    let (_vm, fd) = vm_with_ram(&kvm, &rep_outsb_code());
+    let h = Arc::new(Collect::default());
+    let r = VcpuRunner::spawn(0, fd, h.clone()).unwrap();
+    // Pause and resume as fast as possible while the guest streams 32 KiB, one exit per page:
+    // a pause that lands on one of those exits must deliver the exits its completion makes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut pauses = 0;
+    while !h.done.load(Ordering::SeqCst) {
+        let so_far = h.bytes.lock().unwrap().len();
+        assert!(
+            Instant::now() < deadline,
+            "the guest never finished: {so_far} bytes, {pauses} pauses"
+        );
+        r.request_pause();
+        assert!(r.wait_paused(Duration::from_secs(5)));
+        pauses += 1;
+        r.resume();
+        // Let the guest run a moment between pauses.
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let got = h.bytes.lock().unwrap().clone();
+    let want: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+    assert_eq!(got.len(), LEN, "bytes after {pauses} pauses");
+    assert!(got == want, "the bytes arrived out of order or changed");
+    assert!(r.stop_and_join().is_some());
+}
+
+#[test]
+fn a_panicking_exit_handler_hands_the_fd_back() {
+    let Some(kvm) = kvm_or_skip("a_panicking_exit_handler_hands_the_fd_back") else {
+        return;
+    };
+    let (_vm, fd) = vm_with_ram(&kvm, &rep_outsb_code());
+    let h = Arc::new(Collect {
+        panic_on: Some(0x80),
+        ..Default::default()
+    });
+    let r = VcpuRunner::spawn(0, fd, h.clone()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !r.is_finished() {
+        assert!(Instant::now() < deadline, "the thread never ended");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let reason = h.stopped.lock().unwrap().clone();
+    assert!(
+        matches!(&reason, Some(VcpuExitReason::Panicked(m)) if m.contains("handler bug on port 0x80")),
+        "{reason:?}"
+    );
+    let fd = r.stop_and_join().expect("the fd comes back for reuse");
+    assert!(fd.get_regs().is_ok());
+}
+
+#[test]
+fn stopping_a_vcpu_stuck_in_its_handler_returns_within_a_bound() {
+    let Some(kvm) = kvm_or_skip("stopping_a_vcpu_stuck_in_its_handler_returns_within_a_bound") else {
+        return;
+    };
+    let (_vm, fd) = vm_with_ram(&kvm, &rep_outsb_code());
+    let (_hold, rx) = mpsc::channel::<()>();
+    let h = Arc::new(Collect {
+        block: Mutex::new(Some(rx)),
+        ..Default::default()
+    });
+    let r = VcpuRunner::spawn(0, fd, h.clone()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    assert!(
+        r.stop_and_join().is_none(),
+        "a thread stuck in its handler is left behind"
+    );
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+}
