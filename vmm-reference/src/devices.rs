@@ -82,7 +82,7 @@ pub struct SocketConsole {
     path: PathBuf,
     out: Mutex<Outbox>,
     ready: Condvar,
-    _lock: crate::sock::PathLock,
+    lock: Mutex<Option<crate::sock::PathLock>>,
 }
 
 impl SocketConsole {
@@ -93,7 +93,7 @@ impl SocketConsole {
             path: path.into(),
             out: Mutex::new(Outbox::default()),
             ready: Condvar::new(),
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
         });
         let weak = Arc::downgrade(&console);
         std::thread::Builder::new()
@@ -123,6 +123,13 @@ impl SocketConsole {
                 "console client is not reading: {dropped} bytes of guest output dropped so far"
             );
         }
+    }
+
+    /// Remove the socket and give its path up (the VM ends; other owners of the console may
+    /// outlive it until the process exits).
+    pub fn close(&self) {
+        let _ = std::fs::remove_file(&self.path);
+        drop(self.lock.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 
     /// Bytes of guest output dropped because the client did not keep up.
@@ -197,7 +204,7 @@ fn send_some(client: &mut UnixStream, data: &[u8]) -> Option<usize> {
 
 impl Drop for SocketConsole {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        self.close();
     }
 }
 

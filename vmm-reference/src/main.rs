@@ -3,13 +3,14 @@
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use vmm_reference::acpi::{self, AcpiConfig};
 use vmm_reference::config::{parse_cpus, parse_memory, parse_serial, KernelSource, VmConfig};
 use vmm_reference::console::GuestConsole;
-use vmm_reference::vm::{Vm, VmOutcome, VmmError};
+use vmm_reference::vm::{Vm, VmInner, VmOutcome, VmmError};
 
 #[derive(Parser)]
 #[command(
@@ -239,7 +240,52 @@ enum Start {
     Standby(vmm_reference::config::SerialMode),
 }
 
+/// SIGTERM and SIGINT end the VM like `vm.shutdown`: blocked in every thread (set before any
+/// is spawned) and taken by one thread with sigwait, which is not limited to what a signal
+/// handler may do. Before a VM exists (standby) the VMM just ends.
+fn end_on_signals(api_socket: Option<std::path::PathBuf>) -> Arc<Mutex<Option<Arc<VmInner>>>> {
+    let target: Arc<Mutex<Option<Arc<VmInner>>>> = Arc::default();
+    // SAFETY: sigset_t is plain data initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the calls only modify it and this thread's mask.
+    let blocked = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if blocked != 0 {
+        log::warn!("cannot block SIGTERM/SIGINT; they end the VMM without a clean shutdown");
+        return target;
+    }
+    let t = target.clone();
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig = 0;
+            // SAFETY: `set` lives in this closure; sigwait writes the signal number into `sig`.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                return;
+            }
+            log::info!("signal {sig}: shutting down");
+            match t.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                Some(vm) => vm.request_shutdown(),
+                None => {
+                    if let Some(p) = &api_socket {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    std::process::exit(0);
+                }
+            }
+        });
+    if spawned.is_err() {
+        log::warn!("no signal thread; SIGTERM/SIGINT stay blocked");
+    }
+    target
+}
+
 fn run(start: Start, api_socket: Option<&std::path::Path>) -> ExitCode {
+    let on_signal = end_on_signals(api_socket.map(|p| p.to_path_buf()));
     // Bind the API socket first, so a bad path fails before the guest starts.
     // The socket's lock lives until the VMM ends: no second VMM can take the path over.
     let (mut listener, _api_lock) = match api_socket {
@@ -281,6 +327,7 @@ fn run(start: Start, api_socket: Option<&std::path::Path>) -> ExitCode {
         Ok(vm) => vm,
         Err(e) => return fail(e),
     };
+    *on_signal.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.control());
     if let Some(l) = listener {
         if let Err(e) = spawn_api(l, vmm_reference::api::ApiTarget::running(vm.control())) {
             return fail(e);

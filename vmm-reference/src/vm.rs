@@ -1227,8 +1227,7 @@ impl Vm {
 
     /// Stop every vCPU and join the threads.
     pub fn shutdown(self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.inner.lock_vcpus().stop_all();
+        drop(self);
     }
 }
 
@@ -1236,6 +1235,11 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         self.inner.lock_vcpus().stop_all();
+        // The API server and other threads may still hold the VM's state: the console
+        // socket goes now, not when the last of them lets go.
+        if let Some(c) = &self._console {
+            c.close();
+        }
     }
 }
 

@@ -381,3 +381,24 @@ fn a_second_vmm_cannot_take_over_an_api_socket_in_use() {
     );
     vm.poweroff();
 }
+
+#[test]
+fn sigterm_and_sigint_end_the_vm_cleanly() {
+    if !kvm_or_skip("sigterm_and_sigint_end_the_vm_cleanly") {
+        return;
+    }
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let mut vm = Vmm::start(&format!("signal-{sig}"), "boot=2,max=4");
+        let (api, dir) = (vm.api.clone(), vm.dir.clone());
+        // SAFETY: kill(2) on the VMM child's pid.
+        assert_eq!(unsafe { libc::kill(vm.pid() as i32, sig) }, 0);
+        let mut child = vm.child.take().expect("child");
+        let out = wait_child(&mut child, T);
+        assert!(out.status.success(), "signal {sig}: {out:?}");
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!api.exists() && left.is_empty(), "signal {sig} left {left:?}");
+    }
+}
