@@ -320,6 +320,17 @@ impl Machine for Ours {
 
     fn remove_cpu(&mut self, id: u32) -> R<()> {
         self.expect("vm.remove-cpu", json!({ "id": id }), &[204])?;
+        // The eject is done when the VMM has joined the CPU's thread. Watched from outside:
+        // vm.info asks every running vCPU for its state, and polling it would slow the very
+        // eject it waits for (QEMU pushes an event instead).
+        let (pid, name) = (self._proc.0.id(), format!("vcpu{id}"));
+        let deadline = Instant::now() + T;
+        while thread_named(pid, &name) {
+            if Instant::now() > deadline {
+                return Err(format!("CPU {id}'s thread never ended"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let deadline = Instant::now() + T;
         loop {
             let (_, v) = self.api("GET", "vm.info", Value::Null)?;
@@ -328,11 +339,9 @@ impl Machine for Ours {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("CPU {id} was never ejected: {v}"));
+                return Err(format!("CPU {id} was never parked: {v}"));
             }
-            // vm.info asks every running vCPU for its state: polling it harder would slow
-            // the eject it waits for (QEMU pushes an event instead).
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -360,6 +369,16 @@ impl Machine for Ours {
         let f = |k: &str| report[k].as_f64().ok_or_else(|| format!("no {k} in {report}"));
         Ok((dst, f("total_ms")?, f("downtime_ms")?))
     }
+}
+
+/// Whether process `pid` has a thread called `name`.
+fn thread_named(pid: u32, name: &str) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks
+        .flatten()
+        .any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name))
 }
 
 /// Wait until something listens on TCP `port` (the destination accepts one connection only,
