@@ -63,10 +63,11 @@ fn vm_with_ram(kvm: &Kvm, code: &[u8]) -> (VmFd, VcpuFd) {
     (vm, fd)
 }
 
-/// Collects what the guest writes to port 0x80; port 0x81 says it is done.
+/// Collects what the guest writes to port 0x80 and to MMIO; port 0x81 says it is done.
 #[derive(Default)]
 struct Collect {
     bytes: Mutex<Vec<u8>>,
+    mmio: Mutex<Vec<(u64, Vec<u8>)>>,
     done: AtomicBool,
     stopped: Mutex<Option<VcpuExitReason>>,
     panic_on: Option<u16>,
@@ -93,7 +94,9 @@ impl ExitHandler for Collect {
     fn mmio_read(&self, _: u64, data: &mut [u8]) {
         data.fill(0xff);
     }
-    fn mmio_write(&self, _: u64, _: &[u8]) {}
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.mmio.lock().unwrap().push((addr, data.to_vec()));
+    }
     fn vcpu_stopped(&self, _: u32, reason: &VcpuExitReason) {
         *self.stopped.lock().unwrap() = Some(reason.clone());
     }
@@ -139,6 +142,51 @@ fn pauses_in_the_middle_of_a_rep_outsb_lose_no_byte() {
     let want: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
     assert_eq!(got.len(), LEN, "bytes after {pauses} pauses");
     assert!(got == want, "the bytes arrived out of order or changed");
+    assert!(r.stop_and_join().is_some());
+}
+
+/// mov ax, 0x1000; mov ds, ax; mov eax, 0x00000001; l: mov [0x0ffe], eax; inc eax; jmp l
+/// A 4-byte write at 0x10ffe (no RAM there: MMIO) straddles a page: KVM splits it into two
+/// fragments, and the second one is an exit of the first one's completion.
+const SPLIT_MMIO: [u8; 22] = [
+    0xb8, 0x00, 0x10, 0x8e, 0xd8, 0x66, 0xb8, 0x01, 0x00, 0x00, 0x00, 0x66, 0xa3, 0xfe, 0x0f, 0x66, 0x40,
+    0xeb, 0xf8, 0x90, 0x90, 0x90,
+];
+
+#[test]
+fn pauses_between_the_halves_of_a_split_mmio_write_lose_neither() {
+    let Some(kvm) = kvm_or_skip("pauses_between_the_halves_of_a_split_mmio_write_lose_neither") else {
+        return;
+    };
+    let (_vm, fd) = vm_with_ram(&kvm, &SPLIT_MMIO);
+    let h = Arc::new(Collect::default());
+    let r = VcpuRunner::spawn(0, fd, h.clone()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut pauses = 0;
+    while h.mmio.lock().unwrap().len() < 2000 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} MMIO exits",
+            h.mmio.lock().unwrap().len()
+        );
+        r.request_pause();
+        assert!(r.wait_paused(Duration::from_secs(5)));
+        pauses += 1;
+        r.resume();
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    r.request_pause();
+    assert!(r.wait_paused(Duration::from_secs(5)));
+    let got = h.mmio.lock().unwrap().clone();
+    // Each value arrives as its two halves in order, and the values count up without a gap.
+    for (want, pair) in (1u32..).zip(got.chunks_exact(2)) {
+        let v = want.to_le_bytes();
+        assert_eq!(
+            (pair[0].0, &pair[0].1[..], pair[1].0, &pair[1].1[..]),
+            (0x10ffe, &v[..2], 0x11000, &v[2..]),
+            "value {want} after {pauses} pauses"
+        );
+    }
     assert!(r.stop_and_join().is_some());
 }
 
