@@ -470,8 +470,8 @@ pub fn wait_idle(timeout: Duration) {
     }
 }
 
-/// Serve the API on `listener` until the VMM ends (one thread per connection, at most
-/// [`MAX_CONNECTIONS`] at once).
+/// Serve the API on `listener` until the VMM ends (one thread per connection, at most 32 at
+/// once; more are answered 503 at once).
 pub fn serve(listener: UnixListener, target: Arc<ApiTarget>) {
     for conn in listener.incoming() {
         let mut stream = match conn {
@@ -485,10 +485,9 @@ pub fn serve(listener: UnixListener, target: Arc<ApiTarget>) {
             }
         };
         if IN_FLIGHT.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-            // Take what the client sent at once (closing on unread data would reset the
-            // connection before it reads the answer), answer 503, close. Bounded: 50 ms.
-            let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
-            let _ = stream.set_write_timeout(Some(Duration::from_millis(50)));
+            // Take what the client already sent, without waiting (closing on unread data
+            // would reset the connection before it reads the answer), answer 503, close.
+            let _ = stream.set_nonblocking(true);
             let _ = stream.read(&mut [0u8; 8192]);
             let busy = Response::error(503, format!("more than {MAX_CONNECTIONS} connections, retry"));
             let _ = write_response(&mut stream, &busy);
