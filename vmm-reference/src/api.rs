@@ -470,11 +470,25 @@ pub fn wait_idle(timeout: Duration) {
     }
 }
 
+/// Answer 503 on a connection beyond the cap. What the client sends within 50 ms is read
+/// first: closing on unread data would reset the connection before it reads the answer.
+fn answer_busy(mut stream: UnixStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(50)));
+    let _ = stream.read(&mut [0u8; 8192]);
+    let busy = Response::error(503, format!("more than {MAX_CONNECTIONS} connections, retry"));
+    let _ = write_response(&mut stream, &busy);
+}
+
 /// Serve the API on `listener` until the VMM ends (one thread per connection, at most 32 at
 /// once; more are answered 503 at once).
 pub fn serve(listener: UnixListener, target: Arc<ApiTarget>) {
+    let (reject, refused) = mpsc::sync_channel::<UnixStream>(64);
+    let _ = std::thread::Builder::new()
+        .name("api-busy".into())
+        .spawn(move || refused.into_iter().for_each(answer_busy));
     for conn in listener.incoming() {
-        let mut stream = match conn {
+        let stream = match conn {
             Ok(s) => s,
             Err(e) => {
                 // Out of descriptors or memory: wait instead of spinning on the error.
@@ -485,12 +499,9 @@ pub fn serve(listener: UnixListener, target: Arc<ApiTarget>) {
             }
         };
         if IN_FLIGHT.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-            // Take what the client already sent, without waiting (closing on unread data
-            // would reset the connection before it reads the answer), answer 503, close.
-            let _ = stream.set_nonblocking(true);
-            let _ = stream.read(&mut [0u8; 8192]);
-            let busy = Response::error(503, format!("more than {MAX_CONNECTIONS} connections, retry"));
-            let _ = write_response(&mut stream, &busy);
+            // One thread answers the refused ones, so the accept loop never waits; beyond
+            // its queue a connection is just closed.
+            let _ = reject.try_send(stream);
             continue;
         }
         let target = target.clone();

@@ -71,6 +71,8 @@ struct Outbox {
     buf: Vec<u8>,
     dropped: u64,
     client: Option<UnixStream>,
+    /// The writer thread holds data it took from `buf` and has not finished sending.
+    sending: bool,
 }
 
 /// A listening Unix socket whose (single, latest) client is the console. The guest's output
@@ -128,6 +130,18 @@ impl SocketConsole {
     /// Remove the socket and give its path up (the VM ends; other owners of the console may
     /// outlive it until the process exits).
     pub fn close(&self) {
+        // The guest's last words (a panic, the reply before a triple fault) go out first: the
+        // writer thread gets up to a second to hand a connected client what is queued.
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while std::time::Instant::now() < deadline {
+            let o = self.lock();
+            if (o.buf.is_empty() && !o.sending) || o.client.is_none() {
+                break;
+            }
+            drop(o);
+            self.ready.notify_one();
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let _ = std::fs::remove_file(&self.path);
         drop(self.lock.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
@@ -161,9 +175,11 @@ fn write_out(console: &Weak<SocketConsole>) {
             o.buf = data;
             continue;
         };
+        o.sending = true;
         drop(o);
         let sent = send_some(&mut client, &data);
         let mut o = c.lock();
+        o.sending = false;
         if sent.is_none() {
             o.client = None;
         }

@@ -206,13 +206,14 @@ fn a_panicking_exit_handler_hands_the_fd_back() {
         assert!(Instant::now() < deadline, "the thread never ended");
         std::thread::sleep(Duration::from_millis(5));
     }
+    // Joined first: the thread reports to the handler after it marks itself ended.
+    let fd = r.stop_and_join().expect("the fd comes back for reuse");
+    assert!(fd.get_regs().is_ok());
     let reason = h.stopped.lock().unwrap().clone();
     assert!(
         matches!(&reason, Some(VcpuExitReason::Panicked(m)) if m.contains("handler bug on port 0x80")),
         "{reason:?}"
     );
-    let fd = r.stop_and_join().expect("the fd comes back for reuse");
-    assert!(fd.get_regs().is_ok());
 }
 
 #[test]
