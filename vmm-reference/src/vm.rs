@@ -360,6 +360,13 @@ impl VmInner {
                 "CPU {index} is already present"
             )));
         }
+        // The guest ejected it but the eject worker has not joined its thread yet: the CPU is
+        // on its way out, not pluggable for a moment.
+        if matches!(vcpus.slot(index), Some(Slot::Running(_))) {
+            return Err(ControlError::Busy(format!(
+                "CPU {index} is still being removed, retry"
+            )));
+        }
         let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
         vcpus
             .hot_add(&vm, index)
