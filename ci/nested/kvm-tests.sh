@@ -104,6 +104,7 @@ run_kernel() { # run_kernel KERNEL -> sets rc
         python3 ci/nested/run.py --kernel "$k" --smp "${NESTED_SMP:-1}" --memory-mib "${NESTED_MEMORY_MIB:-4096}" "${files[@]}" --timeout-s "${NESTED_TIMEOUT_S:-1800}" \
             --idle-timeout-s "${NESTED_IDLE_TIMEOUT_S:-660}" \
             --env KVM_TEST_LEDGER=/tmp/ledger --env VMM_REQUIRE_KVM=1 --env VMM_REQUIRE_LINUX=1 --env RUST_BACKTRACE=1 \
+            --env VMM_SECCOMP="${VMM_SECCOMP:-kill}" \
             --env NESTED_TEST_TIMEOUT_S="${NESTED_TEST_TIMEOUT_S:-600}" \
             --env NESTED_SKIP="$skip_list$done_list" --env NESTED_FILTER="${NESTED_FILTER:-}" \
             --collect "/tmp/ledger=$ledger.$attempt" --log "$log" --monitor "$out/monitor-$k.sock" "$payload" \

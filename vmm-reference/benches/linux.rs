@@ -362,14 +362,26 @@ impl Machine for Ours {
     fn migrate(self) -> R<(Ours, f64, f64)> {
         let port = free_port()?;
         let url = format!("tcp:127.0.0.1:{port}");
-        let mut dst = Ours::spawn(&self.dir, self.n + 1, &["--incoming".into(), url.clone()], false)?;
+        let token_file = self.dir.join("token");
+        std::fs::write(&token_file, BENCH_TOKEN).map_err(|e| format!("token file: {e}"))?;
+        let args = [
+            "--incoming".into(),
+            url.clone(),
+            "--migration-token-file".into(),
+            token_file.display().to_string(),
+        ];
+        let mut dst = Ours::spawn(&self.dir, self.n + 1, &args, false)?;
         wait_listening(port)?;
-        let report = self.expect("vm.send-migration", json!({ "destination_url": url }), &[200])?;
+        let body = json!({ "destination_url": url, "token": BENCH_TOKEN });
+        let report = self.expect("vm.send-migration", body, &[200])?;
         dst.attach()?;
         let f = |k: &str| report[k].as_f64().ok_or_else(|| format!("no {k} in {report}"));
         Ok((dst, f("total_ms")?, f("downtime_ms")?))
     }
 }
+
+/// The pre-shared token of the benchmark's TCP migrations.
+const BENCH_TOKEN: &str = "bench-token-0123456789";
 
 /// Whether process `pid` has a thread called `name`.
 fn thread_named(pid: u32, name: &str) -> bool {

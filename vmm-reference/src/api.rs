@@ -3,7 +3,7 @@
 //!
 //! | request | body | answer |
 //! |---|---|---|
-//! | `GET /api/v1/vm.info` | | 200, [`crate::vm::VmInfo`] as JSON |
+//! | `GET /api/v1/vm.info` | | 200, [`crate::vm::VmInfo`] as JSON; 429 while a snapshot or migration holds the vCPUs |
 //! | `PUT /api/v1/vm.resize` | `{"desired_vcpus": N}` | 204; 429 while a removal is pending; 400 out of range |
 //! | `PUT /api/v1/vm.add-cpu` | optional `{"id": N}` | 200 `{"id": N}` (lowest absent CPU without a body) |
 //! | `PUT /api/v1/vm.remove-cpu` | `{"id": N}` | 204; 400 for CPU 0 or an absent CPU; 429 if already pending (a removal the guest refused is raised again) |
@@ -11,12 +11,14 @@
 //! | `PUT /api/v1/vm.pause`, `vm.resume`, `vm.shutdown` | | 204 (429 during a snapshot or migration) |
 //! | `PUT /api/v1/vm.snapshot` | `{"destination_url": "file:///DIR"}` (or a plain path) | 200 `{"state_bytes": N, "paused_ms": T}` |
 //! | `PUT /api/v1/vm.restore` | `{"source_url": "file:///DIR"}` | 204 (standby VMM only: `run --standby`) |
-//! | `PUT /api/v1/vm.receive-migration` | `{"receiver_url": "unix:PATH"\|"tcp:HOST:PORT"}` | 204 once the migrated VM runs (standby VMM only) |
-//! | `PUT /api/v1/vm.send-migration` | `{"destination_url": "unix:PATH"\|"tcp:HOST:PORT", "downtime_ms": 300, "max_rounds": 30, "timeout_ms": 30000}` | 200, the migration report; this VMM then exits 0 |
+//! | `PUT /api/v1/vm.receive-migration` | `{"receiver_url": "unix:PATH"\|"tcp:HOST:PORT", "token": "..."}` (`token` required for `tcp:`) | 204 once the migrated VM runs (standby VMM only) |
+//! | `PUT /api/v1/vm.send-migration` | `{"destination_url": "unix:PATH"\|"tcp:HOST:PORT", "downtime_ms": 300, "max_rounds": 30, "timeout_ms": 600000, "timeout_strategy": "ignore"\|"cancel"\|"throttle", "token": "..."}` (`token` required for `tcp:`) | 200, the migration report; this VMM then exits 0 |
+//! | `PUT /api/v1/vm.cancel-migration` | | 204: the outgoing migration ends and the VM runs on here; 400 if none is in progress or it is past the destination's Ack |
 //!
 //! Errors come back as `{"error": "..."}`. A malformed request gets a 4xx and the VM keeps
-//! running. The server is a few hundred lines on purpose: one request per connection, bodies
-//! capped at 64 KiB, no dependency beyond serde_json.
+//! running. The server is small on purpose: httparse parses, one request per connection, the
+//! head capped at 8 KiB and 64 headers, bodies at 64 KiB, one 10 s deadline per request, at
+//! most 32 connections at once (more get 503).
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -221,6 +223,35 @@ struct SendMigration {
     max_rounds: Option<u32>,
     #[serde(default)]
     timeout_ms: Option<u64>,
+    #[serde(default)]
+    timeout_strategy: Option<crate::migration::TimeoutStrategy>,
+    /// The pre-shared token a `tcp:` destination demands.
+    #[serde(default)]
+    token: Option<String>,
+}
+
+fn token(t: Option<String>) -> Result<Option<vm_migration::auth::Token>, Response> {
+    t.map(|t| vm_migration::auth::Token::new(t.into_bytes()).map_err(|e| Response::error(400, e.to_string())))
+        .transpose()
+}
+
+/// The options of a `vm.send-migration` body.
+fn send_options(b: SendMigration) -> Result<crate::migration::SendOptions, Response> {
+    let mut opts = crate::migration::SendOptions::default();
+    if let Some(ms) = b.downtime_ms {
+        opts.precopy.downtime = Duration::from_millis(ms);
+    }
+    if let Some(n) = b.max_rounds {
+        opts.precopy.max_rounds = n.max(1);
+    }
+    if let Some(ms) = b.timeout_ms {
+        opts.deadline = Duration::from_millis(ms.max(1));
+    }
+    if let Some(s) = b.timeout_strategy {
+        opts.strategy = s;
+    }
+    opts.token = token(b.token)?;
+    Ok(opts)
 }
 
 fn body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, Response> {
@@ -234,7 +265,7 @@ pub fn handle(vm: &VmInner, req: &Request) -> Response {
     };
     let want = |m: &str| req.method.eq_ignore_ascii_case(m);
     let r = match op {
-        "vm.info" if want("GET") => return Response::json(200, &vm.info()),
+        "vm.info" if want("GET") => vm.info().map(|i| Response::json(200, &i)),
         "vm.resize" if want("PUT") => match body::<Resize>(req) {
             Ok(b) => vm.resize(b.desired_vcpus).map(|_| Response::empty()),
             Err(resp) => return resp,
@@ -261,10 +292,7 @@ pub fn handle(vm: &VmInner, req: &Request) -> Response {
         },
         "vm.pause" if want("PUT") => vm.pause().map(|_| Response::empty()),
         "vm.resume" if want("PUT") => vm.resume_checked().map(|_| Response::empty()),
-        "vm.shutdown" if want("PUT") => {
-            vm.request_shutdown();
-            Ok(Response::empty())
-        }
+        "vm.shutdown" if want("PUT") => vm.shutdown_checked().map(|_| Response::empty()),
         "vm.snapshot" if want("PUT") => match body::<SnapshotReq>(req) {
             Ok(b) => {
                 let dir = b
@@ -282,23 +310,26 @@ pub fn handle(vm: &VmInner, req: &Request) -> Response {
         },
         "vm.send-migration" if want("PUT") => match body::<SendMigration>(req) {
             Ok(b) => {
-                let mut opts = crate::migration::SendOptions::default();
-                if let Some(ms) = b.downtime_ms {
-                    opts.precopy.downtime = Duration::from_millis(ms);
+                let url = b.destination_url.clone();
+                match send_options(b) {
+                    Ok(opts) => vm.send_migration(&url, &opts).map(|r| Response::json(200, &r)),
+                    Err(resp) => return resp,
                 }
-                if let Some(n) = b.max_rounds {
-                    opts.precopy.max_rounds = n.max(1);
-                }
-                if let Some(ms) = b.timeout_ms {
-                    opts.timeout = Duration::from_millis(ms.max(1));
-                }
-                vm.send_migration(&b.destination_url, &opts)
-                    .map(|r| Response::json(200, &r))
             }
             Err(resp) => return resp,
         },
-        "vm.info" | "vm.resize" | "vm.add-cpu" | "vm.remove-cpu" | "vm.cancel-removal" | "vm.pause"
-        | "vm.resume" | "vm.shutdown" | "vm.snapshot" | "vm.send-migration" => {
+        "vm.cancel-migration" if want("PUT") => vm.cancel_migration().map(|_| Response::empty()),
+        "vm.info"
+        | "vm.resize"
+        | "vm.add-cpu"
+        | "vm.remove-cpu"
+        | "vm.cancel-removal"
+        | "vm.pause"
+        | "vm.resume"
+        | "vm.shutdown"
+        | "vm.snapshot"
+        | "vm.send-migration"
+        | "vm.cancel-migration" => {
             return Response::error(405, format!("{} not allowed on {op}", req.method))
         }
         _ => return Response::error(404, format!("no such endpoint {}", req.path)),
@@ -335,6 +366,8 @@ pub struct ApiTarget {
 
 struct Standby {
     serial: SerialMode,
+    /// What `vm.receive-migration` accepts (its body may add the token).
+    incoming: crate::migration::IncomingOptions,
     created: Mutex<mpsc::Sender<Vm>>,
     busy: AtomicBool,
 }
@@ -350,12 +383,16 @@ impl ApiTarget {
 
     /// No VM yet: `vm.restore` or `vm.receive-migration` creates one (with its console on
     /// `serial`) and hands it to the receiver, which owns it from then on.
-    pub fn standby(serial: SerialMode) -> (Arc<ApiTarget>, mpsc::Receiver<Vm>) {
+    pub fn standby(
+        serial: SerialMode,
+        incoming: crate::migration::IncomingOptions,
+    ) -> (Arc<ApiTarget>, mpsc::Receiver<Vm>) {
         let (tx, rx) = mpsc::channel();
         let t = ApiTarget {
             vm: Mutex::new(None),
             standby: Some(Standby {
                 serial,
+                incoming,
                 created: Mutex::new(tx),
                 busy: AtomicBool::new(false),
             }),
@@ -363,14 +400,31 @@ impl ApiTarget {
         (Arc::new(t), rx)
     }
 
+    /// No VM until the VMM's owner [`ApiTarget::publish`]es one (`run --incoming`): the API
+    /// answers meanwhile, and shows the VM while it waits for the source's Complete.
+    pub fn pending() -> Arc<ApiTarget> {
+        Arc::new(ApiTarget {
+            vm: Mutex::new(None),
+            standby: None,
+        })
+    }
+
+    /// Serve `vm` from now on (`None`: no VM again).
+    pub fn publish(&self, vm: Option<Arc<VmInner>>) {
+        *self.vm.lock().unwrap_or_else(|e| e.into_inner()) = vm;
+    }
+
     fn vm(&self) -> Option<Arc<VmInner>> {
         self.vm.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Create the VM of a standby VMM with `make`, once.
-    fn create(&self, make: impl FnOnce(&SerialMode) -> Result<Vm, String>) -> Response {
+    fn create(&self, make: impl FnOnce(&Standby) -> Result<Vm, String>) -> Response {
         let Some(sb) = &self.standby else {
-            return Response::error(400, "a VM is already running in this VMM");
+            return Response::error(
+                400,
+                "only a standby VMM (run --standby) creates its VM through the API",
+            );
         };
         if self.vm().is_some() {
             return Response::error(400, "a VM is already running in this VMM");
@@ -378,7 +432,7 @@ impl ApiTarget {
         if sb.busy.swap(true, Ordering::SeqCst) {
             return Response::error(429, "a restore or incoming migration is already in progress");
         }
-        let resp = match make(&sb.serial) {
+        let resp = match make(sb) {
             Ok(vm) => {
                 *self.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.control());
                 match sb.created.lock().unwrap_or_else(|e| e.into_inner()).send(vm) {
@@ -403,6 +457,8 @@ struct RestoreReq {
 #[serde(deny_unknown_fields)]
 struct ReceiveReq {
     receiver_url: String,
+    #[serde(default)]
+    token: Option<String>,
 }
 
 /// Route one request: VM creation for a standby VMM, everything else to the VM.
@@ -417,31 +473,37 @@ pub fn route(target: &ApiTarget, req: &Request) -> Response {
                     .strip_prefix("file://")
                     .unwrap_or(&b.source_url)
                     .to_string();
-                target.create(|serial| {
-                    Vm::restore(std::path::Path::new(&dir), serial)
+                target.create(|sb| {
+                    Vm::restore(std::path::Path::new(&dir), &sb.serial)
                         .map_err(|e| format!("restoring {dir}: {e}"))
                 })
             }
             Err(resp) => resp,
         },
         "vm.receive-migration" if put => match body::<ReceiveReq>(req) {
-            Ok(b) => match crate::migration::Address::parse(&b.receiver_url) {
-                Ok(addr) => target.create(|serial| {
-                    crate::migration::receive(&addr, serial).map_err(|e| format!("incoming migration: {e}"))
+            Ok(b) => match (crate::migration::Address::parse(&b.receiver_url), token(b.token)) {
+                (Ok(addr), Ok(t)) => target.create(|sb| {
+                    let mut opts = sb.incoming.clone();
+                    opts.token = t.or(opts.token);
+                    let publish = |vm| target.publish(vm);
+                    crate::migration::receive(&addr, &sb.serial, &opts, &publish)
+                        .map_err(|e| format!("incoming migration: {e}"))
                 }),
-                Err(e) => Response::error(400, e),
+                (Err(e), _) => Response::error(400, e),
+                (_, Err(resp)) => resp,
             },
             Err(resp) => resp,
         },
         "vm.restore" | "vm.receive-migration" => {
             Response::error(405, format!("{} not allowed on {op}", req.method))
         }
-        _ => match target.vm() {
-            Some(vm) => handle(&vm, req),
-            None => Response::error(
+        _ => match (target.vm(), &target.standby) {
+            (Some(vm), _) => handle(&vm, req),
+            (None, Some(_)) => Response::error(
                 400,
                 "no VM yet: PUT /api/v1/vm.restore or /api/v1/vm.receive-migration first",
             ),
+            (None, None) => Response::error(400, "no VM yet: waiting for the incoming migration"),
         },
     }
 }
@@ -483,6 +545,8 @@ fn answer_busy(mut stream: UnixStream) {
 /// Serve the API on `listener` until the VMM ends (one thread per connection, at most 32 at
 /// once; more are answered 503 at once).
 pub fn serve(listener: UnixListener, target: Arc<ApiTarget>) {
+    // Its connection threads (snapshots and migrations run there) inherit the filter.
+    crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Api);
     let (reject, refused) = mpsc::sync_channel::<UnixStream>(64);
     let _ = std::thread::Builder::new()
         .name("api-busy".into())

@@ -33,6 +33,7 @@ pub mod devices;
 pub mod migration;
 pub mod ratelimit;
 pub mod restore;
+pub mod seccomp;
 pub mod snapdir;
 pub mod snapshot;
 pub mod sock;

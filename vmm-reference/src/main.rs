@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use vmm_reference::acpi::{self, AcpiConfig};
 use vmm_reference::config::{parse_cpus, parse_memory, parse_serial, KernelSource, VmConfig};
 use vmm_reference::console::GuestConsole;
+use vmm_reference::migration::IncomingOptions;
 use vmm_reference::vm::{Vm, VmInner, VmOutcome, VmmError};
 
 #[derive(Parser)]
@@ -58,6 +59,17 @@ enum Cmd {
         /// creates it.
         #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "restore", "incoming"])]
         standby: bool,
+        /// File holding the pre-shared token a migration source must prove it has (required
+        /// to receive on tcp:; 16 to 4096 bytes, a trailing newline is dropped).
+        #[arg(long, value_name = "FILE")]
+        migration_token_file: Option<PathBuf>,
+        /// Most guest RAM an incoming migration may bring, e.g. 4G (default: this host's RAM).
+        #[arg(long, value_name = "SIZE")]
+        max_incoming_memory: Option<String>,
+        /// Per-thread seccomp filters: on (a call off the list fails with EPERM), kill (it
+        /// kills the VMM; for testing the lists), off. Default: $VMM_SECCOMP, else on.
+        #[arg(long, value_name = "on|kill|log|off")]
+        seccomp: Option<String>,
     },
     /// Write the ACPI tables a VM would get, one DIR/<SIG>.dat file per table.
     AcpiTables {
@@ -129,6 +141,9 @@ enum CtlOp {
     ReceiveMigration {
         /// unix:PATH or tcp:HOST:PORT to listen on.
         receiver: String,
+        /// File with the token the source must prove it has (tcp:).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Live-migrate the VM to a VMM started with `run --incoming ADDR` (or a standby VMM
     /// doing `ctl receive-migration ADDR`).
@@ -138,7 +153,21 @@ enum CtlOp {
         /// Target downtime in milliseconds.
         #[arg(long, default_value_t = 300)]
         downtime_ms: u64,
+        /// Pre-copy rounds before the timeout strategy applies.
+        #[arg(long)]
+        max_rounds: Option<u32>,
+        /// The whole migration's deadline in milliseconds.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// ignore | cancel | throttle: what to do when pre-copy does not converge.
+        #[arg(long)]
+        timeout_strategy: Option<String>,
+        /// File with the destination's token (tcp:).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
+    /// End the outgoing migration; the VM runs on here.
+    CancelMigration,
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -179,10 +208,26 @@ fn main() -> ExitCode {
             restore,
             incoming,
             standby,
+            migration_token_file,
+            max_incoming_memory,
+            seccomp,
         } => {
+            let mode = seccomp
+                .or_else(|| std::env::var("VMM_SECCOMP").ok())
+                .unwrap_or_else(|| "on".into())
+                .parse::<vmm_reference::seccomp::Mode>()
+                .and_then(vmm_reference::seccomp::set_mode);
+            if let Err(e) = mode {
+                return fail(e);
+            }
+            let incoming_opts =
+                match incoming_options(migration_token_file.as_deref(), max_incoming_memory.as_deref()) {
+                    Ok(o) => o,
+                    Err(e) => return fail(e),
+                };
             let start = match (restore, incoming) {
                 _ if standby => match parse_serial(&serial) {
-                    Ok(s) => Start::Standby(s),
+                    Ok(s) => Start::Standby(s, incoming_opts),
                     Err(e) => return fail(e),
                 },
                 (Some(dir), _) => match parse_serial(&serial) {
@@ -193,7 +238,10 @@ fn main() -> ExitCode {
                     vmm_reference::migration::Address::parse(&addr),
                     parse_serial(&serial),
                 ) {
-                    (Ok(a), Ok(s)) => Start::Incoming(a, s),
+                    (Ok(a), Ok(s)) => match incoming_opts.check(&a) {
+                        Ok(()) => Start::Incoming(a, s, incoming_opts),
+                        Err(e) => return fail(format!("--incoming: {e}")),
+                    },
                     (Err(e), _) => return fail(format!("--incoming: {e}")),
                     (_, Err(e)) => return fail(e),
                 },
@@ -235,9 +283,26 @@ enum Start {
     Incoming(
         vmm_reference::migration::Address,
         vmm_reference::config::SerialMode,
+        IncomingOptions,
     ),
     /// No VM until the API creates one (`vm.restore`, `vm.receive-migration`).
-    Standby(vmm_reference::config::SerialMode),
+    Standby(vmm_reference::config::SerialMode, IncomingOptions),
+}
+
+/// `--migration-token-file` and `--max-incoming-memory`.
+fn incoming_options(
+    token_file: Option<&std::path::Path>,
+    max_memory: Option<&str>,
+) -> Result<IncomingOptions, String> {
+    let mut o = IncomingOptions::new();
+    if let Some(f) = token_file {
+        let t = vmm_reference::migration::token_from_file(f)?;
+        o.token = Some(vm_migration::auth::Token::new(t.into_bytes()).map_err(|e| e.to_string())?);
+    }
+    if let Some(m) = max_memory {
+        o.max_memory = parse_memory(m).map_err(|e| format!("--max-incoming-memory: {e}"))?;
+    }
+    Ok(o)
 }
 
 /// SIGTERM and SIGINT end the VM like `vm.shutdown`: blocked in every thread (set before any
@@ -259,9 +324,9 @@ fn end_on_signals(api_socket: Option<std::path::PathBuf>) -> Arc<Mutex<Option<Ar
         return target;
     }
     let t = target.clone();
-    let spawned = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
+    let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
+        vmm_reference::seccomp::apply_or_warn(vmm_reference::seccomp::ThreadKind::Device);
+        loop {
             let mut sig = 0;
             // SAFETY: `set` lives in this closure; sigwait writes the signal number into `sig`.
             if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
@@ -277,7 +342,8 @@ fn end_on_signals(api_socket: Option<std::path::PathBuf>) -> Arc<Mutex<Option<Ar
                     std::process::exit(0);
                 }
             }
-        });
+        }
+    });
     if spawned.is_err() {
         log::warn!("no signal thread; SIGTERM/SIGINT stay blocked");
     }
@@ -307,14 +373,23 @@ fn run(start: Start, api_socket: Option<&std::path::Path>) -> ExitCode {
         Start::Restore(dir, serial) => {
             Vm::restore(dir, serial).map_err(|e| format!("restoring {}: {e}", dir.display()))
         }
-        Start::Incoming(addr, serial) => {
-            vmm_reference::migration::receive(addr, serial).map_err(|e| format!("incoming migration: {e}"))
+        Start::Incoming(addr, serial, opts) => {
+            // The API answers during the migration and shows the VM while it waits for the
+            // source's Complete.
+            let target = vmm_reference::api::ApiTarget::pending();
+            if let Some(l) = listener.take() {
+                if let Err(e) = spawn_api(l, target.clone()) {
+                    return fail(e);
+                }
+            }
+            vmm_reference::migration::receive(addr, serial, opts, &|vm| target.publish(vm))
+                .map_err(|e| format!("incoming migration: {e}"))
         }
-        Start::Standby(serial) => {
+        Start::Standby(serial, opts) => {
             let Some(l) = listener.take() else {
                 return fail("--standby needs --api-socket (the VM is created through the API)");
             };
-            let (target, created) = vmm_reference::api::ApiTarget::standby(serial.clone());
+            let (target, created) = vmm_reference::api::ApiTarget::standby(serial.clone(), opts.clone());
             if let Err(e) = spawn_api(l, target) {
                 return fail(e);
             }
@@ -333,6 +408,8 @@ fn run(start: Start, api_socket: Option<&std::path::Path>) -> ExitCode {
             return fail(e);
         }
     }
+    // From here the main thread only waits, then tears the VM down.
+    vmm_reference::seccomp::apply_or_warn(vmm_reference::seccomp::ThreadKind::Api);
     let outcome = vm.wait(None);
     vmm_reference::api::wait_idle(Duration::from_secs(5));
     if let Some(p) = api_socket {
@@ -357,6 +434,14 @@ fn run(start: Start, api_socket: Option<&std::path::Path>) -> ExitCode {
     }
 }
 
+/// Put the token of `file` into a request body as `"token"`.
+fn add_token(body: &mut serde_json::Value, file: Option<&std::path::Path>) -> Result<(), String> {
+    if let Some(f) = file {
+        body["token"] = vmm_reference::migration::token_from_file(f)?.into();
+    }
+    Ok(())
+}
+
 fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
     let (method, endpoint, body) = match &op {
         CtlOp::Info { .. } => ("GET", "vm.info", None),
@@ -379,17 +464,40 @@ fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
             };
             ("PUT", endpoint, Some(serde_json::json!({ key: url }).to_string()))
         }
-        CtlOp::ReceiveMigration { receiver } => {
-            let b = serde_json::json!({ "receiver_url": receiver });
+        CtlOp::ReceiveMigration { receiver, token_file } => {
+            let mut b = serde_json::json!({ "receiver_url": receiver });
+            if let Err(e) = add_token(&mut b, token_file.as_deref()) {
+                return fail(e);
+            }
             ("PUT", "vm.receive-migration", Some(b.to_string()))
         }
         CtlOp::Migrate {
             destination,
             downtime_ms,
+            max_rounds,
+            timeout_ms,
+            timeout_strategy,
+            token_file,
         } => {
-            let b = serde_json::json!({ "destination_url": destination, "downtime_ms": downtime_ms });
+            let mut b = serde_json::json!({ "destination_url": destination, "downtime_ms": downtime_ms });
+            for (k, v) in [
+                ("max_rounds", max_rounds.map(serde_json::Value::from)),
+                ("timeout_ms", timeout_ms.map(serde_json::Value::from)),
+                (
+                    "timeout_strategy",
+                    timeout_strategy.clone().map(serde_json::Value::from),
+                ),
+            ] {
+                if let Some(v) = v {
+                    b[k] = v;
+                }
+            }
+            if let Err(e) = add_token(&mut b, token_file.as_deref()) {
+                return fail(e);
+            }
             ("PUT", "vm.send-migration", Some(b.to_string()))
         }
+        CtlOp::CancelMigration => ("PUT", "vm.cancel-migration", None),
     };
     let (status, body) = match vmm_reference::api::request(sock, method, endpoint, body.as_deref()) {
         Ok(r) => r,

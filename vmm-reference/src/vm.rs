@@ -40,6 +40,8 @@ const X2APIC_API_FLAGS: u64 = (kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS
 const TSS_ADDRESS: usize = 0xfffb_d000;
 /// How long a request to a vCPU thread may take.
 const VCPU_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an API operation waits for the vCPU manager another operation holds.
+const CONTROL_WAIT: Duration = Duration::from_secs(10);
 
 /// VMM errors. Each names what failed in one line.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +161,8 @@ impl HotplugSink for HotplugEvents {
 pub(crate) struct Exits {
     io: IoManager,
     events: Mutex<mpsc::Sender<VmEvent>>,
+    /// vCPUs whose thread ended other than by a stop request, and why (for `vm.info`).
+    failed: Mutex<Vec<FailedVcpu>>,
 }
 
 impl ExitHandler for Exits {
@@ -178,8 +182,19 @@ impl ExitHandler for Exits {
     fn mmio_write(&self, addr: u64, _data: &[u8]) {
         log::debug!("unhandled MMIO write at {addr:#x}");
     }
+    fn vcpu_thread_started(&self, _index: u32) -> Result<(), String> {
+        crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu)
+    }
+
     fn vcpu_stopped(&self, index: u32, reason: &VcpuExitReason) {
         if *reason != VcpuExitReason::Stopped {
+            self.failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(FailedVcpu {
+                    id: index,
+                    reason: reason.to_string(),
+                });
             let _ = self
                 .events
                 .lock()
@@ -235,6 +250,15 @@ pub struct CpuInfo {
     pub ost_status: u32,
 }
 
+/// A vCPU whose thread ended on its own (the guest failed, or the VMM's thread panicked).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct FailedVcpu {
+    /// CPU index.
+    pub id: u32,
+    /// Why its thread ended.
+    pub reason: String,
+}
+
 /// `vm.info`.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct VmInfo {
@@ -254,8 +278,10 @@ pub struct VmInfo {
     pub parked_vcpu_fds: u32,
     /// Per possible CPU.
     pub cpus: Vec<CpuInfo>,
-    /// The current or last outgoing live migration.
+    /// The current or last live migration, outgoing or incoming.
     pub migration: Option<crate::migration::MigrationStatus>,
+    /// vCPUs whose thread ended on its own (the VM ends with the first).
+    pub failed_vcpus: Vec<FailedVcpu>,
 }
 
 fn mp_state_name(s: u32) -> &'static str {
@@ -291,7 +317,10 @@ pub struct VmInner {
     pub(crate) sci: Arc<LevelIrq>,
     /// A snapshot or migration is in progress (control operations answer busy).
     pub(crate) migrating: AtomicBool,
-    /// Progress of the current or last outgoing migration.
+    /// The outgoing migration: running, cancelled (`vm.cancel-migration`) or committed
+    /// (the destination has the VM); see `migration::ctl`.
+    pub(crate) migration_ctl: std::sync::atomic::AtomicU8,
+    /// Progress of the current or last migration.
     pub(crate) migration: Mutex<Option<crate::migration::MigrationStatus>>,
     pub(crate) vm: Mutex<VmFd>,
     pub(crate) mem: GuestMemory,
@@ -301,6 +330,27 @@ pub struct VmInner {
 impl VmInner {
     pub(crate) fn lock_vcpus(&self) -> std::sync::MutexGuard<'_, VcpuManager> {
         self.vcpus.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The vCPU manager for an API operation. While a snapshot or migration holds the vCPUs
+    /// (seconds, for a large VM) the caller gets "busy" at once instead of waiting; other
+    /// holders (a pause, an eject) are waited for up to [`CONTROL_WAIT`].
+    fn lock_vcpus_or_busy(&self) -> Result<std::sync::MutexGuard<'_, VcpuManager>, ControlError> {
+        let deadline = std::time::Instant::now() + CONTROL_WAIT;
+        loop {
+            match self.vcpus.try_lock() {
+                Ok(g) => return Ok(g),
+                Err(std::sync::TryLockError::Poisoned(e)) => return Ok(e.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            self.not_migrating()?;
+            if std::time::Instant::now() >= deadline {
+                return Err(ControlError::Busy(
+                    "the vCPUs are busy with another operation, retry".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Control operations answer "busy" while a snapshot or migration owns the VM.
@@ -346,7 +396,7 @@ impl VmInner {
                 "removal of CPU {index} is in progress, retry"
             )));
         }
-        let mut vcpus = self.lock_vcpus();
+        let mut vcpus = self.lock_vcpus_or_busy()?;
         // Again under the vCPU lock, which a snapshot or migration takes to capture the VM: a
         // change that lands after the capture would be lost on the other side.
         self.not_migrating()?;
@@ -391,7 +441,7 @@ impl VmInner {
     /// Ask the guest to remove CPU `index`; the vCPU goes away when the guest ejects it.
     pub fn remove_cpu(&self, index: u32) -> Result<(), ControlError> {
         // Under the vCPU lock, like add: the request must land before a capture or not at all.
-        let _vcpus = self.lock_vcpus();
+        let _vcpus = self.lock_vcpus_or_busy()?;
         self.not_migrating()?;
         if index == 0 {
             return Err(ControlError::BadRequest(
@@ -416,7 +466,7 @@ impl VmInner {
     /// Withdraw the removal of CPU `index`: one the guest refused, or one whose event the
     /// guest has not taken yet. The CPU stays present, as the guest left it.
     pub fn cancel_removal(&self, index: u32) -> Result<(), ControlError> {
-        let _vcpus = self.lock_vcpus();
+        let _vcpus = self.lock_vcpus_or_busy()?;
         self.not_migrating()?;
         let mut pending = self.pending_removals.lock().unwrap_or_else(|e| e.into_inner());
         if !pending.contains(&index) {
@@ -480,7 +530,7 @@ impl VmInner {
 
     /// Pause every vCPU (none inside KVM_RUN, pending I/O completed).
     pub fn pause(&self) -> Result<(), ControlError> {
-        let vcpus = self.lock_vcpus();
+        let vcpus = self.lock_vcpus_or_busy()?;
         self.not_migrating()?;
         vcpus
             .pause_all()
@@ -491,8 +541,10 @@ impl VmInner {
 
     /// Resume every vCPU, unless a snapshot or migration owns the pause.
     pub fn resume_checked(&self) -> Result<(), ControlError> {
+        let vcpus = self.lock_vcpus_or_busy()?;
         self.not_migrating()?;
-        self.resume();
+        vcpus.resume_all();
+        self.paused.store(false, Ordering::SeqCst);
         Ok(())
     }
 
@@ -500,6 +552,14 @@ impl VmInner {
     pub fn resume(&self) {
         self.lock_vcpus().resume_all();
         self.paused.store(false, Ordering::SeqCst);
+    }
+
+    /// `vm.shutdown`: refused while a snapshot or migration runs (ending the VM then could
+    /// leave a half-written snapshot or a destination waiting for a source that is gone).
+    pub fn shutdown_checked(&self) -> Result<(), ControlError> {
+        self.not_migrating()?;
+        self.request_shutdown();
+        Ok(())
     }
 
     /// Ask the VMM to end the VM (the owner's `wait` returns `Shutdown`).
@@ -512,8 +572,8 @@ impl VmInner {
     }
 
     /// Per-CPU view: device flags plus what KVM says about each running vCPU.
-    pub fn info(&self) -> VmInfo {
-        let vcpus = self.lock_vcpus();
+    pub fn info(&self) -> Result<VmInfo, ControlError> {
+        let vcpus = self.lock_vcpus_or_busy()?;
         let (slots, refused) = {
             let dev = self.lock_dev();
             let st = dev.controller().state();
@@ -557,7 +617,7 @@ impl VmInner {
                 ost_status: s.ost_status,
             });
         }
-        VmInfo {
+        Ok(VmInfo {
             max_vcpus: self.topology.max_vcpus(),
             present_vcpus: slots.iter().filter(|s| s.present).count() as u32,
             paused: self.paused.load(Ordering::SeqCst),
@@ -573,7 +633,13 @@ impl VmInner {
             parked_vcpu_fds: vcpus.parked() as u32,
             cpus,
             migration: self.migration.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-        }
+            failed_vcpus: self
+                .exits
+                .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        })
     }
 
     /// The guest ejected CPU `index`: stop and join its vCPU thread, park the fd.
@@ -594,7 +660,7 @@ impl VmInner {
     /// times in microseconds.
     pub fn transplant(&self) -> Result<(Vec<f64>, Vec<f64>), ControlError> {
         self.not_migrating()?;
-        let mut vcpus = self.lock_vcpus();
+        let mut vcpus = self.lock_vcpus_or_busy()?;
         vcpus
             .pause_all()
             .map_err(|e| ControlError::Internal(e.to_string()))?;
@@ -663,7 +729,13 @@ impl VmInner {
         let (states, kvm_state, _) = capture(vcpus, &vm, &self.msrs).map_err(ControlError::Internal)?;
         drop(vm);
         let acpi = self.lock_dev().state();
-        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner()).state();
+        let serial = {
+            // Console input stops with the capture: a byte taken after it would be lost with
+            // a VM that migrates away. The caller resumes it if this VM runs on.
+            let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+            serial.quiesce_input();
+            serial.state()
+        };
         let pending_removals = self
             .pending_removals
             .lock()
@@ -715,8 +787,17 @@ impl VmInner {
             vcpus.resume_all();
         }
         drop(vcpus);
+        self.resume_input();
         self.migrating.store(false, Ordering::SeqCst);
         result.map(|n| (n, t.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// Console input flows again after a capture (this VM runs on).
+    pub(crate) fn resume_input(&self) {
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .resume_input();
     }
 
     /// Save every vCPU (the VM must be paused).
@@ -990,7 +1071,10 @@ impl Vm {
             let (s, st) = (serial.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("console".into())
-                .spawn(move || serve_socket(c, l, s, st))
+                .spawn(move || {
+                    crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Device);
+                    serve_socket(c, l, s, st)
+                })
                 .map_err(|source| VmmError::Io {
                     what: "console thread".into(),
                     source,
@@ -999,7 +1083,10 @@ impl Vm {
             let (s, st) = (serial.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("stdin".into())
-                .spawn(move || crate::devices::pump_input(&s, std::io::stdin(), &st))
+                .spawn(move || {
+                    crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Device);
+                    crate::devices::pump_input(&s, std::io::stdin(), &st)
+                })
                 .map_err(|source| VmmError::Io {
                     what: "stdin thread".into(),
                     source,
@@ -1050,6 +1137,7 @@ impl Vm {
         let exits = Arc::new(Exits {
             io,
             events: Mutex::new(ev_tx.clone()),
+            failed: Mutex::default(),
         });
         let supported = match &origin {
             Origin::Boot(_) => host_model(&kvm)?,
@@ -1132,6 +1220,7 @@ impl Vm {
             serial_irq: serial_irq_clone,
             sci,
             migrating: AtomicBool::new(false),
+            migration_ctl: std::sync::atomic::AtomicU8::new(0),
             migration: Mutex::new(None),
             vm: Mutex::new(vm),
             mem,
@@ -1142,6 +1231,7 @@ impl Vm {
         std::thread::Builder::new()
             .name("eject-worker".into())
             .spawn(move || {
+                crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Device);
                 for cpu in eject_rx {
                     match weak.upgrade() {
                         Some(inner) => inner.finish_removal(cpu),

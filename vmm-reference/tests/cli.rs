@@ -43,6 +43,43 @@ fn bad_input_gives_one_line_errors() {
     run_bad(&["run", "--cpus", "boot=4,max=2"], "boot=4 is larger than max=2");
     run_bad(&["run", "--standby"], "--standby needs --api-socket");
     run_bad(&["run", "--incoming", "ftp:somewhere"], "--incoming");
+    // Anyone on the network could send a TCP destination a VM: it needs the token.
+    run_bad(
+        &["run", "--incoming", "tcp:127.0.0.1:1"],
+        "needs the migration token",
+    );
+    let short = dir.join("short-token");
+    std::fs::write(&short, "too short\n").unwrap();
+    run_bad(
+        &[
+            "run",
+            "--incoming",
+            "tcp:127.0.0.1:1",
+            "--migration-token-file",
+            short.to_str().unwrap(),
+        ],
+        "16 to 4096 bytes",
+    );
+    run_bad(
+        &[
+            "run",
+            "--incoming",
+            "tcp:127.0.0.1:1",
+            "--migration-token-file",
+            "/dev/zero",
+        ],
+        "not a regular file",
+    );
+    run_bad(
+        &[
+            "run",
+            "--incoming",
+            "unix:/tmp/x",
+            "--max-incoming-memory",
+            "lots",
+        ],
+        "--max-incoming-memory",
+    );
     run_bad(
         &["run", "--restore", "/nonexistent-snapshot"],
         "restoring /nonexistent-snapshot",

@@ -192,7 +192,8 @@ fn live_migration_of_a_partially_offline_vm_loses_nothing() {
     // A 1 ms downtime target is never met while the guest dirties pages: the source iterates
     // up to max_rounds, re-sending what the dirty log reports, then pauses.
     let body =
-        serde_json::json!({ "destination_url": incoming, "downtime_ms": 1, "max_rounds": 4 }).to_string();
+        serde_json::json!({ "destination_url": incoming, "downtime_ms": 1, "max_rounds": 4, "token": TOKEN })
+            .to_string();
     let (s, report) = src.api("PUT", "vm.send-migration", Some(&body));
     assert_eq!(s, 200, "{report}");
     let rounds = report["rounds"].as_array().expect("rounds");
@@ -277,12 +278,13 @@ fn failed_or_refused_migrations_leave_the_source_running() {
     let p = dir.join("silent.sock");
     let t = fake_destination(&p, Message::Accept, usize::MAX);
     let api = vm.api.clone();
-    let b = serde_json::json!({ "destination_url": format!("unix:{}", p.display()), "timeout_ms": 1500 })
+    let b = serde_json::json!({ "destination_url": format!("unix:{}", p.display()), "timeout_ms": 4000 })
         .to_string();
     let mig =
         std::thread::spawn(move || vmm_reference::api::request(&api, "PUT", "vm.send-migration", Some(&b)));
     let deadline = Instant::now() + T;
-    while vm.info()["migration"]["phase"] != "stopping" {
+    // (vm.info answers 429 for the moment the migration holds the vCPUs to capture them.)
+    while vm.api("GET", "vm.info", None).1["migration"]["phase"] != "stopping" {
         assert!(
             Instant::now() < deadline,
             "the migration never reached its stop phase"
@@ -290,6 +292,9 @@ fn failed_or_refused_migrations_leave_the_source_running() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let (s, v) = vm.api("PUT", "vm.add-cpu", None);
+    assert_eq!(s, 429, "{v}");
+    // Ending the VM now would leave the destination waiting for a source that is gone.
+    let (s, v) = vm.api("PUT", "vm.shutdown", None);
     assert_eq!(s, 429, "{v}");
     let (s, v) = mig.join().unwrap().unwrap();
     assert_eq!(s, 500, "{v}");
@@ -307,6 +312,213 @@ fn failed_or_refused_migrations_leave_the_source_running() {
     );
     assert_eq!(vm.api("PUT", "vm.snapshot", Some(r#"{"nope":1}"#)).0, 400);
     vm.poweroff();
+}
+
+/// A fake destination that accepts, then reads what the source sends 4 KiB every 20 ms:
+/// every write makes progress, the link is just far too slow for the guest's RAM.
+fn trickling_destination(path: &Path) -> std::thread::JoinHandle<()> {
+    let l = UnixListener::bind(path).expect("bind fake destination");
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        assert!(matches!(
+            recv(&mut s, &FrameLimits::default()),
+            Ok(Message::Hello { .. })
+        ));
+        send(&mut s, &Message::Accept).expect("accept");
+        let mut buf = [0u8; 4096];
+        while s.read(&mut buf).is_ok_and(|n| n > 0) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+}
+
+/// Start `vm.send-migration` with `body` in a thread.
+fn send_migration(vm: &Vmm, body: Value) -> std::thread::JoinHandle<(u16, String)> {
+    let api = vm.api.clone();
+    std::thread::spawn(move || {
+        vmm_reference::api::request(&api, "PUT", "vm.send-migration", Some(&body.to_string())).expect("API")
+    })
+}
+
+/// `timeout_ms` bounds the whole migration (before, it bounded each write, and a trickling
+/// link kept a migration with `timeout_ms: 3000` going for as long as the RAM took), and
+/// `vm.cancel-migration` ends one; either way the VM runs on at the source.
+#[test]
+fn a_migration_ends_at_its_deadline_or_when_cancelled() {
+    if !kvm_or_skip("a_migration_ends_at_its_deadline_or_when_cancelled") {
+        return;
+    }
+    let mut vm = Vmm::start("deadline", "boot=2,max=4");
+    assert_eq!(vm.guest("dirty start 1024").last().unwrap(), "OK");
+    let dir = temp_dir("deadline-net");
+    let p = dir.join("slow-a.sock");
+    let t = trickling_destination(&p);
+    let mig = send_migration(
+        &vm,
+        serde_json::json!({ "destination_url": format!("unix:{}", p.display()), "timeout_ms": 2000 }),
+    );
+    let deadline = Instant::now() + T;
+    while !mig.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "timeout_ms 2000 did not end the migration within {T:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (s, v) = mig.join().unwrap();
+    assert_eq!(s, 500, "{v}");
+    assert!(v.contains("deadline"), "{v}");
+    t.join().unwrap();
+    vm.assert_ticking(&[0, 1]);
+    assert_eq!(vm.info()["migration"]["phase"], "failed");
+
+    // Cancelled in the middle of pre-copy.
+    let p = dir.join("slow-b.sock");
+    let t = trickling_destination(&p);
+    let mig = send_migration(
+        &vm,
+        serde_json::json!({ "destination_url": format!("unix:{}", p.display()) }),
+    );
+    vm.until("pre-copy", |v| v["migration"]["phase"] == "precopy");
+    let (s, v) = vm.api("PUT", "vm.cancel-migration", None);
+    assert_eq!(s, 204, "{v}");
+    let (s, v) = mig.join().unwrap();
+    assert_eq!(s, 500, "{v}");
+    assert!(v.contains("cancelled"), "{v}");
+    t.join().unwrap();
+    vm.assert_ticking(&[0, 1]);
+    assert!(vm.guest("dirty check").last().unwrap().contains(" bad=0 "));
+    let (s, v) = vm.api("PUT", "vm.cancel-migration", None);
+    assert_eq!(s, 400, "nothing to cancel: {v}");
+    vm.poweroff();
+}
+
+/// A guest that dirties memory faster than pre-copy drains it: with `timeout_strategy`
+/// "cancel" the migration gives up and the VM runs on here; with "throttle" the guest is
+/// slowed down step by step and the migration completes with every page.
+#[test]
+fn a_migration_that_does_not_converge_follows_its_timeout_strategy() {
+    if !kvm_or_skip("a_migration_that_does_not_converge_follows_its_timeout_strategy") {
+        return;
+    }
+    let mut vm = Vmm::start("strategy", "boot=2,max=4");
+    assert_eq!(vm.guest("dirty start 4096").last().unwrap(), "OK");
+    let dir = temp_dir("strategy-net");
+    let migrate = |vm: &Vmm, name: &str, strategy: &str| {
+        let (sock, slow) = (
+            dir.join(format!("{name}.sock")),
+            dir.join(format!("{name}-slow.sock")),
+        );
+        let dst = Vmm::spawn_unattached(&dir, name, &["--incoming", &format!("unix:{}", sock.display())]);
+        wait_for_path(&sock);
+        // Every memory frame 100 ms late: round 0 (all 16 MiB of the workload, 4 MiB frames)
+        // lasts long enough for the guest's timer ticks, each of which rewrites a page, to
+        // dirty some: a 0 ms downtime target is not met after that one round.
+        let late = |m: &Message| {
+            if matches!(m, Message::Memory(_)) {
+                Act::Hold(Duration::from_millis(100))
+            } else {
+                Act::Pass
+            }
+        };
+        let proxy = cutting_proxy(&slow, sock, late);
+        let body = serde_json::json!({ "destination_url": format!("unix:{}", slow.display()),
+            "downtime_ms": 0, "max_rounds": 1, "timeout_strategy": strategy });
+        let (s, v) = vm.api("PUT", "vm.send-migration", Some(&body.to_string()));
+        let _ = proxy.join();
+        (s, v, dst)
+    };
+    let (s, v, mut dst) = migrate(&vm, "dst-cancel", "cancel");
+    assert_eq!(s, 500, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("did not converge"), "{v}");
+    let out = wait_child(dst.child.as_mut().unwrap(), T);
+    dst.child = None;
+    assert!(!out.status.success(), "the destination ran a VM the source kept");
+    vm.assert_ticking(&[0, 1]);
+    assert!(vm.guest("dirty check").last().unwrap().contains(" bad=0 "));
+
+    let (s, report, dst) = migrate(&vm, "dst-throttle", "throttle");
+    assert_eq!(s, 200, "{report}");
+    let percents: Vec<u64> = report["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["throttle_percent"].as_u64().unwrap())
+        .collect();
+    assert!(percents.len() > 1, "no throttled round: {percents:?}");
+    assert_eq!(&percents[..2], &[0, 20], "{percents:?}");
+    assert!(
+        percents.windows(2).all(|w| w[0] <= w[1]) && percents.iter().all(|p| *p <= 95),
+        "{percents:?}"
+    );
+    vm.exits_cleanly();
+    let mut dst = dst.attach();
+    assert!(dst.guest("dirty check").last().unwrap().contains(" bad=0 "));
+    dst.assert_ticking(&[0, 1]);
+    dst.poweroff();
+}
+
+/// A TCP destination runs a VM only from a peer that proves it holds the pre-shared token
+/// (a wrong one is refused and the destination listens on), refuses frames it has not
+/// authenticated before reading them, and refuses a VM larger than its memory cap before
+/// allocating anything.
+#[test]
+fn a_tcp_destination_takes_only_a_peer_with_the_token_and_a_vm_that_fits() {
+    if !kvm_or_skip("a_tcp_destination_takes_only_a_peer_with_the_token_and_a_vm_that_fits") {
+        return;
+    }
+    let mut vm = Vmm::start("token", "boot=2,max=4");
+    let send = |vm: &Vmm, url: &str, token: Option<&str>| {
+        let mut b = serde_json::json!({ "destination_url": url });
+        if let Some(t) = token {
+            b["token"] = t.into();
+        }
+        vm.api("PUT", "vm.send-migration", Some(&b.to_string()))
+    };
+    // A 128 MiB VM to a destination that takes 64 MiB.
+    let (small, mut small_dst) =
+        incoming_tcp_with(&temp_dir("token-small"), &["--max-incoming-memory", "64M"]);
+    let (s, v) = send(&vm, &small, Some(TOKEN));
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("limit of 64 MiB"), "{v}");
+    let out = wait_child(small_dst.child.as_mut().unwrap(), T);
+    small_dst.child = None;
+    assert!(!out.status.success());
+
+    let (incoming, dst) = incoming_tcp(&temp_dir("token-dst"));
+    let (s, v) = send(&vm, &incoming, None);
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("token"), "{v}");
+    let (s, v) = send(&vm, &incoming, Some("not-the-token-0123456789"));
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("wrong migration token"),
+        "{v}"
+    );
+    vm.assert_ticking(&[0, 1]);
+    // A stranger announces a 1 TiB frame where the proof belongs: dropped on the header.
+    let addr = incoming.strip_prefix("tcp:").unwrap();
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    assert!(matches!(
+        recv(&mut c, &FrameLimits::default()),
+        Ok(Message::Challenge(_))
+    ));
+    let mut hdr = vec![11u8];
+    hdr.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    c.write_all(&hdr).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    assert_eq!(
+        c.read(&mut [0u8; 16]).unwrap_or(0),
+        0,
+        "the connection stays open"
+    );
+    // The right token: the VM moves.
+    let (s, v) = send(&vm, &incoming, Some(TOKEN));
+    assert_eq!(s, 200, "{v}");
+    vm.exits_cleanly();
+    let mut dst = dst.attach();
+    dst.assert_ticking(&[0, 1]);
+    dst.poweroff();
 }
 
 #[test]
@@ -413,6 +625,65 @@ fn snapshot_and_restore(vm: &Vmm, test: &str) -> Vmm {
     let (s, v) = vm.api("PUT", "vm.snapshot", Some(&url));
     assert_eq!(s, 200, "{v}");
     Vmm::spawn(&dir, "restored", &["--restore", dir.to_str().unwrap()])
+}
+
+/// While a snapshot holds the vCPUs, `vm.info`, `vm.remove-cpu` and `vm.pause` answer 429 at
+/// once instead of waiting for it to finish (before, each blocked until the snapshot was
+/// written). The window is the capture plus the write of ~16 MiB, so the test takes a few
+/// snapshots until each operation has landed in one; one that lands outside is undone.
+#[test]
+fn control_answers_busy_while_a_snapshot_holds_the_vcpus() {
+    if !kvm_or_skip("control_answers_busy_while_a_snapshot_holds_the_vcpus") {
+        return;
+    }
+    let mut vm = Vmm::start("busy_snapshot", "boot=2,max=4");
+    // Populated RAM makes the image (and the time the snapshot holds the vCPUs) larger.
+    assert_eq!(vm.guest("dirty start 4096").last().unwrap(), "OK");
+    let url = serde_json::json!({ "destination_url": temp_dir("busy_snapshot_dir").display().to_string() })
+        .to_string();
+    let ops: [(&str, &str, Option<&str>); 3] = [
+        ("GET", "vm.info", None),
+        ("PUT", "vm.remove-cpu", Some(r#"{"id": 3}"#)),
+        ("PUT", "vm.pause", None),
+    ];
+    let mut busy = [false; 3];
+    for _ in 0..40 {
+        let (api, url) = (vm.api.clone(), url.clone());
+        let snap = std::thread::spawn(move || {
+            vmm_reference::api::request(&api, "PUT", "vm.snapshot", Some(&url)).expect("snapshot")
+        });
+        // vm.info answering 429 says the snapshot holds the vCPUs now; then the others.
+        while !snap.is_finished() {
+            if vm.api("GET", "vm.info", None).0 == 429 {
+                busy[0] = true;
+                for (i, (m, ep, b)) in ops.iter().enumerate().skip(1) {
+                    let (s, v) = vm.api(m, ep, *b);
+                    match s {
+                        429 => busy[i] = true,
+                        // Landed after the snapshot: CPU 3 is absent, a pause is undone.
+                        400 if *ep == "vm.remove-cpu" => {}
+                        204 if *ep == "vm.pause" => assert_eq!(vm.api("PUT", "vm.resume", None).0, 204),
+                        _ => panic!("{ep}: {s} {v}"),
+                    }
+                }
+                break;
+            }
+        }
+        let (s, body) = snap.join().unwrap();
+        assert_eq!(s, 200, "{body}");
+        if busy.iter().all(|b| *b) {
+            break;
+        }
+    }
+    assert_eq!(
+        busy, [true; 3],
+        "(info, remove-cpu, pause) answered 429 during a snapshot"
+    );
+    // The VM runs on, unpaused, and its console input still arrives.
+    assert_eq!(vm.info()["paused"], false);
+    vm.assert_ticking(&[0, 1]);
+    assert!(vm.guest("dirty check").last().unwrap().contains(" bad=0 "));
+    vm.poweroff();
 }
 
 #[test]
@@ -548,10 +819,19 @@ fn a_restored_vm_snapshots_into_the_directory_it_was_restored_from() {
     again.poweroff();
 }
 
+/// What [`cutting_proxy`] does with a frame.
+#[derive(PartialEq)]
+enum Act {
+    Pass,
+    /// Close both connections without forwarding it: the network dies right there.
+    Cut,
+    /// Forward it this late.
+    Hold(Duration),
+}
+
 /// A frame-level proxy between a migration source (connecting to `listen`) and a destination
-/// (at `dest`). The first frame matching `cut` in either direction is not forwarded, and both
-/// connections are closed right there: the network dies at the worst moment.
-fn cutting_proxy(listen: &Path, dest: PathBuf, cut: fn(&Message) -> bool) -> std::thread::JoinHandle<()> {
+/// (at `dest`), doing `act` to each frame in either direction.
+fn cutting_proxy(listen: &Path, dest: PathBuf, act: fn(&Message) -> Act) -> std::thread::JoinHandle<()> {
     let l = UnixListener::bind(listen).expect("bind proxy");
     std::thread::spawn(move || {
         let (src, _) = l.accept().expect("accept");
@@ -559,10 +839,14 @@ fn cutting_proxy(listen: &Path, dest: PathBuf, cut: fn(&Message) -> bool) -> std
         let pump = move |mut from: std::os::unix::net::UnixStream, mut to: std::os::unix::net::UnixStream| {
             let limits = FrameLimits { max_frame: 1 << 30 };
             while let Ok(m) = recv(&mut from, &limits) {
-                if cut(&m) {
-                    let _ = from.shutdown(std::net::Shutdown::Both);
-                    let _ = to.shutdown(std::net::Shutdown::Both);
-                    return;
+                match act(&m) {
+                    Act::Cut => {
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    Act::Hold(d) => std::thread::sleep(d),
+                    Act::Pass => {}
                 }
                 if send(&mut to, &m).is_err() {
                     return;
@@ -582,7 +866,7 @@ fn a_vm_never_runs_in_two_places_when_the_link_dies_at_the_end() {
     if !kvm_or_skip("a_vm_never_runs_in_two_places_when_the_link_dies_at_the_end") {
         return;
     }
-    let migrate_through = |vm: &Vmm, dir: &Path, cut: fn(&Message) -> bool| -> (u16, Unattached) {
+    let through = |vm: &Vmm, dir: &Path, act: fn(&Message) -> Act| {
         let (dst_sock, proxy_sock) = (dir.join("dst.sock"), dir.join("proxy.sock"));
         let dst = Vmm::spawn_unattached(
             dir,
@@ -590,18 +874,27 @@ fn a_vm_never_runs_in_two_places_when_the_link_dies_at_the_end() {
             &["--incoming", &format!("unix:{}", dst_sock.display())],
         );
         wait_for_path(&dst_sock);
-        let p = cutting_proxy(&proxy_sock, dst_sock, cut);
-        let body = serde_json::json!({ "destination_url": format!("unix:{}", proxy_sock.display()), "timeout_ms": 3000 });
-        let (s, _) = vm.api("PUT", "vm.send-migration", Some(&body.to_string()));
-        p.join().unwrap();
-        (s, dst)
+        let p = cutting_proxy(&proxy_sock, dst_sock, act);
+        let body = serde_json::json!({ "destination_url": format!("unix:{}", proxy_sock.display()), "timeout_ms": 30000 });
+        let api = vm.api.clone();
+        let mig = std::thread::spawn(move || {
+            let r = vmm_reference::api::request(&api, "PUT", "vm.send-migration", Some(&body.to_string()));
+            let _ = p.join();
+            r.expect("send-migration").0
+        });
+        (mig, dst)
+    };
+    let migrate_through = |vm: &Vmm, dir: &Path, act: fn(&Message) -> Act| -> (u16, Unattached) {
+        let (mig, dst) = through(vm, dir, act);
+        (mig.join().unwrap(), dst)
     };
 
     // 1. The Ack is lost: the source keeps and resumes its VM; the destination's restored
     //    copy never runs (without Complete it waits paused).
     let mut vm = Vmm::start("twoplaces-a", "boot=2,max=4");
     assert_eq!(vm.guest("dirty start 64").last().unwrap(), "OK");
-    let (s, dst) = migrate_through(&vm, &temp_dir("twoplaces-a-net"), |m| *m == Message::Ack);
+    let cut_ack = |m: &Message| if *m == Message::Ack { Act::Cut } else { Act::Pass };
+    let (s, dst) = migrate_through(&vm, &temp_dir("twoplaces-a-net"), cut_ack);
     assert_eq!(s, 500);
     assert_eq!(vm.info()["paused"], false);
     assert!(vm.guest("dirty check").last().unwrap().contains(" bad=0 "));
@@ -615,14 +908,64 @@ fn a_vm_never_runs_in_two_places_when_the_link_dies_at_the_end() {
     vm.poweroff();
 
     // 2. Complete is lost: the source has stopped for good (exit 0); the destination keeps
-    //    the VM paused and intact, and `vm.resume` brings it back with every page.
+    //    the VM paused and intact, says so in vm.info, and `vm.resume` brings it back with
+    //    every page.
     let vm = Vmm::start("twoplaces-b", "boot=2,max=4");
-    let (s, dst) = migrate_through(&vm, &temp_dir("twoplaces-b-net"), |m| *m == Message::Complete);
+    let cut_complete = |m: &Message| {
+        if *m == Message::Complete {
+            Act::Cut
+        } else {
+            Act::Pass
+        }
+    };
+    let (s, dst) = migrate_through(&vm, &temp_dir("twoplaces-b-net"), cut_complete);
     assert_eq!(s, 200);
     vm.exits_cleanly();
     let mut dst = dst.attach();
-    assert_eq!(dst.info()["paused"], true);
+    let info = dst.until("the destination to give up on Complete", |v| {
+        v["migration"]["phase"] == "incomplete"
+    });
+    assert_eq!(info["paused"], true, "{info}");
+    assert!(
+        info["migration"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Complete")),
+        "{info}"
+    );
     assert_eq!(dst.api("PUT", "vm.resume", None).0, 204);
+    dst.assert_ticking(&[0, 1]);
+    dst.poweroff();
+
+    // 3. Complete is late: meanwhile the destination's vm.info says it waits for it and
+    //    vm.resume answers 429; then the VM runs there.
+    let vm = Vmm::start("twoplaces-c", "boot=2,max=4");
+    let hold_complete = |m: &Message| {
+        if *m == Message::Complete {
+            Act::Hold(Duration::from_secs(3))
+        } else {
+            Act::Pass
+        }
+    };
+    let (mig, dst) = through(&vm, &temp_dir("twoplaces-c-net"), hold_complete);
+    let deadline = Instant::now() + T;
+    loop {
+        let (s, v) = vmm_reference::api::request(&dst.api, "GET", "vm.info", None).expect("destination API");
+        let v: Value = serde_json::from_str(&v).unwrap_or(Value::Null);
+        if s == 200 && v["migration"]["phase"] == "awaiting-complete" {
+            assert_eq!(v["paused"], true, "{v}");
+            let (s, r) = vmm_reference::api::request(&dst.api, "PUT", "vm.resume", None).unwrap();
+            assert_eq!(s, 429, "vm.resume while the source may still run the VM: {r}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never saw awaiting-complete: {s} {v}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(mig.join().unwrap(), 200);
+    vm.exits_cleanly();
+    let mut dst = dst.attach();
+    dst.until("the VM to run at the destination", |v| {
+        v["migration"]["phase"] == "received" && v["paused"] == false
+    });
     dst.assert_ticking(&[0, 1]);
     dst.poweroff();
 }

@@ -402,3 +402,61 @@ fn sigterm_and_sigint_end_the_vm_cleanly() {
         assert!(!api.exists() && left.is_empty(), "signal {sig} left {left:?}");
     }
 }
+
+/// Every thread of a running VMM is under a seccomp filter (`Seccomp: 2` in its
+/// `/proc/PID/task/TID/status`), and one that a filtered thread creates inherits it: vCPUs,
+/// devices, the API server and its connection threads, the main thread.
+#[test]
+fn every_vmm_thread_runs_under_a_seccomp_filter() {
+    if !kvm_or_skip("every_vmm_thread_runs_under_a_seccomp_filter") {
+        return;
+    }
+    let mut vm = Vmm::start("seccomp", "boot=2,max=4");
+    // A hot-added vCPU thread and an API connection thread, created after the start.
+    assert_eq!(vm.api("PUT", "vm.add-cpu", None).0, 200);
+    let threads = |pid: u32| -> Vec<(String, String)> {
+        let dir = format!("/proc/{pid}/task");
+        std::fs::read_dir(&dir)
+            .expect("task dir")
+            .filter_map(|t| {
+                let status = std::fs::read_to_string(t.ok()?.path().join("status")).ok()?;
+                let field = |k: &str| {
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix(k))
+                        .map(|v| v.trim().to_string())
+                };
+                Some((field("Name:")?, field("Seccomp:")?))
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + T;
+    let all = loop {
+        let all = threads(vm.pid());
+        // The main thread installs its filter once the VM runs.
+        if all.iter().all(|(_, mode)| mode == "2") || Instant::now() > deadline {
+            break all;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let unfiltered: Vec<_> = all.iter().filter(|(_, mode)| mode != "2").collect();
+    assert!(
+        unfiltered.is_empty(),
+        "threads without a filter: {unfiltered:?} (all: {all:?})"
+    );
+    let names: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
+    for want in [
+        "vcpu0",
+        "vcpu1",
+        "vcpu2",
+        "api-server",
+        "console",
+        "console-out",
+        "eject-worker",
+        "signals",
+    ] {
+        assert!(names.contains(&want), "no {want} thread among {names:?}");
+    }
+    vm.assert_ticking(&[0, 1]);
+    vm.poweroff();
+}

@@ -401,7 +401,8 @@ fn pending_events_once_then_everything_works(g: &mut Linux) {
 /// Live-migrate `g` over TCP into a new VMM process; the source must hand over and exit.
 fn migrate(g: Linux, test: &str) -> Linux {
     let (incoming, dst) = incoming_tcp(&temp_dir(test));
-    let body = serde_json::json!({ "destination_url": incoming, "max_rounds": 8 }).to_string();
+    let body =
+        serde_json::json!({ "destination_url": incoming, "max_rounds": 8, "token": TOKEN }).to_string();
     let (s, report) = g.0.api("PUT", "vm.send-migration", Some(&body));
     assert_eq!(s, 200, "{report}");
     eprintln!(

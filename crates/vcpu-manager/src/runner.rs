@@ -27,6 +27,13 @@ pub trait ExitHandler: Send + Sync {
     fn mmio_write(&self, addr: u64, data: &[u8]);
     /// The vCPU's run loop ended for the given reason (called from the vCPU thread).
     fn vcpu_stopped(&self, index: u32, reason: &VcpuExitReason);
+    /// First thing on a new vCPU thread, before the vCPU runs: the place for per-thread
+    /// setup such as a seccomp filter or CPU affinity. An error ends the thread with
+    /// [`VcpuExitReason::SetupFailed`] before the vCPU ever runs. The default does nothing.
+    fn vcpu_thread_started(&self, index: u32) -> std::result::Result<(), String> {
+        let _ = index;
+        Ok(())
+    }
 }
 
 /// Why a vCPU's run loop ended.
@@ -56,6 +63,8 @@ pub enum VcpuExitReason {
     /// The exit handler panicked on this vCPU's thread (the message, if it was text). The
     /// thread ends normally and hands its fd back, so the slot can be parked and reused.
     Panicked(String),
+    /// [`ExitHandler::vcpu_thread_started`] failed (its message); the vCPU never ran.
+    SetupFailed(String),
 }
 
 impl std::fmt::Display for VcpuExitReason {
@@ -76,6 +85,7 @@ impl std::fmt::Display for VcpuExitReason {
             VcpuExitReason::Unsupported(r) => write!(f, "unhandled KVM exit {r}"),
             VcpuExitReason::RunError(e) => write!(f, "KVM_RUN failed: errno {e}"),
             VcpuExitReason::Panicked(m) => write!(f, "the exit handler panicked: {m}"),
+            VcpuExitReason::SetupFailed(m) => write!(f, "vCPU thread setup failed: {m}"),
         }
     }
 }
@@ -171,7 +181,10 @@ impl VcpuRunner {
             .spawn(move || {
                 // A panicking handler must not take the fd with it: the slot stays usable.
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_loop(&mut fd, &*handler, &sh)
+                    match handler.vcpu_thread_started(index) {
+                        Ok(()) => run_loop(&mut fd, &*handler, &sh),
+                        Err(why) => VcpuExitReason::SetupFailed(why),
+                    }
                 }));
                 let reason = run.unwrap_or_else(|p| {
                     let msg = p

@@ -72,6 +72,9 @@ struct Collect {
     stopped: Mutex<Option<VcpuExitReason>>,
     panic_on: Option<u16>,
     block: Mutex<Option<mpsc::Receiver<()>>>,
+    /// What `vcpu_thread_started` answers; the name of the thread it ran on.
+    setup: Option<Result<(), String>>,
+    setup_thread: Mutex<Option<String>>,
 }
 
 impl ExitHandler for Collect {
@@ -99,6 +102,10 @@ impl ExitHandler for Collect {
     }
     fn vcpu_stopped(&self, _: u32, reason: &VcpuExitReason) {
         *self.stopped.lock().unwrap() = Some(reason.clone());
+    }
+    fn vcpu_thread_started(&self, _: u32) -> Result<(), String> {
+        *self.setup_thread.lock().unwrap() = std::thread::current().name().map(String::from);
+        self.setup.clone().unwrap_or(Ok(()))
     }
 }
 
@@ -214,6 +221,44 @@ fn a_panicking_exit_handler_hands_the_fd_back() {
         matches!(&reason, Some(VcpuExitReason::Panicked(m)) if m.contains("handler bug on port 0x80")),
         "{reason:?}"
     );
+}
+
+/// The per-thread setup hook runs on the vCPU's own thread before the vCPU does; when it
+/// fails, the vCPU never runs and the fd comes back.
+#[test]
+fn the_thread_setup_hook_runs_first_and_its_failure_stops_the_vcpu() {
+    let Some(kvm) = kvm_or_skip("the_thread_setup_hook_runs_first_and_its_failure_stops_the_vcpu") else {
+        return;
+    };
+    let (_vm, fd) = vm_with_ram(&kvm, &rep_outsb_code());
+    let h = Arc::new(Collect {
+        setup: Some(Err("no seccomp here".into())),
+        ..Default::default()
+    });
+    let r = VcpuRunner::spawn(3, fd, h.clone()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !r.is_finished() {
+        assert!(Instant::now() < deadline, "the thread never ended");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let fd = r.stop_and_join().expect("the fd comes back");
+    assert_eq!(h.setup_thread.lock().unwrap().as_deref(), Some("vcpu3"));
+    assert_eq!(
+        *h.stopped.lock().unwrap(),
+        Some(VcpuExitReason::SetupFailed("no seccomp here".into()))
+    );
+    assert!(h.bytes.lock().unwrap().is_empty(), "the vCPU ran");
+    assert_eq!(fd.get_regs().unwrap().rip, CODE, "the vCPU ran");
+    // With a hook that succeeds, the same code runs to its end.
+    let (_vm, fd) = vm_with_ram(&kvm, &rep_outsb_code());
+    let h = Arc::new(Collect::default());
+    let r = VcpuRunner::spawn(0, fd, h.clone()).unwrap();
+    while !h.done.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the guest never finished");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    r.stop_and_join().expect("fd");
+    assert_eq!(h.bytes.lock().unwrap().len(), LEN);
 }
 
 #[test]

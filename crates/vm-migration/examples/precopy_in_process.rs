@@ -123,12 +123,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         chunk: 1 << 20,
     };
     let mut pc = Precopy::default();
-    pc.iterate(&mut src_end, &mut src, &opts, |r| {
+    let end = pc.iterate(&mut src_end, &mut src, &opts, |r| {
         println!(
             "round {}: {:>8} bytes in {:.4} s, {:>4} pages dirtied meanwhile, expected downtime {:.2} ms",
             r.round, r.bytes, r.secs, r.dirtied, r.expected_downtime_ms
         )
     })?;
+    // A VMM decides here what a migration that did not converge does; this one stops anyway.
+    println!("pre-copy ended: {end:?}");
     running.store(false, Ordering::SeqCst); // pause the guest
     guest.join().map_err(|_| "guest thread panicked")?;
     let last = pc.finish(&mut src_end, &mut src, opts.chunk)?;

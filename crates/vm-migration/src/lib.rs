@@ -3,7 +3,8 @@
 //! - the snapshot container (this module): the on-disk/on-wire envelope that carries a VM's
 //!   state sections;
 //! - [`memory`]: raw memory images restored copy-on-write, dirty-bitmap ranges;
-//! - [`protocol`]: the live-migration wire protocol and the dirty-page pre-copy driver.
+//! - [`protocol`]: the live-migration wire protocol and the dirty-page pre-copy driver;
+//! - [`auth`]: pre-shared-token challenge and response for links anyone can reach (TCP).
 //!
 //! The container:
 //!
@@ -31,6 +32,7 @@
 #![deny(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod auth;
 pub mod memory;
 pub mod protocol;
 

@@ -4,6 +4,8 @@
 //!
 //! ```text
 //! source                                   destination
+//!                                  ◀──     Challenge(random)   (TCP: crate::auth)
+//!   Proof(HMAC of it under the token) ──▶  wrong proof: Refuse, and nothing allocated
 //!   Hello{version, compat}         ──▶     checks version + compatibility (before any pause)
 //!                                  ◀──     Accept | Refuse(reason)
 //!   Memory{pages}*  (round 0: all RAM, then dirty pages, until the rest fits the downtime)
@@ -27,7 +29,8 @@ use std::time::{Duration, Instant};
 use crate::memory::{dirty_pages, dirty_ranges, PAGE_SIZE};
 
 /// Protocol version this crate speaks (the destination refuses newer ones).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2 added the token challenge ([`crate::auth`]) in front of Hello on TCP.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 const K_HELLO: u8 = 1;
 const K_ACCEPT: u8 = 2;
@@ -38,6 +41,8 @@ const K_ACK: u8 = 6;
 const K_ERROR: u8 = 7;
 const K_ABANDON: u8 = 8;
 const K_COMPLETE: u8 = 9;
+const K_CHALLENGE: u8 = 10;
+const K_PROOF: u8 = 11;
 
 /// Protocol errors.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +98,11 @@ pub enum Message {
     /// Source → destination, after the Ack: the source has stopped the VM for good; the
     /// destination may run it now.
     Complete,
+    /// Destination → source, first on an authenticated link: a random challenge
+    /// ([`crate::auth`]).
+    Challenge(Vec<u8>),
+    /// Source → destination: the answer to the challenge under the pre-shared token.
+    Proof(Vec<u8>),
 }
 
 impl Message {
@@ -107,6 +117,25 @@ impl Message {
             Message::Error(_) => K_ERROR,
             Message::Abandon(_) => K_ABANDON,
             Message::Complete => K_COMPLETE,
+            Message::Challenge(_) => K_CHALLENGE,
+            Message::Proof(_) => K_PROOF,
+        }
+    }
+
+    /// The message's name, for errors (its `Debug` form can be megabytes of memory).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Accept => "Accept",
+            Message::Refuse(_) => "Refuse",
+            Message::Memory(_) => "Memory",
+            Message::State(_) => "State",
+            Message::Ack => "Ack",
+            Message::Error(_) => "Error",
+            Message::Abandon(_) => "Abandon",
+            Message::Complete => "Complete",
+            Message::Challenge(_) => "Challenge",
+            Message::Proof(_) => "Proof",
         }
     }
 
@@ -127,7 +156,7 @@ impl Message {
                     p.extend_from_slice(data);
                 }
             }
-            Message::State(s) => p.extend_from_slice(s),
+            Message::State(s) | Message::Challenge(s) | Message::Proof(s) => p.extend_from_slice(s),
         }
         let mut out = Vec::with_capacity(9 + p.len());
         out.push(self.kind());
@@ -159,6 +188,8 @@ impl Message {
             K_ERROR => Message::Error(text(p)?),
             K_ABANDON => Message::Abandon(text(p)?),
             K_STATE => Message::State(p.to_vec()),
+            K_CHALLENGE => Message::Challenge(p.to_vec()),
+            K_PROOF => Message::Proof(p.to_vec()),
             K_MEMORY => {
                 let mut chunks = Vec::new();
                 let mut rest = p;
@@ -345,6 +376,17 @@ fn bitmap_ranges(regions: &[(u64, u64)], maps: &[Vec<u64>]) -> (Vec<(u64, u64)>,
     (out, pages)
 }
 
+/// How [`Precopy::iterate`] ended.
+#[must_use]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Convergence {
+    /// What is left fits the downtime target.
+    Converged,
+    /// The round limit came first: the guest dirties memory faster than the link drains it.
+    /// Stop and copy anyway (a longer downtime), give up, or slow the guest and go on.
+    RoundLimit,
+}
+
 /// The source side of pre-copy. Call [`Precopy::iterate`] while the VM runs (dirty logging
 /// on), pause the VM, then [`Precopy::finish`] to send what is left.
 #[derive(Debug, Default)]
@@ -357,19 +399,26 @@ pub struct Precopy {
 
 impl Precopy {
     /// Round 0 sends all RAM except all-zero pages (the destination's RAM must start zeroed);
-    /// later rounds send every page dirtied during the previous one, until
-    /// the remaining dirty set would fit in `opts.downtime` at the measured throughput or
-    /// `opts.max_rounds` is reached. `progress` sees each round. The dirty log must have been
-    /// started (and reset) before this call.
+    /// later rounds send every page dirtied during the previous one, until the remaining
+    /// dirty set would fit in `opts.downtime` at the measured throughput
+    /// ([`Convergence::Converged`]) or `opts.max_rounds` rounds (counted over every call)
+    /// are done ([`Convergence::RoundLimit`]). `progress` sees each round. The dirty log must
+    /// have been started (and reset) before the first call. A caller that slows the guest
+    /// down may call again with a higher `max_rounds`: the rounds go on from where they
+    /// stopped.
     pub fn iterate<W: Write, S: DirtySource>(
         &mut self,
         w: &mut W,
         src: &mut S,
         opts: &PrecopyOptions,
         mut progress: impl FnMut(&RoundStats),
-    ) -> Result<(), ProtocolError> {
+    ) -> Result<Convergence, ProtocolError> {
         let regions = src.regions();
-        let mut ranges = initial_ranges(src, &regions);
+        let mut ranges = if self.rounds.is_empty() {
+            initial_ranges(src, &regions)
+        } else {
+            std::mem::take(&mut self.pending)
+        };
         loop {
             let round = self.rounds.len() as u32;
             let t = Instant::now();
@@ -391,11 +440,15 @@ impl Precopy {
             };
             progress(&st);
             self.rounds.push(st);
+            // What the last round left dirty goes out in the next round or in `finish`.
             ranges = next;
-            if expected_downtime_ms <= opts.downtime.as_secs_f64() * 1e3 || round + 1 >= opts.max_rounds {
-                // What the last round left dirty goes out in `finish`, after the pause.
+            if expected_downtime_ms <= opts.downtime.as_secs_f64() * 1e3 {
                 self.pending = ranges;
-                return Ok(());
+                return Ok(Convergence::Converged);
+            }
+            if round + 1 >= opts.max_rounds {
+                self.pending = ranges;
+                return Ok(Convergence::RoundLimit);
             }
         }
     }
@@ -488,7 +541,8 @@ mod tests {
             max_rounds: 5,
             chunk: 64 << 10,
         };
-        pc.iterate(&mut wire, &mut src, &opts, |_| {}).unwrap();
+        let end = pc.iterate(&mut wire, &mut src, &opts, |_| {}).unwrap();
+        assert_eq!(end, Convergence::RoundLimit);
         assert_eq!(
             pc.rounds.len(),
             5,
@@ -496,6 +550,19 @@ mod tests {
         );
         assert_eq!(pc.rounds[0].pages, pages);
         assert!(pc.rounds[1].pages < pages);
+        // Two more rounds (a caller that throttled the guest): they go on from round 5 and
+        // send what round 4 left dirty, or the destination below would differ.
+        let more = PrecopyOptions {
+            max_rounds: 7,
+            ..opts
+        };
+        let end = pc.iterate(&mut wire, &mut src, &more, |_| {}).unwrap();
+        assert_eq!(end, Convergence::RoundLimit);
+        assert_eq!(
+            pc.rounds.iter().map(|r| r.round).collect::<Vec<_>>(),
+            (0..7).collect::<Vec<_>>()
+        );
+        assert!(pc.rounds[5].pages < pages, "round 5 re-sent all RAM");
         // "Pause", change memory once more, finish.
         src.bytes[5] = 0xee;
         src.dirty[0] |= 1;
@@ -535,7 +602,8 @@ mod tests {
             max_rounds: 1,
             chunk: 64 << 10,
         };
-        pc.iterate(&mut wire, &mut src, &opts, |_| {}).unwrap();
+        let end = pc.iterate(&mut wire, &mut src, &opts, |_| {}).unwrap();
+        assert_eq!(end, Convergence::Converged);
         assert_eq!(pc.rounds[0].pages, 1, "only the non-zero page goes in round 0");
         // A page the guest zeroes later must still be sent.
         src.bytes[5 * PAGE_SIZE as usize] = 0;

@@ -102,16 +102,30 @@ pub fn tcp_listening(port: u16) -> bool {
     })
 }
 
-/// A free TCP port on 127.0.0.1 and a VMM waiting for an incoming migration there.
+/// The pre-shared token the TCP destinations of the tests demand.
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// A free TCP port on 127.0.0.1 and a VMM waiting there for an incoming migration whose
+/// source proves it holds [`TOKEN`].
 pub fn incoming_tcp(dir: &Path) -> (String, Unattached) {
+    incoming_tcp_with(dir, &[])
+}
+
+/// [`incoming_tcp`] with more `run` arguments.
+pub fn incoming_tcp_with(dir: &Path, extra: &[&str]) -> (String, Unattached) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
     let incoming = format!("tcp:127.0.0.1:{port}");
-    let dst = Vmm::spawn_unattached(dir, "dst", &["--incoming", &incoming]);
+    let token = dir.join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).expect("token file");
+    let token = token.display().to_string();
+    let mut args = vec!["--incoming", &incoming, "--migration-token-file", &token];
+    args.extend_from_slice(extra);
+    let dst = Vmm::spawn_unattached(dir, "dst", &args);
     let deadline = Instant::now() + T;
-    // (Not by connecting: the destination accepts exactly one connection.)
+    // (Not by connecting: an unauthenticated connection counts as a failed peer.)
     while !tcp_listening(port) {
         assert!(
             Instant::now() < deadline,
