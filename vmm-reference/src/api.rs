@@ -3,7 +3,7 @@
 //!
 //! | request | body | answer |
 //! |---|---|---|
-//! | `GET /api/v1/vm.info` | | 200, [`crate::vm::VmInfo`] as JSON; 429 while a snapshot or migration holds the vCPUs |
+//! | `GET /api/v1/vm.info` | | 200, [`crate::status::VmInfo`] as JSON; 429 while a snapshot or migration holds the vCPUs |
 //! | `PUT /api/v1/vm.resize` | `{"desired_vcpus": N}` | 204; 429 while a removal is pending; 400 out of range |
 //! | `PUT /api/v1/vm.add-cpu` | optional `{"id": N}` | 200 `{"id": N}` (lowest absent CPU without a body) |
 //! | `PUT /api/v1/vm.remove-cpu` | `{"id": N}` | 204; 400 for CPU 0 or an absent CPU; 429 if already pending (a removal the guest refused is raised again) |
@@ -29,7 +29,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config::SerialMode;
-use crate::vm::{ControlError, Vm, VmInner};
+use crate::error::ControlError;
+use crate::vm::{Vm, VmInner};
 
 const MAX_BODY: usize = 64 * 1024;
 const MAX_HEADER_LINES: usize = 64;

@@ -8,8 +8,9 @@ use lapic_state::KvmConventions;
 use vcpu_manager::{Topology, VcpuManager};
 
 use crate::boot::GuestMemory;
+use crate::error::{kvm_err, VmmError};
+use crate::machine::{check_caps, create_kvm_vm, host_supported, open_kvm};
 use crate::snapshot::{HostTsc, KvmVmState, SavedVm};
-use crate::vm::{check_caps, create_kvm_vm, kvm_err, open_kvm, VmmError};
 
 /// A KVM VM created ahead of a restore for RAM `mem`, with this host's LAPIC conventions
 /// probed: what a migration destination builds while pages still arrive.
@@ -44,11 +45,7 @@ impl Prepared {
 
 /// The most CPU 0 of a `topology` VM may have on this host (for compatibility checks).
 pub fn host_cpuid(kvm: &Kvm, topology: &Topology) -> Result<kvm_bindings::CpuId, VmmError> {
-    Ok(vcpu_manager::cpuid::for_vcpu(
-        &crate::vm::host_supported(kvm)?,
-        topology,
-        0,
-    ))
+    Ok(vcpu_manager::cpuid::for_vcpu(&host_supported(kvm)?, topology, 0))
 }
 
 /// This host's guest TSC rate (read from a scratch vCPU) and whether KVM can scale it.
@@ -124,7 +121,7 @@ pub(crate) fn capture(
 }
 
 /// Put the irqchip, PIT and clock into a new VM, before any vCPU runs.
-pub(crate) fn restore_kvm_vm_state(vm: &VmFd, st: &KvmVmState) -> Result<(), String> {
+fn restore_kvm_vm_state(vm: &VmFd, st: &KvmVmState) -> Result<(), String> {
     for c in &st.irqchips {
         vm.set_irqchip(c).map_err(|e| format!("KVM_SET_IRQCHIP: {e}"))?;
     }
@@ -137,9 +134,27 @@ pub(crate) fn restore_kvm_vm_state(vm: &VmFd, st: &KvmVmState) -> Result<(), Str
     .map_err(|e| format!("KVM_SET_CLOCK: {e}"))
 }
 
+/// The one restore path, for a snapshot, a migration and a rebuild alike: the VM-wide KVM
+/// state into `vm` first, then every saved vCPU with its saved TSC rate, started paused.
+/// Returns the per-vCPU restore times in microseconds.
+pub(crate) fn restore_machine(
+    kvm: &Kvm,
+    vm: &VmFd,
+    vcpus: &mut VcpuManager,
+    states: &[(u32, vcpu_manager::VcpuState)],
+    kvm_state: &KvmVmState,
+    conv: Option<KvmConventions>,
+) -> Result<Vec<f64>, String> {
+    // The irqchip, PIT and clock before any vCPU or interrupt line exists.
+    restore_kvm_vm_state(vm, kvm_state)?;
+    // The saved TSC rate, for the restored vCPUs and any hot-added later.
+    vcpus.set_tsc_khz(states.first().and_then(|(_, st)| st.tsc_khz));
+    restore_vcpus(kvm, vm, vcpus, states, conv)
+}
+
 /// Create every saved vCPU with its original id and restore it (vcpu-manager's ordered
 /// restore), started paused. Returns the per-vCPU restore times in microseconds.
-pub(crate) fn restore_vcpus(
+fn restore_vcpus(
     kvm: &Kvm,
     vm: &VmFd,
     vcpus: &mut VcpuManager,

@@ -17,11 +17,10 @@ use std::io::Read;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 use vm_migration::memory::{map_image_private, write_image};
 
 use crate::boot::GuestMemory;
-use crate::snapshot::{SavedVm, SnapshotError, MAX_STATE_FILE, STATE_FILE};
+use crate::snapshot::{ImageRef, SavedVm, SnapshotError, MAX_STATE_FILE, STATE_FILE};
 
 /// The memory image of directories written before images had ids.
 pub const LEGACY_MEMORY_FILE: &str = "memory.bin";
@@ -30,43 +29,13 @@ pub const TRAILER_LEN: u64 = 4096;
 const MAGIC: &[u8; 16] = b"vmm-ref memory\x00\x01";
 const LOCK_FILE: &str = ".lock";
 
-/// Which memory image a state belongs to (recorded in the state).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageRef {
-    /// 32 lowercase hex digits, random per snapshot; also the image's file name.
-    pub id: String,
-    /// Bytes of RAM image before the trailer.
-    pub len: u64,
-}
-
-impl ImageRef {
-    /// The image's file name in the snapshot directory.
-    pub fn file_name(&self) -> String {
-        format!("memory-{}.bin", self.id)
-    }
-
-    /// An id that can only name a file in the directory, and the length the layout needs.
-    pub fn validate(&self, image_len: u64) -> Result<(), SnapshotError> {
-        let hex = |c: char| c.is_ascii_digit() || ('a'..='f').contains(&c);
-        if self.id.len() != 32 || !self.id.chars().all(hex) {
-            return Err(image_err(format!("malformed image id {:?}", self.id)));
-        }
-        if self.len != image_len {
-            return Err(image_err(format!(
-                "the state names an image of {} bytes; its memory layout needs {image_len}",
-                self.len
-            )));
-        }
-        Ok(())
-    }
-
-    fn trailer(&self) -> Vec<u8> {
-        let mut t = vec![0u8; TRAILER_LEN as usize];
-        t[..16].copy_from_slice(MAGIC);
-        t[16..48].copy_from_slice(self.id.as_bytes());
-        t[48..56].copy_from_slice(&self.len.to_le_bytes());
-        t
-    }
+/// The trailer after `image`'s RAM: it names the image, so a state can check it has its own.
+fn trailer(image: &ImageRef) -> Vec<u8> {
+    let mut t = vec![0u8; TRAILER_LEN as usize];
+    t[..16].copy_from_slice(MAGIC);
+    t[16..48].copy_from_slice(image.id.as_bytes());
+    t[48..56].copy_from_slice(&image.len.to_le_bytes());
+    t
 }
 
 fn image_err(reason: impl Into<String>) -> SnapshotError {
@@ -180,7 +149,7 @@ fn write_image_file(
     if layout != saved.vm.memory {
         return Err(image_err("the memory layout changed while saving"));
     }
-    f.write_all_at(&image.trailer(), image.len)
+    f.write_all_at(&trailer(image), image.len)
         .map_err(io(format!("writing {}", path.display())))?;
     f.sync_all().map_err(io(format!("syncing {}", path.display())))
 }
@@ -247,7 +216,7 @@ pub fn read_dir(dir: &Path) -> Result<(SavedVm, GuestMemory), SnapshotError> {
         let mut t = vec![0u8; TRAILER_LEN as usize];
         f.read_exact_at(&mut t, r.len)
             .map_err(io(format!("reading {}", path.display())))?;
-        if t != r.trailer() {
+        if t != trailer(r) {
             return Err(image_err(format!(
                 "{name} belongs to another snapshot than {STATE_FILE}"
             )));

@@ -20,8 +20,6 @@ use vcpu_manager::{Topology, VcpuState};
 use vm_migration::memory::MemoryLayout;
 use vm_migration::{Limits, Snapshot};
 
-use crate::snapdir::ImageRef;
-
 /// Name of the state file in a snapshot directory.
 pub const STATE_FILE: &str = "state.bin";
 /// Largest guest RAM a snapshot may describe (checked before mapping anything).
@@ -494,6 +492,37 @@ impl SavedVm {
                 before - self.vcpus.len()
             );
         }
+    }
+}
+
+/// Which memory image a state belongs to (recorded in the state).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    /// 32 lowercase hex digits, random per snapshot; also the image's file name.
+    pub id: String,
+    /// Bytes of RAM image before the trailer.
+    pub len: u64,
+}
+
+impl ImageRef {
+    /// The image's file name in the snapshot directory.
+    pub fn file_name(&self) -> String {
+        format!("memory-{}.bin", self.id)
+    }
+
+    /// An id that can only name a file in the directory, and the length the layout needs.
+    pub fn validate(&self, image_len: u64) -> Result<(), SnapshotError> {
+        let hex = |c: char| c.is_ascii_digit() || ('a'..='f').contains(&c);
+        if self.id.len() != 32 || !self.id.chars().all(hex) {
+            return Err(SnapshotError::Image(format!("malformed image id {:?}", self.id)));
+        }
+        if self.len != image_len {
+            return Err(SnapshotError::Image(format!(
+                "the state names an image of {} bytes; its memory layout needs {image_len}",
+                self.len
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -36,8 +36,13 @@ use vm_migration::protocol::{
 pub use link::{Address, Stream};
 pub use receive::{receive, IncomingOptions};
 
+use crate::error::ControlError;
+use crate::exits::VmEvent;
+use crate::machine::register_memory;
+use crate::pause::PauseGuard;
 use crate::snapshot::Compat;
-use crate::vm::{register_memory, ControlError, VmEvent, VmInner};
+pub use crate::status::MigrationStatus;
+use crate::vm::VmInner;
 use link::Link;
 
 /// States of `VmInner::migration_ctl`: one atomic, so a cancel and the commit cannot both win.
@@ -140,27 +145,6 @@ impl RoundReport {
     }
 }
 
-/// What `vm.info` shows about the current or last migration, on either side.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct MigrationStatus {
-    /// Source: `connecting`, `precopy`, `stopping` (paused, last pages and state), `done`,
-    /// `failed`. Destination: `awaiting-complete` (restored, paused, waiting for the
-    /// source's Complete), `received`, `incomplete` (no Complete came).
-    pub phase: &'static str,
-    /// Pre-copy rounds finished.
-    pub rounds: u32,
-    /// Bytes of RAM sent so far.
-    pub bytes_sent: u64,
-    /// Dirty rate of the last round (pages/s).
-    pub dirty_rate: f64,
-    /// Expected downtime after the last round (ms).
-    pub expected_downtime_ms: f64,
-    /// Share of the time the guest is held paused to converge (`throttle` strategy).
-    pub throttle_percent: u32,
-    /// Why it failed, when it did.
-    pub error: Option<String>,
-}
-
 /// KVM's dirty log over the VM's RAM slots.
 struct KvmDirty<'a> {
     inner: &'a VmInner,
@@ -260,7 +244,6 @@ impl VmInner {
             ));
         }
         self.migration_ctl.store(ctl::RUNNING, Ordering::SeqCst);
-        let was_paused = self.paused.load(Ordering::SeqCst);
         let mut logging = false;
         self.set_migration_phase("connecting", None);
         let result = self.migrate_inner(&addr, opts, &mut logging);
@@ -276,9 +259,7 @@ impl VmInner {
                     log::error!("turning dirty logging off: {e}");
                 }
             }
-            if !was_paused {
-                self.lock_vcpus().resume_all();
-            }
+            // (The vCPUs already run again: the pause guard of `hand_over` resumed them.)
             self.resume_input();
             self.migrating.store(false, Ordering::SeqCst);
         }
@@ -448,11 +429,11 @@ impl VmInner {
         // Downtime starts: pause, last pages, state.
         self.set_migration_phase("stopping", None);
         let paused_at = Instant::now();
-        let saved = {
-            let vcpus = self.lock_vcpus();
-            vcpus.pause_all().map_err(|e| internal("pausing")(&e))?;
-            self.save_paused(&vcpus)?
-        };
+        // Resumes the vCPUs on any failure from here; kept once the destination has the VM.
+        let mut paused = PauseGuard::new(&self.vcpus, self.lock_vcpus(), self.paused.load(Ordering::SeqCst))
+            .map_err(|e| internal("pausing")(&e))?;
+        let saved = self.save_paused(paused.manager())?;
+        paused.unlock();
         let final_bytes = pc
             .finish(link, &mut src, opts.precopy.chunk)
             .map_err(|e| internal("sending the last pages")(&e))?;
@@ -474,6 +455,7 @@ impl VmInner {
                         "the migration was cancelled (vm.cancel-migration)".into(),
                     ));
                 }
+                paused.keep();
             }
             Ok(Message::Error(why)) => {
                 return Err(ControlError::Internal(format!(

@@ -15,8 +15,9 @@ use vm_migration::protocol::{
 use super::link::{Address, Listener, Stream};
 use crate::boot::GuestMemory;
 use crate::config::SerialMode;
+use crate::error::VmmError;
 use crate::snapshot::{Compat, SavedVm, SnapshotError};
-use crate::vm::{Vm, VmInner, VmmError};
+use crate::vm::{Vm, VmInner};
 
 /// How long a destination waits for the next frame before it gives the source up.
 const PEER_SILENCE: Duration = Duration::from_secs(60);
@@ -155,7 +156,7 @@ fn hello(conn: &mut Box<dyn Stream>, opts: &IncomingOptions) -> Result<Compat, V
             ),
         ));
     }
-    let kvm = crate::vm::open_kvm()?;
+    let kvm = crate::machine::open_kvm()?;
     let cpuid = crate::restore::host_cpuid(&kvm, &vcpu_manager::Topology::new(compat.max_vcpus.max(1)))?;
     let tsc = crate::restore::host_tsc(&kvm).map_err(|e| refuse(conn, e.to_string()))?;
     compat

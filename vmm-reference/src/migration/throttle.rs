@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::thread::Scope;
 use std::time::Duration;
 
+use crate::pause::PauseGuard;
 use crate::vm::VmInner;
 
 /// Throttle per extra round (percent of the time the vCPUs are held paused).
@@ -70,11 +71,11 @@ impl Throttle {
             let held = PERIOD * self.percent() / 100;
             // A VM the user paused stays as it is (resuming it here would undo that).
             if !vm.paused.load(Ordering::SeqCst) {
-                if vm.lock_vcpus().pause_all().is_ok() {
+                // The guard resumes them after `held` (a pause that half failed at once).
+                if let Ok(mut paused) = PauseGuard::new(&vm.vcpus, vm.lock_vcpus(), false) {
+                    paused.unlock();
                     std::thread::sleep(held);
                 }
-                // Always: a pause that half failed must not leave some vCPUs held.
-                vm.lock_vcpus().resume_all();
             }
             std::thread::sleep(PERIOD.saturating_sub(held));
         }

@@ -1,0 +1,239 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `vmm-reference ctl`: the API's operations from the command line, and `vm.info` as a table.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use super::fail;
+
+#[derive(Subcommand)]
+pub enum CtlOp {
+    /// Per-CPU state (table, or the API's JSON with --json).
+    Info {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make N CPUs present.
+    Resize {
+        /// Desired number of present CPUs.
+        n: u32,
+    },
+    /// Hot-add a CPU (the lowest absent one unless --id is given).
+    AddCpu {
+        /// CPU index to add.
+        #[arg(long)]
+        id: Option<u32>,
+    },
+    /// Ask the guest to remove CPU ID (again, if it refused).
+    RemoveCpu {
+        /// CPU index.
+        id: u32,
+    },
+    /// Withdraw the removal of CPU ID (one the guest refused or has not taken yet).
+    CancelRemoval {
+        /// CPU index.
+        id: u32,
+    },
+    /// Pause all vCPUs.
+    Pause,
+    /// Resume all vCPUs.
+    Resume,
+    /// End the VM.
+    Shutdown,
+    /// Save the VM into DIR (state.bin + memory.bin); it runs on afterwards.
+    Snapshot {
+        /// Snapshot directory (created if missing).
+        dir: PathBuf,
+    },
+    /// Standby VMM (`run --standby`): restore the VM saved in DIR.
+    Restore {
+        /// Snapshot directory.
+        dir: PathBuf,
+    },
+    /// Standby VMM: wait for a live migration on ADDR (returns once the VM runs here).
+    ReceiveMigration {
+        /// unix:PATH or tcp:HOST:PORT to listen on.
+        receiver: String,
+        /// File with the token the source must prove it has (tcp:).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
+    /// Live-migrate the VM to a VMM started with `run --incoming ADDR` (or a standby VMM
+    /// doing `ctl receive-migration ADDR`).
+    Migrate {
+        /// unix:PATH or tcp:HOST:PORT.
+        destination: String,
+        /// Target downtime in milliseconds.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u64,
+        /// Pre-copy rounds before the timeout strategy applies.
+        #[arg(long)]
+        max_rounds: Option<u32>,
+        /// The whole migration's deadline in milliseconds.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// ignore | cancel | throttle: what to do when pre-copy does not converge.
+        #[arg(long)]
+        timeout_strategy: Option<String>,
+        /// File with the destination's token (tcp:).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
+    /// End the outgoing migration; the VM runs on here.
+    CancelMigration,
+}
+
+/// Put the token of `file` into a request body as `"token"`.
+fn add_token(body: &mut serde_json::Value, file: Option<&std::path::Path>) -> Result<(), String> {
+    if let Some(f) = file {
+        body["token"] = vmm_reference::migration::token_from_file(f)?.into();
+    }
+    Ok(())
+}
+
+pub fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
+    let (method, endpoint, body) = match &op {
+        CtlOp::Info { .. } => ("GET", "vm.info", None),
+        CtlOp::Resize { n } => ("PUT", "vm.resize", Some(format!("{{\"desired_vcpus\":{n}}}"))),
+        CtlOp::AddCpu { id } => ("PUT", "vm.add-cpu", id.map(|i| format!("{{\"id\":{i}}}"))),
+        CtlOp::RemoveCpu { id } => ("PUT", "vm.remove-cpu", Some(format!("{{\"id\":{id}}}"))),
+        CtlOp::CancelRemoval { id } => ("PUT", "vm.cancel-removal", Some(format!("{{\"id\":{id}}}"))),
+        CtlOp::Pause => ("PUT", "vm.pause", None),
+        CtlOp::Resume => ("PUT", "vm.resume", None),
+        CtlOp::Shutdown => ("PUT", "vm.shutdown", None),
+        CtlOp::Snapshot { dir } | CtlOp::Restore { dir } => {
+            // The VMM resolves paths against its own working directory: send an absolute one.
+            let url = match std::path::absolute(dir) {
+                Ok(d) => format!("file://{}", d.display()),
+                Err(e) => return fail(format!("{}: {e}", dir.display())),
+            };
+            let (endpoint, key) = match &op {
+                CtlOp::Snapshot { .. } => ("vm.snapshot", "destination_url"),
+                _ => ("vm.restore", "source_url"),
+            };
+            ("PUT", endpoint, Some(serde_json::json!({ key: url }).to_string()))
+        }
+        CtlOp::ReceiveMigration { receiver, token_file } => {
+            let mut b = serde_json::json!({ "receiver_url": receiver });
+            if let Err(e) = add_token(&mut b, token_file.as_deref()) {
+                return fail(e);
+            }
+            ("PUT", "vm.receive-migration", Some(b.to_string()))
+        }
+        CtlOp::Migrate {
+            destination,
+            downtime_ms,
+            max_rounds,
+            timeout_ms,
+            timeout_strategy,
+            token_file,
+        } => {
+            let mut b = serde_json::json!({ "destination_url": destination, "downtime_ms": downtime_ms });
+            for (k, v) in [
+                ("max_rounds", max_rounds.map(serde_json::Value::from)),
+                ("timeout_ms", timeout_ms.map(serde_json::Value::from)),
+                (
+                    "timeout_strategy",
+                    timeout_strategy.clone().map(serde_json::Value::from),
+                ),
+            ] {
+                if let Some(v) = v {
+                    b[k] = v;
+                }
+            }
+            if let Err(e) = add_token(&mut b, token_file.as_deref()) {
+                return fail(e);
+            }
+            ("PUT", "vm.send-migration", Some(b.to_string()))
+        }
+        CtlOp::CancelMigration => ("PUT", "vm.cancel-migration", None),
+    };
+    let (status, body) = match vmm_reference::api::request(sock, method, endpoint, body.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return fail(format!("--api-socket {}: {e}", sock.display())),
+    };
+    if status >= 300 {
+        let msg = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+            .unwrap_or(body);
+        eprintln!("error: {endpoint}: HTTP {status}: {msg}");
+        return ExitCode::from(if status == 429 { 75 } else { 1 });
+    }
+    match op {
+        CtlOp::Info { json: false } => match serde_json::from_str::<serde_json::Value>(&body) {
+            Ok(v) => print!("{}", info_table(&v)),
+            Err(e) => return fail(format!("bad vm.info reply: {e}")),
+        },
+        _ if !body.is_empty() => println!("{body}"),
+        _ => {}
+    }
+    ExitCode::SUCCESS
+}
+
+/// `vm.info` as a table for people.
+pub fn info_table(v: &serde_json::Value) -> String {
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let mut out = format!(
+        "max {}  present {}  paused {}  pending removals {}  refused ejects {}  parked fds {}  reused fds {}\n",
+        s(&v["max_vcpus"]),
+        s(&v["present_vcpus"]),
+        s(&v["paused"]),
+        s(&v["pending_removals"]),
+        s(&v["refused_ejects"]),
+        s(&v["parked_vcpu_fds"]),
+        s(&v["reused_vcpu_fds"])
+    );
+    let m = &v["migration"];
+    if !m.is_null() {
+        out.push_str(&format!(
+            "migration: {}  rounds {}  sent {} bytes  dirty rate {:.0} pages/s  expected downtime {:.1} ms{}\n",
+            s(&m["phase"]),
+            s(&m["rounds"]),
+            s(&m["bytes_sent"]),
+            m["dirty_rate"].as_f64().unwrap_or(0.0),
+            m["expected_downtime_ms"].as_f64().unwrap_or(0.0),
+            m["error"].as_str().map(|e| format!("  error: {e}")).unwrap_or_default()
+        ));
+    }
+    out.push_str(&format!(
+        "{:>4} {:>7} {:>7} {:>8} {:>13} {:>6} {:>6} {:>9} {:>8}\n",
+        "cpu", "apic_id", "present", "vcpu", "mp_state", "apic", "apicSW", "pending", "ost"
+    ));
+    for c in v["cpus"].as_array().into_iter().flatten() {
+        let pending = match (
+            c["inserting"].as_bool(),
+            c["removing"].as_bool(),
+            c["remove_requested"].as_bool(),
+        ) {
+            (Some(true), _, _) => "insert",
+            (_, Some(true), _) => "remove",
+            (_, _, Some(true)) => "eject",
+            _ => "-",
+        };
+        out.push_str(&format!(
+            "{:>4} {:>7} {:>7} {:>8} {:>13} {:>6} {:>6} {:>9} {:>8}\n",
+            s(&c["id"]),
+            s(&c["apic_id"]),
+            s(&c["present"]),
+            s(&c["vcpu"]),
+            s(&c["mp_state"]),
+            s(&c["apic_mode"]),
+            s(&c["apic_sw_enabled"]),
+            pending,
+            format!(
+                "{:#x}/{:#x}",
+                c["ost_event"].as_u64().unwrap_or(0),
+                c["ost_status"].as_u64().unwrap_or(0)
+            )
+        ));
+    }
+    out
+}

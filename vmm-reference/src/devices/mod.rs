@@ -1,0 +1,286 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The VM's devices as one unit: COM1 with its console back end, the ACPI PM/GPE/CPU-hotplug
+//! block with its SCI, the port I/O bus that routes vCPU exits to them, and the wiring of
+//! their interrupts into a KVM VM. A device change (a new device, another console back end,
+//! other interrupt wiring) edits this directory alone.
+//!
+//! Life cycle: [`Devices::new`] (boot) or [`Devices::from_state`] (restore, migration) build
+//! the unit without touching KVM; [`Devices::connect`] attaches the interrupt lines once the
+//! vCPUs and the irqchip state exist; [`Devices::state`] captures it (console input stops
+//! until [`Devices::resume_input`]); [`Devices::move_to`] re-wires a VM rebuilt on a new
+//! KVM VM; [`Devices::close`] ends the console threads.
+
+pub mod console;
+pub mod irq;
+pub mod serial;
+
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use acpi_cpu_hotplug::{AcpiHotplugDevice, AcpiHotplugState, HotplugLayout, HotplugSink, SleepSink};
+use kvm_ioctls::VmFd;
+use vcpu_manager::Topology;
+use vm_device::bus::{PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, PioManager};
+use vm_device::DevicePio;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use console::{serve_socket, ConsoleOut, SocketConsole};
+pub use irq::LevelIrq;
+pub use serial::{pump_input, EventFdTrigger, SerialDevice};
+
+use crate::acpi::{COM1_IRQ, COM1_PORT};
+use crate::config::SerialMode;
+use crate::error::{kvm_err, VmmError};
+use crate::snapshot::SerialSnapshot;
+
+/// What the devices need from the rest of the VMM.
+pub struct DeviceContext<'a> {
+    /// CPU topology (the hotplug block's APIC ids).
+    pub topology: Topology,
+    /// Where COM1's output goes and its input comes from.
+    pub serial: &'a SerialMode,
+    /// Receives the guest's S5 request.
+    pub power: Arc<dyn SleepSink>,
+    /// Receives the guest's ejects and `_OST` reports.
+    pub hotplug: Arc<dyn HotplugSink>,
+}
+
+/// The saved state of the devices.
+pub struct DeviceState {
+    /// PM1, GPE0 and the CPU hotplug controller.
+    pub acpi: AcpiHotplugState,
+    /// COM1's registers and FIFO.
+    pub serial: SerialSnapshot,
+}
+
+/// COM1, the ACPI block, their interrupt lines and the I/O bus.
+pub struct Devices {
+    io: Arc<IoManager>,
+    acpi: Arc<Mutex<AcpiHotplugDevice>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    /// COM1's irqfd (GSI 4), edge-triggered: vm-superio writes it on every interrupt.
+    serial_irq: EventFd,
+    /// The SCI, level-triggered through irqfd + resamplefd.
+    sci: Arc<LevelIrq>,
+    console: Option<Arc<SocketConsole>>,
+    /// Ends the console input threads.
+    stop: Arc<AtomicBool>,
+}
+
+impl Devices {
+    /// The devices of a VM that boots with `boot_vcpus` present CPUs.
+    pub fn new(ctx: DeviceContext<'_>, boot_vcpus: u32) -> Result<Devices, VmmError> {
+        Devices::build(ctx, None, boot_vcpus)
+    }
+
+    /// The devices with the registers, FIFO and pending hotplug events of `state`.
+    pub fn from_state(ctx: DeviceContext<'_>, state: &DeviceState) -> Result<Devices, VmmError> {
+        Devices::build(ctx, Some(state), 0)
+    }
+
+    fn build(
+        ctx: DeviceContext<'_>,
+        saved: Option<&DeviceState>,
+        boot_vcpus: u32,
+    ) -> Result<Devices, VmmError> {
+        let io_err = |what: &str| {
+            let what = what.to_string();
+            move |source| VmmError::Io { what, source }
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        // COM1 on GSI 4 through an irqfd (attached to the VM by `connect`).
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+        let trigger = serial_irq.try_clone().map_err(io_err("eventfd"))?;
+        let (out, console) = console_out(ctx.serial)?;
+        let serial = match saved {
+            None => SerialDevice::new(trigger, out),
+            Some(s) => SerialDevice::from_state(&s.serial, trigger, out).map_err(io_err("restoring COM1"))?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        let sci = Arc::new(
+            LevelIrq::unregistered(u32::from(HotplugLayout::default().pm.sci_irq))
+                .map_err(io_err("SCI irqfd"))?,
+        );
+        let acpi = Arc::new(Mutex::new(acpi_device(&ctx, saved, boot_vcpus, sci.clone())?));
+        let mut io = IoManager::new();
+        register(&mut io, COM1_PORT, 8, serial.clone())?;
+        for (base, len) in HotplugLayout::default().pio_ranges() {
+            register(&mut io, base, len, acpi.clone())?;
+        }
+        let devices = Devices {
+            io: Arc::new(io),
+            acpi,
+            serial,
+            serial_irq,
+            sci,
+            console: console.as_ref().map(|(c, _)| c.clone()),
+            stop,
+        };
+        devices.start_input(ctx.serial, console.map(|(_, l)| l))?;
+        Ok(devices)
+    }
+
+    /// The thread that feeds console input into COM1: a socket's clients, or stdin.
+    fn start_input(&self, mode: &SerialMode, listener: Option<UnixListener>) -> Result<(), VmmError> {
+        let (s, st) = (self.serial.clone(), self.stop.clone());
+        let spawned = match (&self.console, listener) {
+            (Some(c), Some(l)) => {
+                let c = c.clone();
+                std::thread::Builder::new().name("console".into()).spawn(move || {
+                    crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Device);
+                    serve_socket(c, l, s, st)
+                })
+            }
+            _ if *mode == SerialMode::Stdout => {
+                std::thread::Builder::new().name("stdin".into()).spawn(move || {
+                    crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Device);
+                    pump_input(&s, std::io::stdin(), &st)
+                })
+            }
+            _ => return Ok(()),
+        };
+        spawned.map(drop).map_err(|source| VmmError::Io {
+            what: "console input thread".into(),
+            source,
+        })
+    }
+
+    /// Attach the interrupt lines to `vm`. Last in a build: the IOAPIC state and every LAPIC
+    /// exist, so a line that is high in the saved state is delivered, not dropped.
+    pub fn connect(&self, vm: &VmFd) -> Result<(), VmmError> {
+        vm.register_irqfd(&self.serial_irq, COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD(serial)"))?;
+        self.sci.register(vm).map_err(|source| VmmError::Io {
+            what: "KVM_IRQFD(SCI)".into(),
+            source,
+        })
+    }
+
+    /// Move the interrupt lines from `old` to `new` (a VM rebuilt on a new KVM VM): an eventfd
+    /// feeds one VM's irqfd at a time. On failure they are back on `old`.
+    pub fn move_to(&self, old: &VmFd, new: &VmFd) -> Result<(), VmmError> {
+        let _ = old.unregister_irqfd(&self.serial_irq, COM1_IRQ);
+        let _ = self.sci.unregister(old);
+        let moved = self.connect(new);
+        if moved.is_err() {
+            let _ = new.unregister_irqfd(&self.serial_irq, COM1_IRQ);
+            let _ = self.sci.unregister(new);
+            let _ = self.connect(old);
+        }
+        moved
+    }
+
+    /// The devices' state. Console input stops with it (a byte taken after the capture would
+    /// be lost with a VM that migrates away) until [`Devices::resume_input`].
+    pub fn state(&self) -> DeviceState {
+        let acpi = self.lock_acpi().state();
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        serial.quiesce_input();
+        DeviceState {
+            acpi,
+            serial: serial.state(),
+        }
+    }
+
+    /// Console input flows again after a capture (this VM runs on).
+    pub fn resume_input(&self) {
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .resume_input();
+    }
+
+    /// The port I/O bus the vCPU exits go to.
+    pub fn io(&self) -> Arc<IoManager> {
+        self.io.clone()
+    }
+
+    /// The ACPI PM/GPE/CPU hotplug device.
+    pub fn acpi(&self) -> &Arc<Mutex<AcpiHotplugDevice>> {
+        &self.acpi
+    }
+
+    /// The ACPI device, locked.
+    pub fn lock_acpi(&self) -> MutexGuard<'_, AcpiHotplugDevice> {
+        self.acpi.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// End the console input threads and remove the console socket now, not when the last
+    /// holder of the VM's state (an API thread) lets go.
+    pub fn close(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(c) = &self.console {
+            c.close();
+        }
+    }
+}
+
+/// The ACPI block, fresh or from saved state.
+fn acpi_device(
+    ctx: &DeviceContext<'_>,
+    saved: Option<&DeviceState>,
+    boot_vcpus: u32,
+    sci: Arc<LevelIrq>,
+) -> Result<AcpiHotplugDevice, VmmError> {
+    let layout = HotplugLayout::default();
+    let t = ctx.topology;
+    let apic_ids: Vec<u32> = (0..t.max_vcpus()).map(|i| t.apic_id(i)).collect();
+    let (power, hotplug) = (ctx.power.clone(), ctx.hotplug.clone());
+    match saved {
+        None => Ok(AcpiHotplugDevice::new(
+            layout, &apic_ids, boot_vcpus, sci, power, hotplug,
+        )),
+        Some(s) => {
+            AcpiHotplugDevice::from_state(layout, &apic_ids, &s.acpi, sci, power, hotplug).map_err(|e| {
+                VmmError::Io {
+                    what: format!("restoring the ACPI hotplug device: {e}"),
+                    source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+                }
+            })
+        }
+    }
+}
+
+/// COM1's output sink, and for a socket console the console and its listener.
+#[allow(clippy::type_complexity)]
+fn console_out(
+    mode: &SerialMode,
+) -> Result<(ConsoleOut, Option<(Arc<SocketConsole>, UnixListener)>), VmmError> {
+    Ok(match mode {
+        SerialMode::Stdout => (ConsoleOut::Stdout(std::io::stdout()), None),
+        SerialMode::File(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| VmmError::Io {
+                    what: format!("--serial file={}", p.display()),
+                    source,
+                })?;
+            (ConsoleOut::File(f), None)
+        }
+        SerialMode::Socket(p) => {
+            let (c, l) = SocketConsole::bind(p).map_err(|source| VmmError::Io {
+                what: format!("--serial socket={}", p.display()),
+                source,
+            })?;
+            (ConsoleOut::Socket(c.clone()), Some((c, l)))
+        }
+    })
+}
+
+fn register<D>(io: &mut IoManager, base: u16, len: u16, dev: Arc<D>) -> Result<(), VmmError>
+where
+    D: DevicePio + Send + Sync + 'static,
+{
+    let range = PioRange::new(PioAddress(base), len).map_err(|e| VmmError::Io {
+        what: format!("I/O range {base:#x}+{len}: {e}"),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    })?;
+    io.register_pio(range, dev).map_err(|e| VmmError::Io {
+        what: format!("registering ports {base:#x}+{len}: {e}"),
+        source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+    })
+}
