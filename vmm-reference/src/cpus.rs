@@ -26,6 +26,49 @@ impl VmInner {
     /// Hot-add CPU `index`: create (or reuse) its vCPU, start it, then tell the guest.
     pub fn add_cpu_index(&self, index: u32) -> Result<(), ControlError> {
         self.not_migrating()?;
+        let mut vcpus = self.lock_vcpus_or_busy()?;
+        self.add_locked(&mut vcpus, index)
+    }
+
+    /// Hot-add the lowest absent CPU; returns its index. The choice and the add happen under
+    /// one hold of the vCPU lock, so clients asking at once each get their own CPU.
+    pub fn add_cpu(&self) -> Result<u32, ControlError> {
+        self.not_migrating()?;
+        let mut vcpus = self.lock_vcpus_or_busy()?;
+        self.add_lowest(&mut vcpus)
+    }
+
+    /// The lowest absent CPU that can be added now (not one still on its way out), added.
+    fn add_lowest(&self, vcpus: &mut VcpuManager) -> Result<u32, ControlError> {
+        let present = self.present();
+        let absent: Vec<u32> = (0..self.topology.max_vcpus())
+            .filter(|i| !present.contains(i))
+            .collect();
+        if absent.is_empty() {
+            return Err(ControlError::BadRequest("all possible CPUs are present".into()));
+        }
+        let leaving = |i: &u32| {
+            matches!(vcpus.slot(*i), Some(Slot::Running(_)))
+                || self
+                    .pending_removals
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(i)
+        };
+        let Some(index) = absent.iter().copied().find(|i| !leaving(i)) else {
+            return Err(ControlError::Busy(format!(
+                "CPU(s) {absent:?} are still being removed, retry"
+            )));
+        };
+        self.add_locked(vcpus, index)?;
+        Ok(index)
+    }
+
+    /// Add CPU `index` with the vCPU lock held (`vcpus`).
+    fn add_locked(&self, vcpus: &mut VcpuManager, index: u32) -> Result<(), ControlError> {
+        // Under the vCPU lock, which a snapshot or migration takes to capture the VM: a
+        // change that lands after the capture would be lost on the other side.
+        self.not_migrating()?;
         if index >= self.topology.max_vcpus() {
             return Err(ControlError::BadRequest(format!(
                 "CPU {index} is beyond the maximum of {} CPUs",
@@ -45,10 +88,6 @@ impl VmInner {
                 "removal of CPU {index} is in progress, retry"
             )));
         }
-        let mut vcpus = self.lock_vcpus_or_busy()?;
-        // Again under the vCPU lock, which a snapshot or migration takes to capture the VM: a
-        // change that lands after the capture would be lost on the other side.
-        self.not_migrating()?;
         if self
             .lock_dev()
             .controller()
@@ -77,20 +116,15 @@ impl VmInner {
             .map_err(|e| ControlError::Internal(e.to_string()))
     }
 
-    /// Hot-add the lowest absent CPU; returns its index.
-    pub fn add_cpu(&self) -> Result<u32, ControlError> {
-        let present = self.present();
-        let index = (0..self.topology.max_vcpus())
-            .find(|i| !present.contains(i))
-            .ok_or_else(|| ControlError::BadRequest("all possible CPUs are present".into()))?;
-        self.add_cpu_index(index)?;
-        Ok(index)
-    }
-
     /// Ask the guest to remove CPU `index`; the vCPU goes away when the guest ejects it.
     pub fn remove_cpu(&self, index: u32) -> Result<(), ControlError> {
-        // Under the vCPU lock, like add: the request must land before a capture or not at all.
-        let _vcpus = self.lock_vcpus_or_busy()?;
+        let vcpus = self.lock_vcpus_or_busy()?;
+        self.remove_locked(&vcpus, index)
+    }
+
+    /// Request the removal of CPU `index` with the vCPU lock held (`_held`): like an add, the
+    /// request must land before a capture or not at all.
+    fn remove_locked(&self, _held: &VcpuManager, index: u32) -> Result<(), ControlError> {
         self.not_migrating()?;
         if index == 0 {
             return Err(ControlError::BadRequest(
@@ -141,6 +175,8 @@ impl VmInner {
     }
 
     /// Make `desired` CPUs present: add the lowest absent ones or remove the highest present.
+    /// One hold of the vCPU lock for the whole change: a concurrent resize or add sees its
+    /// result, not half of it.
     pub fn resize(&self, desired: u32) -> Result<(), ControlError> {
         self.not_migrating()?;
         let max = self.topology.max_vcpus();
@@ -149,6 +185,7 @@ impl VmInner {
                 "desired_vcpus must be between 1 and {max}, got {desired}"
             )));
         }
+        let mut vcpus = self.lock_vcpus_or_busy()?;
         if !self
             .pending_removals
             .lock()
@@ -167,11 +204,11 @@ impl VmInner {
         let n = present.len() as u32;
         if desired > n {
             for _ in n..desired {
-                self.add_cpu()?;
+                self.add_lowest(&mut vcpus)?;
             }
         } else {
             for index in present.iter().rev().take((n - desired) as usize) {
-                self.remove_cpu(*index)?;
+                self.remove_locked(&vcpus, *index)?;
             }
         }
         Ok(())

@@ -486,3 +486,51 @@ fn concurrent_clients_never_get_a_500_and_the_guest_keeps_running() {
     vm.assert_ticking(&present);
     vm.poweroff();
 }
+
+#[test]
+fn concurrent_add_cpu_and_resize_calls_each_take_their_own_cpu() {
+    if !kvm_or_skip("concurrent_add_cpu_and_resize_calls_each_take_their_own_cpu") {
+        return;
+    }
+    // `vm.add-cpu` without an id means "any absent CPU": clients asking at once must each get
+    // one (two that picked the same lowest absent CPU got 400 "already present"), and two
+    // resizes to the same size at once must both succeed, adding each CPU once.
+    let mut vm = Vmm::start("concurrent-add", "boot=1,max=8");
+    let api = vm.api.clone();
+    let at_once = |n: usize, ep: &'static str, body: Option<&'static str>| -> Vec<(u16, String)> {
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+        let threads: Vec<_> = (0..n)
+            .map(|_| {
+                let (api, barrier) = (api.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    vmm_reference::api::request(&api, "PUT", ep, body).unwrap_or_else(|e| panic!("{ep}: {e}"))
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().expect("client")).collect()
+    };
+    let adds = at_once(5, "vm.add-cpu", None);
+    let mut ids: Vec<u64> = adds
+        .iter()
+        .map(|(status, body)| {
+            assert_eq!(*status, 200, "add-cpu: {body}");
+            let v: Value = serde_json::from_str(body).expect("JSON");
+            v["id"].as_u64().expect("id")
+        })
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2, 3, 4, 5], "each client got its own CPU");
+    for _ in 0..5 {
+        vm.event("EVENT insert");
+    }
+    let resizes = at_once(2, "vm.resize", Some(r#"{"desired_vcpus":8}"#));
+    assert!(resizes.iter().all(|(s, _)| *s == 204), "{resizes:?}");
+    for _ in 0..2 {
+        vm.event("EVENT insert");
+    }
+    assert_eq!(vm.info()["present_vcpus"], 8);
+    let s = vm.status();
+    assert_eq!((s.present, s.online), (8, 8), "{s:?}");
+    vm.poweroff();
+}
