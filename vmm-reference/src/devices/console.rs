@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
-use super::serial::{pump_input, SerialDevice};
+use super::serial::{pump_input, wait_readable, SerialDevice};
 
 /// Output sink of the console: stdout, a file, or the connected socket client.
 pub enum ConsoleOut {
@@ -211,19 +211,29 @@ impl Drop for SocketConsole {
     }
 }
 
-/// Accept console clients on `listener` forever; each new client replaces the previous one
-/// and its input goes to the serial port.
+/// Accept console clients on `listener` until `stop`; each new client replaces the previous
+/// one and its input goes to the serial port.
 pub fn serve_socket(
     console: Arc<SocketConsole>,
     listener: UnixListener,
     serial: Arc<Mutex<SerialDevice>>,
     stop: Arc<AtomicBool>,
 ) {
-    for conn in listener.incoming() {
-        if stop.load(Ordering::Relaxed) {
-            return;
+    use std::os::fd::AsRawFd;
+    // Polled, not a blocking accept: the thread ends with the VM (`stop`) instead of holding
+    // the console and COM1 until the process exits.
+    while !stop.load(Ordering::Relaxed) {
+        match wait_readable(listener.as_raw_fd(), 100) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                log::warn!("console socket: {e}; no more console clients");
+                return;
+            }
         }
-        let Ok(conn) = conn else { continue };
+        let Ok((conn, _)) = listener.accept() else {
+            continue;
+        };
         let Ok(reader) = conn.try_clone() else { continue };
         if console.attach(conn).is_err() {
             continue;

@@ -17,6 +17,8 @@ pub struct LevelIrq {
     resample: EventFd,
     gsi: u32,
     level: Arc<AtomicBool>,
+    /// Ends the resample thread (set when the line is dropped).
+    closed: Arc<AtomicBool>,
 }
 
 impl LevelIrq {
@@ -39,14 +41,15 @@ impl LevelIrq {
             resample: resample.try_clone()?,
             gsi,
             level,
+            closed: Arc::new(AtomicBool::new(false)),
         };
-        let (l2, fd2) = (line.level.clone(), line.irqfd.try_clone()?);
+        let (l2, fd2, closed) = (line.level.clone(), line.irqfd.try_clone()?, line.closed.clone());
         std::thread::Builder::new()
             .name(format!("irq{gsi}-resample"))
             .spawn(move || {
                 crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Device);
                 loop {
-                    if resample.read().is_err() {
+                    if resample.read().is_err() || closed.load(Ordering::SeqCst) {
                         return;
                     }
                     if l2.load(Ordering::SeqCst) {
@@ -72,6 +75,16 @@ impl LevelIrq {
     pub fn unregister(&self, vm: &VmFd) -> std::io::Result<()> {
         vm.unregister_irqfd(&self.irqfd, self.gsi)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+impl Drop for LevelIrq {
+    fn drop(&mut self) {
+        // Wake the resample thread so that it sees `closed` and ends with the line.
+        self.closed.store(true, Ordering::SeqCst);
+        if let Err(e) = self.resample.write(1) {
+            log::warn!("ending the irq{} resample thread: {e}", self.gsi);
+        }
     }
 }
 

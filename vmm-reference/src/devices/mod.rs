@@ -284,3 +284,61 @@ where
         source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    struct Nobody;
+    impl SleepSink for Nobody {
+        fn sleep(&self, _slp_typ: u8) {}
+    }
+    impl HotplugSink for Nobody {
+        fn cpu_ejected(&self, _cpu: u32) {}
+    }
+
+    /// Threads of this process with one of `names`.
+    fn threads(names: &[&str]) -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .expect("task dir")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|c| names.contains(&c.trim()))
+            .count()
+    }
+
+    /// A VMM that runs VMs one after another in one process (a library user, the tests)
+    /// must not keep a console accept thread, its writer and a resample thread per VM that
+    /// ended: they held COM1 and the SCI until the process exited.
+    #[test]
+    fn closed_devices_leave_no_thread_behind() {
+        let names = ["console", "console-out", "irq9-resample"];
+        let dir = std::env::temp_dir().join(format!("devices-close-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mode = SerialMode::Socket(dir.join("con.sock"));
+        let before = threads(&names);
+        let ctx = DeviceContext {
+            topology: Topology::new(2),
+            serial: &mode,
+            power: Arc::new(Nobody),
+            hotplug: Arc::new(Nobody),
+        };
+        let devices = Devices::new(ctx, 1).expect("devices");
+        let wait_for = |want: &dyn Fn(usize) -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !want(threads(&names)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            threads(&names)
+        };
+        assert_eq!(
+            wait_for(&|n| n >= before + 3),
+            before + 3,
+            "the devices' threads run"
+        );
+        devices.close();
+        drop(devices);
+        assert_eq!(wait_for(&|n| n == before), before, "threads left behind");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

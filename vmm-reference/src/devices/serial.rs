@@ -146,7 +146,7 @@ pub fn pump_input(serial: &Arc<Mutex<SerialDevice>>, input: impl AsRawFd, stop: 
 }
 
 /// Wait up to `ms` for `fd` to be readable (or at EOF).
-fn wait_readable(fd: RawFd, ms: i32) -> std::io::Result<bool> {
+pub(super) fn wait_readable(fd: RawFd, ms: i32) -> std::io::Result<bool> {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLIN,
