@@ -5,7 +5,7 @@
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -94,7 +94,10 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     // Nothing to do: the signal exists only to make KVM_RUN return EINTR.
 }
 
-static REGISTER: Once = Once::new();
+/// Whether the kick handler is installed. Not a `Once`: a registration that failed must be
+/// tried again, not remembered as done (a kick without the handler would kill the process,
+/// SIGRTMIN's default action).
+static REGISTERED: Mutex<bool> = Mutex::new(false);
 
 /// How long [`VcpuRunner::stop_and_join`] kicks a vCPU thread before leaving it behind.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -108,11 +111,19 @@ pub fn kick_signal() -> libc::c_int {
 }
 
 fn ensure_signal_handler() -> Result<()> {
-    let mut res = Ok(());
-    REGISTER.call_once(|| {
-        res = register_signal_handler(kick_signal(), kick_handler).map_err(Error::Signal);
-    });
-    res
+    ensure_registered(&REGISTERED, || {
+        register_signal_handler(kick_signal(), kick_handler).map_err(Error::Signal)
+    })
+}
+
+/// Run `register` unless `done` says an earlier call succeeded; only success is remembered.
+fn ensure_registered(done: &Mutex<bool>, register: impl FnOnce() -> Result<()>) -> Result<()> {
+    let mut done = done.lock().unwrap_or_else(|e| e.into_inner());
+    if !*done {
+        register()?;
+        *done = true;
+    }
+    Ok(())
 }
 
 type Request = Box<dyn FnOnce(&mut VcpuFd) + Send>;
@@ -456,5 +467,35 @@ fn run_loop(fd: &mut VcpuFd, handler: &dyn ExitHandler, sh: &Shared) -> VcpuExit
             Err(e) if e.errno() == libc::EAGAIN => {}
             Err(e) => return VcpuExitReason::RunError(e.errno()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed registration is tried again on the next call instead of being remembered as
+    /// done (with `Once`, the second call returned Ok without a handler, and the next kick
+    /// killed the process); a successful one runs once.
+    #[test]
+    fn a_failed_kick_handler_registration_is_retried() {
+        let done = Mutex::new(false);
+        let calls = std::cell::Cell::new(0);
+        let failing = || {
+            calls.set(calls.get() + 1);
+            Err(Error::Signal(vmm_sys_util::errno::Error::new(libc::EINVAL)))
+        };
+        assert!(ensure_registered(&done, failing).is_err());
+        assert!(
+            ensure_registered(&done, failing).is_err(),
+            "a failure is not remembered as done"
+        );
+        let working = || {
+            calls.set(calls.get() + 1);
+            Ok(())
+        };
+        assert!(ensure_registered(&done, working).is_ok());
+        assert!(ensure_registered(&done, working).is_ok());
+        assert_eq!(calls.get(), 3, "registered once after two failures");
     }
 }
