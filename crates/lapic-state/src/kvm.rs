@@ -151,7 +151,9 @@ pub fn save(vcpu: &VcpuFd, vcpu_id: u32, conv: &KvmConventions) -> Result<LapicS
 
 /// Restore `state` into vCPU `vcpu_id` under `conv`, atomically: everything KVM could refuse
 /// is checked first, and nothing is written unless it will be accepted. (KVM's own
-/// `KVM_SET_LAPIC` is not atomic: it applies SPIV before it checks the x2APIC id.)
+/// `KVM_SET_LAPIC` is not atomic: it applies SPIV before it checks the x2APIC id.) The x2APIC
+/// id format is read from the vCPU itself when it shows it (x2APIC mode, vCPU id not 0), so
+/// a wrong `conv.x2apic_32bit_ids` cannot break that promise.
 ///
 /// The vCPU's APIC base must already equal the state's (restore SREGS first). TSC-deadline
 /// and IA32_TSC MSRs must be written after this call; see [`crate::timer`].
@@ -167,9 +169,6 @@ pub fn restore(
             vcpu: vcpu_id,
         });
     }
-    if let Some(f) = state.validate(conv).into_iter().find(|f| !f.kvm_accepts) {
-        return Err(KvmLapicError::Invalid(f.error));
-    }
     let found = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?.apic_base;
     if found != state.apic_base.0 {
         return Err(KvmLapicError::ApicBaseNotRestored {
@@ -177,6 +176,39 @@ pub fn restore(
             found,
         });
     }
+    // The id format the VM really uses, not the caller's word for it: a wrong one makes KVM
+    // refuse the ID word after it has applied SPIV (a failed restore that changed the vCPU).
+    let conv = &live_id_format(vcpu, vcpu_id, state.apic_base, conv)?;
+    if let Some(f) = state.validate(conv).into_iter().find(|f| !f.kvm_accepts) {
+        return Err(KvmLapicError::Invalid(f.error));
+    }
     vcpu.set_lapic(&state.denormalise(conv))
         .map_err(ioctl("KVM_SET_LAPIC"))
+}
+
+/// `conv` with the x2APIC id format of `vcpu`'s VM as the vCPU shows it. In x2APIC mode KVM
+/// reports the ID word as the vCPU id with 32-bit ids (`KVM_X2APIC_API_USE_32BIT_IDS`) and as
+/// `id << 24` without. Elsewhere (xAPIC, disabled, or vCPU 0, where both read 0) the format
+/// does not change the blob and `conv` stands.
+fn live_id_format(
+    vcpu: &VcpuFd,
+    vcpu_id: u32,
+    base: ApicBase,
+    conv: &KvmConventions,
+) -> Result<KvmConventions, KvmLapicError> {
+    if base.mode() != crate::ApicMode::X2Apic || vcpu_id == 0 {
+        return Ok(*conv);
+    }
+    let lapic = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
+    let id = LapicPage::view(&lapic).reg(regs::ID);
+    let x2apic_32bit_ids = match id {
+        i if i == vcpu_id => true,
+        i if i == vcpu_id << 24 => false,
+        // Neither (not a vCPU KVM set up itself): keep the caller's word.
+        _ => return Ok(*conv),
+    };
+    Ok(KvmConventions {
+        x2apic_32bit_ids,
+        ..*conv
+    })
 }

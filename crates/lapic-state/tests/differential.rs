@@ -394,3 +394,61 @@ fn migrate_between_id_formats() {
     let other = LapicState { vcpu_id: 7, ..state };
     assert!(lapic_state::kvm::restore(&d.fd, d.id, &other, &dst.conv).is_err());
 }
+
+/// `kvm::restore` with a caller's conventions that name the wrong x2APIC id format: for each
+/// format and vCPU id, a restore either leaves the vCPU exactly as the state says or fails
+/// having written nothing. (Trusting the caller's bool, a 32-bit-id VM given "legacy" got an
+/// ID word KVM refuses after it has applied SPIV: a failed restore that changed the vCPU.)
+#[test]
+fn restore_with_the_wrong_id_format_is_atomic() {
+    let Some(kvm) = kvm_or_skip("restore_with_the_wrong_id_format_is_atomic") else {
+        return;
+    };
+    let base = ApicBase(ApicBase::DEFAULT_ADDRESS | ApicBase::ENABLE | ApicBase::EXTD);
+    for ids_32bit in [true, false] {
+        let h = harness(&kvm, ids_32bit);
+        let wrong = KvmConventions {
+            x2apic_32bit_ids: !ids_32bit,
+            ..h.conv
+        };
+        for v in h.vcpus.iter().filter(|v| v.id != 0) {
+            set_base(&v.fd, base);
+            // The state: SPIV enabled, a TPR, a timer vector; the vCPU: SPIV disabled.
+            let mut blob = v.fd.get_lapic().unwrap();
+            {
+                let p = LapicPage::view_mut(&mut blob);
+                p.set_reg(regs::SPIV, 0x1ff);
+                p.set_reg(regs::TPR, 0x30);
+                p.set_reg(regs::LVT_TIMER, 0x10000 | 0xee);
+            }
+            v.fd.set_lapic(&blob).unwrap();
+            let state = lapic_state::kvm::save(&v.fd, v.id, &h.conv).unwrap();
+            let mut off = v.fd.get_lapic().unwrap();
+            LapicPage::view_mut(&mut off).set_reg(regs::SPIV, 0xff);
+            LapicPage::view_mut(&mut off).set_reg(regs::TPR, 0);
+            v.fd.set_lapic(&off).unwrap();
+            let before = v.fd.get_lapic().unwrap();
+            let case = format!("32-bit ids {ids_32bit}, vCPU {}", v.id);
+            match lapic_state::kvm::restore(&v.fd, v.id, &state, &wrong) {
+                Ok(()) => {
+                    let back = lapic_state::kvm::save(&v.fd, v.id, &h.conv).unwrap();
+                    assert_eq!(
+                        tmcct_mask(&back.page),
+                        tmcct_mask(&state.page),
+                        "{case}: restored, but not as saved: {}",
+                        diff(&back.page, &state.page)
+                    );
+                }
+                Err(e) => {
+                    let now = LapicPage::from(v.fd.get_lapic().unwrap());
+                    let was = LapicPage::from(before);
+                    assert!(
+                        tmcct_mask(&now) == tmcct_mask(&was),
+                        "{case}: the restore failed ({e}) and changed the vCPU: {}",
+                        diff(&now, &was)
+                    );
+                }
+            }
+        }
+    }
+}
