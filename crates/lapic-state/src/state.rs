@@ -53,6 +53,15 @@ pub enum LapicError {
     /// The LVT timer selects the reserved timer mode 11b (or TSC-deadline without support).
     #[error("LVT timer selects a reserved or unsupported timer mode ({0:#x})")]
     ReservedTimerMode(u32),
+    /// A one-shot timer that has expired (TMICT set, TMCCT 0): KVM arms it again on restore
+    /// and it fires once more, which is right if its interrupt was still pending (not yet
+    /// injected) and one spurious interrupt if the guest already took it. The page cannot
+    /// tell the two apart.
+    #[error("expired one-shot timer (TMICT {tmict:#x}, TMCCT 0) fires once more when restored")]
+    ExpiredOneShotFiresAgain {
+        /// TMICT.
+        tmict: u32,
+    },
 }
 
 /// One validation finding and whether `KVM_SET_LAPIC` would still accept the state.
@@ -206,6 +215,12 @@ impl LapicState {
         }
         let lvtt = p.reg(regs::LVT_TIMER);
         let mode = lvtt & (3 << 17);
+        if mode == 0 && tmict != 0 && tmcct == 0 && !Lvt(lvtt).masked() {
+            out.push(Finding {
+                error: LapicError::ExpiredOneShotFiresAgain { tmict },
+                kvm_accepts: true,
+            });
+        }
         if mode == 3 << 17 || (mode == 2 << 17 && !conv.tsc_deadline) {
             out.push(Finding {
                 error: LapicError::ReservedTimerMode(lvtt),

@@ -5,11 +5,15 @@
 //!    TSC-deadline mode, so the MSR must be written **after** `KVM_SET_LAPIC`.
 //! 2. KVM compares the deadline with the guest TSC, so IA32_TSC must be written **before**
 //!    IA32_TSC_DEADLINE ([`MSRS_AFTER_LAPIC`] is that order).
-//! 3. The zero-deadline hazard: when the deadline timer fired but its interrupt was not yet
-//!    injected at save time, KVM reports a deadline of 0 and the pending expiry lives in no
-//!    saved register. Restored as 0, the timer stays disarmed and a guest waiting for its tick
-//!    never wakes. [`deadline_to_save`] replaces such a 0 with "now": one early, spurious tick
-//!    (which guests tolerate) instead of a lost one.
+//! 3. Save the deadline KVM reports, as it is. KVM clears IA32_TSC_DEADLINE when it injects
+//!    the timer interrupt (the vector is then in IRR, or the guest has handled it); an expiry
+//!    that fired while the vCPU was not running keeps its past deadline until injected, so the
+//!    restored deadline fires at once. A 0 means disarmed or already delivered, and restores
+//!    as that: nothing is lost and no tick is invented.
+//!
+//! The one-shot timer is the other case to know: a one-shot with TMICT set and TMCCT 0 has
+//! expired, and KVM arms it again (it fires once more) when the page is restored;
+//! [`crate::LapicState::validate`] reports it.
 
 use crate::page::{regs, LapicPage, Lvt};
 use crate::KvmConventions;
@@ -24,21 +28,6 @@ pub const MSRS_AFTER_LAPIC: [u32; 2] = [MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE];
 /// Whether the page's LVT timer is in TSC-deadline mode (given the conventions' mode mask).
 pub fn in_tsc_deadline_mode(page: &LapicPage, conv: &KvmConventions) -> bool {
     page.reg(regs::LVT_TIMER) & conv.timer_mode_mask() == 2 << 17
-}
-
-/// The TSC-deadline value to put in a snapshot, given the value KVM reported and the guest
-/// TSC at save time (see the module docs for the hazard this handles).
-pub fn deadline_to_save(page: &LapicPage, conv: &KvmConventions, reported: u64, guest_tsc: u64) -> u64 {
-    if reported != 0 || !in_tsc_deadline_mode(page, conv) || !page.sw_enabled() {
-        return reported;
-    }
-    let lvtt = Lvt(page.reg(regs::LVT_TIMER));
-    let v = lvtt.vector();
-    if lvtt.masked() || page.irr().contains(v) || page.isr().contains(v) {
-        return reported;
-    }
-    // The timer is armed in the guest's view but KVM lost the expiry: fire at once.
-    guest_tsc.max(1)
 }
 
 impl LapicPage {
@@ -77,36 +66,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn zero_deadline_hazard() {
+    fn deadline_mode_and_msr_order() {
         let conv = KvmConventions::CANONICAL;
         let mut p = LapicPage::default();
-        p.set_reg(regs::SPIV, 0x1ff);
         p.set_reg(regs::LVT_TIMER, (2 << 17) | 0xec);
-        assert_eq!(
-            deadline_to_save(&p, &conv, 0, 5000),
-            5000,
-            "armed but lost: fire now"
-        );
-        assert_eq!(
-            deadline_to_save(&p, &conv, 7000, 5000),
-            7000,
-            "a real deadline is kept"
-        );
-        let mut irr = p.irr();
-        irr.set(0xec, true);
-        let mut pending = p;
-        pending.set_vectors(regs::IRR, &irr);
-        assert_eq!(
-            deadline_to_save(&pending, &conv, 0, 5000),
-            0,
-            "tick already pending"
-        );
-        let mut masked = p;
-        masked.set_reg(regs::LVT_TIMER, (2 << 17) | Lvt::MASKED | 0xec);
-        assert_eq!(deadline_to_save(&masked, &conv, 0, 5000), 0);
-        let mut periodic = p;
-        periodic.set_reg(regs::LVT_TIMER, (1 << 17) | 0xec);
-        assert_eq!(deadline_to_save(&periodic, &conv, 0, 5000), 0);
+        assert!(in_tsc_deadline_mode(&p, &conv));
+        p.set_reg(regs::LVT_TIMER, (1 << 17) | 0xec);
+        assert!(!in_tsc_deadline_mode(&p, &conv), "periodic");
         assert_eq!(MSRS_AFTER_LAPIC, [0x10, 0x6e0]);
     }
 

@@ -452,3 +452,55 @@ fn restore_with_the_wrong_id_format_is_atomic() {
         }
     }
 }
+
+/// What a saved TSC deadline of 0 means. KVM clears IA32_TSC_DEADLINE only when it injects
+/// the timer interrupt; a deadline that expired while the vCPU was not running (the interrupt
+/// pending, not yet injected) is still reported, so a restore re-arms it and it fires at once.
+/// A 0 is therefore "disarmed or already delivered", and is saved and restored as it is.
+#[test]
+fn an_expired_deadline_not_yet_injected_is_still_reported() {
+    use lapic_state::timer::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
+    let Some(kvm) = kvm_or_skip("an_expired_deadline_not_yet_injected_is_still_reported") else {
+        return;
+    };
+    let h = harness(&kvm, true);
+    if !h.conv.tsc_deadline {
+        eprintln!("SKIP part: this KVM offers no TSC-deadline timer");
+        return;
+    }
+    let v = &h.vcpus[1];
+    set_base(&v.fd, ApicBase(ApicBase::DEFAULT_ADDRESS | ApicBase::ENABLE));
+    let mut blob = v.fd.get_lapic().unwrap();
+    {
+        let p = LapicPage::view_mut(&mut blob);
+        p.set_reg(regs::SPIV, 0x1ff);
+        p.set_reg(regs::LVT_TIMER, (2 << 17) | 0xec);
+    }
+    v.fd.set_lapic(&blob).unwrap();
+    let msr = |index: u32, data: u64| kvm_bindings::kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    let read = |index: u32| {
+        let mut m = kvm_bindings::Msrs::from_entries(&[msr(index, 0)]).unwrap();
+        assert_eq!(v.fd.get_msrs(&mut m).unwrap(), 1);
+        m.as_slice()[0].data
+    };
+    let tsc = read(MSR_IA32_TSC);
+    // A deadline 1000 TSC cycles ahead: expired well before the read below.
+    let deadline = tsc + 1000;
+    let m = kvm_bindings::Msrs::from_entries(&[msr(MSR_IA32_TSC_DEADLINE, deadline)]).unwrap();
+    assert_eq!(v.fd.set_msrs(&m).unwrap(), 1);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(
+        read(MSR_IA32_TSC_DEADLINE),
+        deadline,
+        "an expired, not yet injected deadline is reported as it was set"
+    );
+    let page = LapicPage::from(v.fd.get_lapic().unwrap());
+    assert!(
+        !page.irr().contains(0xec),
+        "not injected while the vCPU did not run"
+    );
+}

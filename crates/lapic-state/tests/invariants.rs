@@ -333,3 +333,33 @@ fn validation_reports_and_says_what_kvm_accepts() {
         "legacy ids: KVM overrides the id"
     );
 }
+
+/// An expired one-shot timer (TMICT set, TMCCT 0, not masked) is reported: KVM arms it again
+/// on restore. A running one, a masked one and a periodic one are not.
+#[test]
+fn an_expired_one_shot_timer_is_a_finding() {
+    let conv = KvmConventions::CANONICAL;
+    let mut s = LapicState {
+        vcpu_id: 1,
+        apic_base: ApicBase(0xfee0_0900),
+        page: LapicPage::default(),
+    };
+    s.page.set_reg(regs::SPIV, 0x1ff);
+    s.page.set_reg(regs::LVT_TIMER, 0xec);
+    s.page.set_reg(regs::TMICT, 0x1000);
+    let expired = |s: &LapicState| {
+        s.validate(&conv).iter().any(|f| {
+            matches!(f.error, LapicError::ExpiredOneShotFiresAgain { tmict: 0x1000 }) && f.kvm_accepts
+        })
+    };
+    assert!(expired(&s), "{:?}", s.validate(&conv));
+    let mut running = s;
+    running.page.set_reg(regs::TMCCT, 0x10);
+    assert!(!expired(&running));
+    let mut masked = s;
+    masked.page.set_reg(regs::LVT_TIMER, 0x1_00ec);
+    assert!(!expired(&masked));
+    let mut periodic = s;
+    periodic.page.set_reg(regs::LVT_TIMER, (1 << 17) | 0xec);
+    assert!(!expired(&periodic));
+}

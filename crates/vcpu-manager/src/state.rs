@@ -6,7 +6,7 @@ use kvm_bindings::{
     CpuId, Msrs, Xsave,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use lapic_state::timer::{deadline_to_save, MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
+use lapic_state::timer::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
 use lapic_state::{ApicBase, KvmConventions, LapicState};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -194,10 +194,12 @@ pub fn save_vcpu(
     let lapic =
         LapicState::normalise(&blob, vcpu_id, ApicBase(sregs.apic_base), conv).map_err(Error::Lapic)?;
     let msr_vals = read_msrs(vcpu, msrs)?;
-    let dl = read_msrs(vcpu, &[MSR_IA32_TSC_DEADLINE, MSR_IA32_TSC])?;
-    let (reported, tsc) = (dl.as_slice()[0].data, dl.as_slice()[1].data);
-    // KVM reports 0 when the deadline fired but was not injected yet: keep the tick.
-    let tsc_deadline = deadline_to_save(&lapic.page, conv, reported, tsc);
+    // As KVM reports it: a fired deadline not yet injected is still there (it fires at once
+    // when restored); 0 means disarmed or delivered (lapic_state::timer, rule 3).
+    let tsc_deadline = read_msrs(vcpu, &[MSR_IA32_TSC_DEADLINE])?
+        .as_slice()
+        .first()
+        .map_or(0, |e| e.data);
     let tsc_khz = vcpu.get_tsc_khz().ok();
     let cpuid = cpuid.clone();
     // VCPU_EVENTS last: it reflects pending events as of the end of the save.
