@@ -88,6 +88,11 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 part "cargo doc -D warnings"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --locked
 
+# The four library crates package and build as a user of crates.io would get them (the
+# workspace flag lets one depend on another that is not published yet).
+part "cargo publish --dry-run (the four library crates)"
+cargo publish --workspace --dry-run --allow-dirty --locked
+
 # --- tests -----------------------------------------------------------------------------------
 part "cargo test --workspace (lapic-state's kvm feature is on here, via vmm-reference)"
 cargo test --workspace --locked
