@@ -268,15 +268,19 @@ impl LapicState {
 
     /// Decode [`LapicState::encode`] output from untrusted bytes.
     pub fn decode(bytes: &[u8]) -> Result<LapicState, DecodeError> {
-        if bytes.len() < 6 || bytes[0..4] != MAGIC {
+        if bytes.len() < 4 || bytes[0..4] != MAGIC {
             return Err(DecodeError::BadMagic);
         }
-        let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-        if version > FORMAT_VERSION {
-            return Err(DecodeError::UnsupportedVersion {
-                found: version.into(),
-                supported: FORMAT_VERSION.into(),
+        if bytes.len() < 8 {
+            return Err(DecodeError::Length {
+                found: bytes.len(),
+                expected: ENCODED_LEN,
             });
+        }
+        check_version(u16::from_le_bytes([bytes[4], bytes[5]]).into())?;
+        let reserved = u16::from_le_bytes([bytes[6], bytes[7]]);
+        if reserved != 0 {
+            return Err(DecodeError::Reserved(reserved));
         }
         if bytes.len() != ENCODED_LEN {
             return Err(DecodeError::Length {
@@ -317,6 +321,13 @@ pub enum DecodeError {
         /// Newest version supported.
         supported: u32,
     },
+    /// Version 0 was never written: the bytes are damaged or not a state.
+    #[error("LAPIC state format version 0 does not exist")]
+    VersionZero,
+    /// The reserved field is not zero (damaged, or written by a format this build does not
+    /// know).
+    #[error("LAPIC state reserved field is {0:#x}, not 0")]
+    Reserved(u16),
     /// Wrong length.
     #[error("LAPIC state is {found} bytes, expected {expected}")]
     Length {
@@ -327,26 +338,28 @@ pub enum DecodeError {
     },
 }
 
+/// A version this build reads: 1 ..= [`FORMAT_VERSION`].
+fn check_version(version: u32) -> Result<(), DecodeError> {
+    match version {
+        0 => Err(DecodeError::VersionZero),
+        v if v > u32::from(FORMAT_VERSION) => Err(DecodeError::UnsupportedVersion {
+            found: v,
+            supported: FORMAT_VERSION.into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Serde representation (versioned).
 #[derive(Serialize, Deserialize)]
 struct Wire {
     version: u32,
     vcpu_id: u32,
     apic_base: u64,
-    #[serde(with = "serde_bytes_compat")]
+    // Bytes, not a sequence of u8: compact in binary formats, and formats with a bytes type
+    // (CBOR, MessagePack) get one; serde_bytes also reads a sequence (JSON arrays).
+    #[serde(with = "serde_bytes")]
     page: Vec<u8>,
-}
-
-mod serde_bytes_compat {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        Vec::<u8>::deserialize(d)
-    }
 }
 
 impl From<LapicState> for Wire {
@@ -363,12 +376,7 @@ impl From<LapicState> for Wire {
 impl TryFrom<Wire> for LapicState {
     type Error = DecodeError;
     fn try_from(w: Wire) -> Result<LapicState, DecodeError> {
-        if w.version > u32::from(FORMAT_VERSION) {
-            return Err(DecodeError::UnsupportedVersion {
-                found: w.version,
-                supported: FORMAT_VERSION.into(),
-            });
-        }
+        check_version(w.version)?;
         let page: [u8; 1024] = w.page.as_slice().try_into().map_err(|_| DecodeError::Length {
             found: w.page.len(),
             expected: 1024,

@@ -248,7 +248,12 @@ proptest! {
         prop_assert_eq!(LapicState::decode(&s.encode()).unwrap(), s);
         let json = serde_json::to_string(&s).unwrap();
         prop_assert_eq!(serde_json::from_str::<LapicState>(&json).unwrap(), s);
+        // A format that does not describe itself (postcard): the page goes as bytes.
+        let bin = postcard::to_stdvec(&s).unwrap();
+        prop_assert!(bin.len() < 1024 + 32, "page encoded as bytes, {} bytes", bin.len());
+        prop_assert_eq!(postcard::from_bytes::<LapicState>(&bin).unwrap(), s);
         let _ = LapicState::decode(&junk);
+        let _ = postcard::from_bytes::<LapicState>(&junk);
     }
 }
 
@@ -272,6 +277,35 @@ fn newer_versions_are_refused() {
     let err = serde_json::from_str::<LapicState>(&json).unwrap_err().to_string();
     assert!(err.contains("version 9 is newer"), "{err}");
     assert!(LapicState::decode(&e[..100]).is_err());
+}
+
+/// Version 0 was never written, and the reserved field must be zero: both mean damage.
+#[test]
+fn version_zero_and_reserved_bits_are_refused() {
+    let s = LapicState {
+        vcpu_id: 1,
+        apic_base: ApicBase(0xfee0_0900),
+        page: LapicPage::default(),
+    };
+    let mut e = s.encode();
+    e[4] = 0;
+    assert_eq!(LapicState::decode(&e), Err(lapic_state::DecodeError::VersionZero));
+    let mut e = s.encode();
+    e[7] = 0x80;
+    assert_eq!(
+        LapicState::decode(&e),
+        Err(lapic_state::DecodeError::Reserved(0x8000))
+    );
+    let json = serde_json::to_string(&s)
+        .unwrap()
+        .replace("\"version\":1", "\"version\":0");
+    let err = serde_json::from_str::<LapicState>(&json).unwrap_err().to_string();
+    assert!(err.contains("version 0 does not exist"), "{err}");
+    let e = s.encode();
+    assert!(matches!(
+        LapicState::decode(&e[..6]),
+        Err(lapic_state::DecodeError::Length { found: 6, .. })
+    ));
 }
 
 #[test]
