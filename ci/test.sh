@@ -97,6 +97,11 @@ cargo publish --workspace --dry-run --allow-dirty --locked
 part "cargo test --workspace (lapic-state's kvm feature is on here, via vmm-reference)"
 cargo test --workspace --locked
 
+if [ "$kvm_usable" = 1 ]; then
+    part "lapic-state's migrate_lapic example (two VMs with other conventions, one refusal)"
+    cargo run --locked -q -p lapic-state --features kvm --example migrate_lapic
+fi
+
 part "cargo test -p lapic-state without the kvm feature"
 cargo test -p lapic-state --locked
 

@@ -311,6 +311,10 @@ fn restore_vcpus(
     saved: &SavedVm,
     conv: Option<KvmConventions>,
 ) -> Result<CpuSetup, VmmError> {
+    let conv = restore::Conventions {
+        source: saved.vm.conventions,
+        destination: conv,
+    };
     restore::restore_machine(&m.kvm, &m.vm, vcpus, &saved.vcpus, &saved.vm.kvm, conv).map_err(|e| {
         VmmError::Io {
             what: e,
@@ -362,7 +366,11 @@ impl VmInner {
             self.exits.clone(),
             vcpus.conventions(),
         );
-        let conv = Some(vcpus.conventions());
+        // Same KVM, same conventions: the rebuilt VM is this one.
+        let conv = restore::Conventions {
+            source: vcpus.conventions(),
+            destination: Some(vcpus.conventions()),
+        };
         let restore_us = restore::restore_machine(&self.kvm, &new_vm, &mut fresh, &states, &kvm_state, conv)
             .map_err(ControlError::Internal)?;
         // The interrupt lines last, as in every build.

@@ -4,7 +4,7 @@
 //! prepares ahead of time, and the ordered restore of KVM VM state and vCPUs.
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use lapic_state::KvmConventions;
+use lapic_state::{KvmConventions, SavedLapic};
 use vcpu_manager::{Topology, VcpuManager};
 
 use crate::boot::GuestMemory;
@@ -143,13 +143,23 @@ pub(crate) fn restore_machine(
     vcpus: &mut VcpuManager,
     states: &[(u32, vcpu_manager::VcpuState)],
     kvm_state: &KvmVmState,
-    conv: Option<KvmConventions>,
+    conv: Conventions,
 ) -> Result<Vec<f64>, String> {
     // The irqchip, PIT and clock before any vCPU or interrupt line exists.
     restore_kvm_vm_state(vm, kvm_state)?;
     // The saved TSC rate, for the restored vCPUs and any hot-added later.
     vcpus.set_tsc_khz(states.first().and_then(|(_, st)| st.tsc_khz));
     restore_vcpus(kvm, vm, vcpus, states, conv)
+}
+
+/// The LAPIC conventions of a restore: those the state was saved under, and the
+/// destination's when probed ahead of time (else they are detected on the first vCPU).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Conventions {
+    /// The source's.
+    pub source: KvmConventions,
+    /// The destination's, if known.
+    pub destination: Option<KvmConventions>,
 }
 
 /// Create every saved vCPU with its original id and restore it (vcpu-manager's ordered
@@ -159,17 +169,17 @@ fn restore_vcpus(
     vm: &VmFd,
     vcpus: &mut VcpuManager,
     states: &[(u32, vcpu_manager::VcpuState)],
-    conv: Option<KvmConventions>,
+    conv: Conventions,
 ) -> Result<Vec<f64>, String> {
     // One IA32_TSC for all vCPUs, so their TSC offsets are equal after the restore.
     let tsc = states
         .first()
         .and_then(|(_, s)| s.msrs.as_slice().iter().find(|e| e.index == 0x10).map(|e| e.data));
     let topology = vcpus.topology();
-    if let Some(c) = conv {
+    if let Some(c) = conv.destination {
         vcpus.set_conventions(c);
     }
-    let mut detected = conv.is_some();
+    let mut detected = conv.destination.is_some();
     let mut restore_us = Vec::new();
     for (index, st) in states {
         let t = std::time::Instant::now();
@@ -182,6 +192,10 @@ fn restore_vcpus(
             vcpus.set_conventions(conv);
             detected = true;
         }
+        // Refused, not restored, if this KVM would lose what the guest's LAPIC uses.
+        SavedLapic::new(st.lapic, conv.source, st.tsc_deadline)
+            .check_compatible(&vcpus.conventions())
+            .map_err(|e| format!("vCPU {index}: {e}"))?;
         vcpu_manager::restore_vcpu(&fd, st, &vcpus.conventions(), tsc, vcpus.xsave_size())
             .map_err(|e| format!("restoring vCPU {index}: {e}"))?;
         vcpus.record_cpuid(*index, st.cpuid.clone());

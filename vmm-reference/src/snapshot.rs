@@ -170,7 +170,8 @@ pub struct VmState {
     pub boot_vcpus: u32,
     /// RAM regions.
     pub memory: MemoryLayout,
-    /// LAPIC conventions of the source (informational: LAPIC states are canonical).
+    /// LAPIC conventions of the source: the LAPIC states are canonical, and a destination
+    /// that would lose what they use (TSC-deadline timer, CMCI, directed EOI, bus cycle) refuses.
     pub conventions: KvmConventions,
     /// MSRs saved per vCPU.
     pub msrs: Vec<u32>,

@@ -36,15 +36,24 @@ pub struct KvmConventions {
     /// that truncated id, so vCPU 300 gets the LDR of id 44. With 32-bit ids both agree.
     #[serde(default = "readonly_default")]
     pub x2apic_id_readonly: bool,
+    /// Nanoseconds per APIC bus cycle, the tick of TMICT/TMCCT: 1 unless the VMM set
+    /// another with `KVM_CAP_X86_APIC_BUS_CYCLES_NS` (Linux ≥ 6.11). A guest calibrates its
+    /// APIC timer against it once, at boot.
+    #[serde(default = "bus_cycle_default")]
+    pub apic_bus_cycle_ns: u32,
 }
 
 fn readonly_default() -> bool {
     true
 }
 
+fn bus_cycle_default() -> u32 {
+    1
+}
+
 impl Default for KvmConventions {
     /// The canonical conventions: 32-bit ids, split ICR, 6 LVTs, TSC-deadline, no directed EOI,
-    /// read-only x2APIC id.
+    /// read-only x2APIC id, a 1 ns APIC bus cycle.
     fn default() -> Self {
         KvmConventions::CANONICAL
     }
@@ -59,6 +68,7 @@ impl KvmConventions {
         tsc_deadline: true,
         directed_eoi: false,
         x2apic_id_readonly: true,
+        apic_bus_cycle_ns: 1,
     };
 
     /// The LVR value KVM computes for these conventions (it overwrites whatever a blob holds):

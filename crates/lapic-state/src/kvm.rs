@@ -7,7 +7,7 @@ use kvm_ioctls::{Kvm, VcpuFd};
 use crate::conventions::{IcrLayout, KvmConventions};
 use crate::page::{regs, LapicPage};
 use crate::state::{LapicError, LapicState};
-use crate::ApicBase;
+use crate::{ApicBase, Loss, SavedLapic};
 
 /// Errors of the KVM-backed helpers.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,10 @@ pub enum KvmLapicError {
         /// Base the vCPU has.
         found: u64,
     },
+    /// The destination would lose something the guest uses (see [`crate::check_compatible`];
+    /// nothing was written to the vCPU).
+    #[error("refusing to restore LAPIC state: {0}")]
+    Incompatible(crate::Incompatible),
     /// The state belongs to another vCPU id.
     #[error("LAPIC state of vCPU {state} cannot be restored into vCPU {vcpu}")]
     WrongVcpu {
@@ -76,6 +80,8 @@ impl KvmConventions {
             tsc_deadline,
             directed_eoi: false,
             x2apic_id_readonly,
+            // KVM's default; a VMM that sets another per VM says so itself.
+            apic_bus_cycle_ns: 1,
         }
         .with_lvr(lvr))
     }
@@ -211,4 +217,21 @@ fn live_id_format(
         x2apic_32bit_ids,
         ..*conv
     })
+}
+
+/// Restore a [`SavedLapic`] into vCPU `vcpu_id`, whose VM has conventions `dst`: refused
+/// (nothing written) when the destination would lose something the guest uses, unless `loss`
+/// is [`Loss::Accept`]; then as [`restore`]. The TSC-deadline MSR is the caller's to write
+/// afterwards, after IA32_TSC ([`SavedLapic::tsc_deadline`]).
+pub fn restore_saved(
+    vcpu: &VcpuFd,
+    vcpu_id: u32,
+    saved: &SavedLapic,
+    dst: &KvmConventions,
+    loss: Loss,
+) -> Result<(), KvmLapicError> {
+    if loss == Loss::Refuse {
+        saved.check_compatible(dst).map_err(KvmLapicError::Incompatible)?;
+    }
+    restore(vcpu, vcpu_id, saved.state(), dst)
 }

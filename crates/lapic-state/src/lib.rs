@@ -36,6 +36,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod base;
+mod compat;
 mod conventions;
 mod page;
 pub mod predict;
@@ -46,6 +47,7 @@ pub mod timer;
 pub mod kvm;
 
 pub use base::{ApicBase, ApicMode};
+pub use compat::{check_compatible, Incompatible, Loss, SavedLapic};
 pub use conventions::{IcrLayout, KvmConventions};
 pub use page::{regs, DeliveryMode, LapicPage, Lvt, TimerMode, VectorSet};
 pub use predict::{predict_set, PredictedFailure, Prediction, PriorApic, TmcctRead};

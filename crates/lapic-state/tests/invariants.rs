@@ -37,6 +37,7 @@ fn conv_strategy() -> impl Strategy<Value = KvmConventions> {
                 tsc_deadline,
                 directed_eoi,
                 x2apic_id_readonly,
+                apic_bus_cycle_ns: 1,
             },
         )
 }
