@@ -45,3 +45,8 @@ pub use hotplug::{
     CpuHotplugController, CpuHotplugState, CpuSlot, HotplugError, HotplugSink, CPU_HOTPLUG_GPE,
 };
 pub use pm::{AcpiPm, AcpiPmState, InterruptLine, PmLayout, SleepSink, SLP_TYP_S5};
+
+// The README's examples are compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -60,6 +60,19 @@ impl KvmConventions {
     /// `KVM_X2APIC_API_USE_32BIT_IDS` on that VM (KVM cannot be asked). LVT count and directed
     /// EOI come from the vCPU's LVR, TSC-deadline from its CPUID (set CPUID first), and the
     /// x2APIC ICR layout is probed on a scratch VM created from `kvm`.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let kvm = kvm_ioctls::Kvm::new()?;
+    /// let vm = kvm.create_vm()?;
+    /// vm.create_irq_chip()?;
+    /// let vcpu = vm.create_vcpu(0)?;
+    /// // Set the vCPU's CPUID first: TSC-deadline availability is read from it.
+    /// let conv = lapic_state::KvmConventions::detect(&kvm, &vcpu, false)?;
+    /// println!("{} LVT entries, ICR {:?}", conv.nr_lvt, conv.icr);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn detect(kvm: &Kvm, vcpu: &VcpuFd, x2apic_32bit_ids: bool) -> Result<KvmConventions, KvmLapicError> {
         let lapic = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
         let lvr = LapicPage::view(&lapic).reg(regs::LVR);
@@ -117,6 +130,19 @@ fn scratch_x2apic_vcpu(kvm: &Kvm, vcpu_id: u64, ids_32bit: bool) -> Result<VcpuF
 /// Find out whether this host's KVM keeps the x2APIC ICR split (AMD, old kernels) or merged
 /// (Intel, Linux ≥ 5.18), on a scratch VM: set ICR2 in x2APIC mode and see whether GET
 /// mirrors it at 0x304.
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let kvm = kvm_ioctls::Kvm::new()?;
+/// let vm = kvm.create_vm()?;
+/// vm.create_irq_chip()?;
+/// let vcpu = vm.create_vcpu(0)?;
+/// let layout = lapic_state::kvm::probe_icr_layout(&kvm)?;
+/// println!("x2APIC ICR is {layout:?} on this host");
+/// # let _ = vcpu;
+/// # Ok(())
+/// # }
+/// ```
 pub fn probe_icr_layout(kvm: &Kvm) -> Result<IcrLayout, KvmLapicError> {
     let vcpu = scratch_x2apic_vcpu(kvm, 1, true)?;
     let mut lapic = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
@@ -139,6 +165,20 @@ pub fn probe_icr_layout(kvm: &Kvm) -> Result<IcrLayout, KvmLapicError> {
 /// Find out whether this host's KVM treats the x2APIC id as read-only (Linux ≥ 6.11 and
 /// backports), on a scratch VM with legacy ids: set a blob whose ID word names another id and
 /// see whether GET reports the vCPU's own id (read-only) or the blob's (older kernels).
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let kvm = kvm_ioctls::Kvm::new()?;
+/// let vm = kvm.create_vm()?;
+/// vm.create_irq_chip()?;
+/// let vcpu = vm.create_vcpu(0)?;
+/// if lapic_state::kvm::probe_x2apic_id_readonly(&kvm)? {
+///     println!("KVM derives the x2APIC id from the vCPU id (Linux >= 6.11)");
+/// }
+/// # let _ = vcpu;
+/// # Ok(())
+/// # }
+/// ```
 pub fn probe_x2apic_id_readonly(kvm: &Kvm) -> Result<bool, KvmLapicError> {
     let vcpu = scratch_x2apic_vcpu(kvm, 3, false)?;
     let mut lapic = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
@@ -149,6 +189,20 @@ pub fn probe_x2apic_id_readonly(kvm: &Kvm) -> Result<bool, KvmLapicError> {
 }
 
 /// Save vCPU `vcpu_id`'s LAPIC: its APIC base (from SREGS) and page, normalised.
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let kvm = kvm_ioctls::Kvm::new()?;
+/// let vm = kvm.create_vm()?;
+/// vm.create_irq_chip()?;
+/// let vcpu = vm.create_vcpu(0)?;
+/// let conv = lapic_state::KvmConventions::detect(&kvm, &vcpu, false)?;
+/// let state = lapic_state::kvm::save(&vcpu, 0, &conv)?;
+/// let bytes = state.encode(); // versioned, convention-free
+/// # let _ = bytes;
+/// # Ok(())
+/// # }
+/// ```
 pub fn save(vcpu: &VcpuFd, vcpu_id: u32, conv: &KvmConventions) -> Result<LapicState, KvmLapicError> {
     let base = ApicBase(vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?.apic_base);
     let blob = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
@@ -163,6 +217,20 @@ pub fn save(vcpu: &VcpuFd, vcpu_id: u32, conv: &KvmConventions) -> Result<LapicS
 ///
 /// The vCPU's APIC base must already equal the state's (restore SREGS first). TSC-deadline
 /// and IA32_TSC MSRs must be written after this call; see [`crate::timer`].
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let kvm = kvm_ioctls::Kvm::new()?;
+/// let vm = kvm.create_vm()?;
+/// vm.create_irq_chip()?;
+/// let vcpu = vm.create_vcpu(0)?;
+/// let conv = lapic_state::KvmConventions::detect(&kvm, &vcpu, false)?;
+/// let state = lapic_state::kvm::save(&vcpu, 0, &conv)?;
+/// // On the destination: KVM_SET_SREGS with state.apic_base first, then:
+/// lapic_state::kvm::restore(&vcpu, 0, &state, &conv)?;
+/// # Ok(())
+/// # }
+/// ```
 pub fn restore(
     vcpu: &VcpuFd,
     vcpu_id: u32,
@@ -223,6 +291,21 @@ fn live_id_format(
 /// (nothing written) when the destination would lose something the guest uses, unless `loss`
 /// is [`Loss::Accept`]; then as [`restore`]. The TSC-deadline MSR is the caller's to write
 /// afterwards, after IA32_TSC ([`SavedLapic::tsc_deadline`]).
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let kvm = kvm_ioctls::Kvm::new()?;
+/// let vm = kvm.create_vm()?;
+/// vm.create_irq_chip()?;
+/// let vcpu = vm.create_vcpu(0)?;
+/// use lapic_state::{kvm::restore_saved, KvmConventions, Loss, SavedLapic};
+/// let conv = KvmConventions::detect(&kvm, &vcpu, false)?;
+/// let saved = SavedLapic::new(lapic_state::kvm::save(&vcpu, 0, &conv)?, conv, 0);
+/// // Refused, with the reason, if the destination would lose what the guest uses.
+/// restore_saved(&vcpu, 0, &saved, &conv, Loss::Refuse)?;
+/// # Ok(())
+/// # }
+/// ```
 pub fn restore_saved(
     vcpu: &VcpuFd,
     vcpu_id: u32,

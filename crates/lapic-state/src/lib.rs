@@ -52,3 +52,8 @@ pub use conventions::{IcrLayout, KvmConventions};
 pub use page::{regs, DeliveryMode, LapicPage, Lvt, TimerMode, VectorSet};
 pub use predict::{predict_set, PredictedFailure, Prediction, PriorApic, TmcctRead};
 pub use state::{x2apic_ldr, DecodeError, Finding, LapicError, LapicState, ENCODED_LEN, FORMAT_VERSION};
+
+// The README's examples are compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
