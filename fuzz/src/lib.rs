@@ -52,6 +52,8 @@ impl LapicInput {
                 tsc_deadline: c & 8 != 0,
                 directed_eoi: c & 16 != 0,
                 x2apic_id_readonly: c & 32 == 0,
+                // KVM's default; the predictor does not depend on it.
+                apic_bus_cycle_ns: 1,
             },
             prior: PriorApic {
                 timer_mode: u32::from(p & 3) << 17,
