@@ -6,7 +6,7 @@
 use std::sync::{mpsc, Arc, Mutex};
 
 use acpi_cpu_hotplug::{HotplugSink, SleepSink, SLP_TYP_S5};
-use vcpu_manager::{ExitHandler, VcpuExitReason};
+use vcpu_manager::{ExitAction, ExitHandler, VcpuExitReason};
 use vm_device::bus::PioAddress;
 use vm_device::device_manager::{IoManager, PioManager};
 
@@ -57,21 +57,25 @@ pub(crate) struct Exits {
 }
 
 impl ExitHandler for Exits {
-    fn pio_read(&self, port: u16, data: &mut [u8]) {
+    fn pio_read(&self, port: u16, data: &mut [u8]) -> ExitAction {
         if self.io.pio_read(PioAddress(port), data).is_err() {
             // Nothing there: the bus floats high.
             data.fill(0xff);
         }
+        ExitAction::Continue
     }
-    fn pio_write(&self, port: u16, data: &[u8]) {
+    fn pio_write(&self, port: u16, data: &[u8]) -> ExitAction {
         let _ = self.io.pio_write(PioAddress(port), data);
+        ExitAction::Continue
     }
-    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) -> ExitAction {
         log::debug!("unhandled MMIO read at {addr:#x}");
         data.fill(0xff);
+        ExitAction::Continue
     }
-    fn mmio_write(&self, addr: u64, _data: &[u8]) {
+    fn mmio_write(&self, addr: u64, _data: &[u8]) -> ExitAction {
         log::debug!("unhandled MMIO write at {addr:#x}");
+        ExitAction::Continue
     }
     fn vcpu_thread_started(&self, _index: u32) -> Result<(), String> {
         crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu)

@@ -14,13 +14,15 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cpuid;
+mod exit;
 mod manager;
 mod runner;
 pub mod state;
 mod topology;
 
+pub use exit::{ExitAction, ExitHandler, VcpuExitReason};
 pub use manager::{Slot, VcpuManager, VCPU_TIMEOUT};
-pub use runner::{ExitHandler, VcpuExitReason, VcpuRunner};
+pub use runner::VcpuRunner;
 pub use state::{msr_list, restore_vcpu, save_vcpu, xsave_size, VcpuState};
 pub use topology::Topology;
 

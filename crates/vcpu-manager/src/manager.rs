@@ -12,7 +12,8 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 use lapic_state::{KvmConventions, LapicPage};
 
-use crate::runner::{ExitHandler, VcpuRunner};
+use crate::exit::ExitHandler;
+use crate::runner::VcpuRunner;
 use crate::state::{save_vcpu, VcpuState, MSR_MTRR_DEF_TYPE, MTRR_DEF_TYPE_WB};
 use crate::{cpuid, Error, Result, Topology};
 

@@ -12,83 +12,8 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::exit::{ExitAction, ExitHandler, VcpuExitReason};
 use crate::{Error, Result};
-
-/// Receives a vCPU's port and MMIO exits. Implementations lock only what the access needs
-/// (no global lock), since every vCPU thread calls in concurrently.
-pub trait ExitHandler: Send + Sync {
-    /// Guest `in` from `port`; fill `data`.
-    fn pio_read(&self, port: u16, data: &mut [u8]);
-    /// Guest `out` to `port`.
-    fn pio_write(&self, port: u16, data: &[u8]);
-    /// Guest MMIO read at `addr`; fill `data`.
-    fn mmio_read(&self, addr: u64, data: &mut [u8]);
-    /// Guest MMIO write at `addr`.
-    fn mmio_write(&self, addr: u64, data: &[u8]);
-    /// The vCPU's run loop ended for the given reason (called from the vCPU thread).
-    fn vcpu_stopped(&self, index: u32, reason: &VcpuExitReason);
-    /// First thing on a new vCPU thread, before the vCPU runs: the place for per-thread
-    /// setup such as a seccomp filter or CPU affinity. An error ends the thread with
-    /// [`VcpuExitReason::SetupFailed`] before the vCPU ever runs. The default does nothing.
-    fn vcpu_thread_started(&self, index: u32) -> std::result::Result<(), String> {
-        let _ = index;
-        Ok(())
-    }
-}
-
-/// Why a vCPU's run loop ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum VcpuExitReason {
-    /// The VMM asked it to stop.
-    Stopped,
-    /// `KVM_EXIT_SHUTDOWN`: the guest triple-faulted (or otherwise reset the CPU).
-    Shutdown,
-    /// `KVM_EXIT_INTERNAL_ERROR`, e.g. an instruction KVM's emulator cannot handle.
-    InternalError {
-        /// KVM suberror (1 = emulation failure).
-        suberror: u32,
-        /// Guest RIP at the failure, if it could be read.
-        rip: Option<u64>,
-    },
-    /// `KVM_EXIT_FAIL_ENTRY` with the hardware reason.
-    FailEntry(u64),
-    /// `KVM_EXIT_SYSTEM_EVENT` of the given type (shutdown, reset, crash).
-    SystemEvent(u32),
-    /// `KVM_EXIT_HLT` (only without an in-kernel LAPIC).
-    Hlt,
-    /// An exit this runner does not handle, with its KVM exit reason.
-    Unsupported(u32),
-    /// `KVM_RUN` failed with this errno.
-    RunError(i32),
-    /// The exit handler panicked on this vCPU's thread (the message, if it was text). The
-    /// thread ends normally and hands its fd back, so the slot can be parked and reused.
-    Panicked(String),
-    /// [`ExitHandler::vcpu_thread_started`] failed (its message); the vCPU never ran.
-    SetupFailed(String),
-}
-
-impl std::fmt::Display for VcpuExitReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            VcpuExitReason::Stopped => write!(f, "stopped by the VMM"),
-            VcpuExitReason::Shutdown => write!(f, "guest triple fault (KVM_EXIT_SHUTDOWN)"),
-            VcpuExitReason::InternalError { suberror, rip } => {
-                write!(f, "KVM internal error, suberror {suberror}")?;
-                if let Some(rip) = rip {
-                    write!(f, " at guest RIP {rip:#x}")?;
-                }
-                Ok(())
-            }
-            VcpuExitReason::FailEntry(r) => write!(f, "VM entry failed, hardware reason {r:#x}"),
-            VcpuExitReason::SystemEvent(t) => write!(f, "system event {t}"),
-            VcpuExitReason::Hlt => write!(f, "guest halted"),
-            VcpuExitReason::Unsupported(r) => write!(f, "unhandled KVM exit {r}"),
-            VcpuExitReason::RunError(e) => write!(f, "KVM_RUN failed: errno {e}"),
-            VcpuExitReason::Panicked(m) => write!(f, "the exit handler panicked: {m}"),
-            VcpuExitReason::SetupFailed(m) => write!(f, "vCPU thread setup failed: {m}"),
-        }
-    }
-}
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // Nothing to do: the signal exists only to make KVM_RUN return EINTR.
@@ -193,7 +118,7 @@ impl VcpuRunner {
                 // A panicking handler must not take the fd with it: the slot stays usable.
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     match handler.vcpu_thread_started(index) {
-                        Ok(()) => run_loop(&mut fd, &*handler, &sh),
+                        Ok(()) => run_loop(&mut fd, index, &*handler, &sh),
                         Err(why) => VcpuExitReason::SetupFailed(why),
                     }
                 }));
@@ -351,44 +276,124 @@ fn serve_requests(fd: &mut VcpuFd, sh: &Shared) {
     }
 }
 
+/// An I/O exit dispatched to the handler: its answer, or `None` for any other exit.
+fn dispatch_io(handler: &dyn ExitHandler, exit: &mut VcpuExit<'_>) -> Option<ExitAction> {
+    Some(match exit {
+        VcpuExit::IoIn(port, data) => handler.pio_read(*port, data),
+        VcpuExit::IoOut(port, data) => handler.pio_write(*port, data),
+        VcpuExit::MmioRead(addr, data) => handler.mmio_read(*addr, data),
+        VcpuExit::MmioWrite(addr, data) => handler.mmio_write(*addr, data),
+        _ => return None,
+    })
+}
+
 /// Complete a PIO/MMIO exit the thread already handled: KVM finishes the instruction on the
 /// next entry, which `immediate_exit` turns into a return without running guest code. That
 /// entry can itself exit again (the next page of a `rep ins/outs`, the second half of a split
 /// MMIO access): each such exit is dispatched like any other, until KVM_RUN answers EINTR.
-/// Returns whether an exit is still pending (only past [`COMPLETE_IO_MAX_EXITS`]).
-fn complete_pending_io(fd: &mut VcpuFd, handler: &dyn ExitHandler) -> bool {
+/// Returns whether an exit is still pending (only past [`COMPLETE_IO_MAX_EXITS`]) and a stop
+/// the handler asked for meanwhile.
+fn complete_pending_io(fd: &mut VcpuFd, handler: &dyn ExitHandler) -> (bool, Option<VcpuExitReason>) {
     fd.set_kvm_immediate_exit(1);
-    let mut pending = true;
+    let (mut pending, mut stop) = (true, None);
     for _ in 0..COMPLETE_IO_MAX_EXITS {
-        pending = match fd.run() {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                handler.pio_read(port, data);
-                true
-            }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                handler.pio_write(port, data);
-                true
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                handler.mmio_read(addr, data);
-                true
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                handler.mmio_write(addr, data);
-                true
-            }
-            // EINTR (immediate_exit honoured: nothing pending) or anything else: done.
-            _ => false,
+        // EINTR (immediate_exit honoured: nothing pending) or anything else: done.
+        let action = match fd.run() {
+            Ok(mut exit) => dispatch_io(handler, &mut exit),
+            Err(_) => None,
         };
+        pending = action.is_some();
+        if let Some(ExitAction::Stop(reason)) = action {
+            stop.get_or_insert(reason);
+        }
         if !pending {
             break;
         }
     }
     fd.set_kvm_immediate_exit(0);
-    pending
+    (pending, stop)
 }
 
-fn run_loop(fd: &mut VcpuFd, handler: &dyn ExitHandler, sh: &Shared) -> VcpuExitReason {
+/// Paused: out of KVM_RUN with pending I/O completed, serving requests until resumed or
+/// stopped. No lock the exit path needs is held while waiting. A stop the handler asked for
+/// while completing the I/O is returned.
+fn stay_paused(
+    fd: &mut VcpuFd,
+    handler: &dyn ExitHandler,
+    sh: &Shared,
+    pending_io: &mut bool,
+) -> Option<VcpuExitReason> {
+    if *pending_io {
+        let (still, stop) = complete_pending_io(fd, handler);
+        *pending_io = still;
+        if stop.is_some() {
+            return stop;
+        }
+    }
+    sh.state.store(PAUSED, Ordering::SeqCst);
+    let mut q = sh.requests.lock().unwrap_or_else(|e| e.into_inner());
+    while sh.pause.load(Ordering::SeqCst) && !sh.stop.load(Ordering::SeqCst) {
+        if !q.is_empty() {
+            let pending: Vec<Request> = std::mem::take(&mut *q);
+            drop(q);
+            for r in pending {
+                r(fd);
+            }
+            q = sh.requests.lock().unwrap_or_else(|e| e.into_inner());
+            continue;
+        }
+        q = sh
+            .cv
+            .wait_timeout(q, Duration::from_millis(100))
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0);
+    }
+    drop(q);
+    sh.state.store(RUNNING, Ordering::SeqCst);
+    // A kick that arrived while paused left immediate_exit set: clear it.
+    fd.set_kvm_immediate_exit(0);
+    None
+}
+
+/// One `KVM_RUN` and what to do about its exit: `Err` ends the thread with that reason.
+fn run_once(
+    fd: &mut VcpuFd,
+    index: u32,
+    handler: &dyn ExitHandler,
+    pending_io: &mut bool,
+) -> std::result::Result<ExitAction, VcpuExitReason> {
+    *pending_io = false;
+    let mut exit = match fd.run() {
+        Ok(exit) => exit,
+        // A kick: clear the flag so the next KVM_RUN really runs, then re-check.
+        Err(e) if e.errno() == libc::EINTR => {
+            fd.set_kvm_immediate_exit(0);
+            return Ok(ExitAction::Continue);
+        }
+        // An AP returns EAGAIN once after INIT while it waits for SIPI: just run again.
+        Err(e) if e.errno() == libc::EAGAIN => return Ok(ExitAction::Continue),
+        Err(e) => return Err(VcpuExitReason::RunError(e.errno())),
+    };
+    if let Some(action) = dispatch_io(handler, &mut exit) {
+        *pending_io = true;
+        return Ok(action);
+    }
+    match exit {
+        VcpuExit::Shutdown => Err(VcpuExitReason::Shutdown),
+        VcpuExit::FailEntry(reason, _) => Err(VcpuExitReason::FailEntry(reason)),
+        VcpuExit::InternalError => {
+            // SAFETY: reading the `internal` member of the union is what KVM filled in
+            // for KVM_EXIT_INTERNAL_ERROR.
+            let suberror = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+            let rip = fd.get_regs().ok().map(|r| r.rip);
+            Err(VcpuExitReason::InternalError { suberror, rip })
+        }
+        VcpuExit::Intr => Ok(ExitAction::Continue),
+        other => Ok(handler.other_exit(index, other)),
+    }
+}
+
+fn run_loop(fd: &mut VcpuFd, index: u32, handler: &dyn ExitHandler, sh: &Shared) -> VcpuExitReason {
     let mut pending_io = false;
     loop {
         if sh.stop.load(Ordering::SeqCst) {
@@ -396,76 +401,28 @@ fn run_loop(fd: &mut VcpuFd, handler: &dyn ExitHandler, sh: &Shared) -> VcpuExit
         }
         serve_requests(fd, sh);
         if sh.pause.load(Ordering::SeqCst) {
-            if pending_io {
-                pending_io = complete_pending_io(fd, handler);
+            if let Some(reason) = stay_paused(fd, handler, sh, &mut pending_io) {
+                return reason;
             }
-            // Paused: out of KVM_RUN, serving requests until resumed or stopped. No lock the
-            // exit path needs is held while waiting.
-            sh.state.store(PAUSED, Ordering::SeqCst);
-            let mut q = sh.requests.lock().unwrap_or_else(|e| e.into_inner());
-            while sh.pause.load(Ordering::SeqCst) && !sh.stop.load(Ordering::SeqCst) {
-                if !q.is_empty() {
-                    let pending: Vec<Request> = std::mem::take(&mut *q);
-                    drop(q);
-                    for r in pending {
-                        r(fd);
-                    }
-                    q = sh.requests.lock().unwrap_or_else(|e| e.into_inner());
-                    continue;
-                }
-                q = sh
-                    .cv
-                    .wait_timeout(q, Duration::from_millis(100))
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|e| e.into_inner().0);
-            }
-            drop(q);
-            sh.state.store(RUNNING, Ordering::SeqCst);
-            // A kick that arrived while paused left immediate_exit set: clear it.
-            fd.set_kvm_immediate_exit(0);
             continue;
         }
-        pending_io = false;
-        match fd.run() {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                handler.pio_read(port, data);
-                pending_io = true;
+        match run_once(fd, index, handler, &mut pending_io) {
+            Ok(ExitAction::Continue) => {}
+            Ok(ExitAction::Pause) => sh.pause.store(true, Ordering::SeqCst),
+            Ok(ExitAction::Stop(reason)) | Err(reason) => {
+                if matches!(
+                    reason,
+                    VcpuExitReason::Unhandled(_) | VcpuExitReason::Unsupported(_)
+                ) {
+                    log::warn!("vCPU {index}: {reason}");
+                }
+                if pending_io {
+                    // The handler stopped the vCPU on an I/O exit: finish that instruction so
+                    // a saved state does not repeat it.
+                    let _ = complete_pending_io(fd, handler);
+                }
+                return reason;
             }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                handler.pio_write(port, data);
-                pending_io = true;
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                handler.mmio_read(addr, data);
-                pending_io = true;
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                handler.mmio_write(addr, data);
-                pending_io = true;
-            }
-            Ok(VcpuExit::Shutdown) => return VcpuExitReason::Shutdown,
-            Ok(VcpuExit::Hlt) => return VcpuExitReason::Hlt,
-            Ok(VcpuExit::FailEntry(reason, _)) => return VcpuExitReason::FailEntry(reason),
-            Ok(VcpuExit::SystemEvent(t, _)) => return VcpuExitReason::SystemEvent(t),
-            Ok(VcpuExit::InternalError) => {
-                // SAFETY: reading the `internal` member of the union is what KVM filled in
-                // for KVM_EXIT_INTERNAL_ERROR.
-                let suberror = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                let rip = fd.get_regs().ok().map(|r| r.rip);
-                return VcpuExitReason::InternalError { suberror, rip };
-            }
-            Ok(VcpuExit::Intr) => {}
-            Ok(other) => {
-                log::warn!("unhandled vCPU exit: {other:?}");
-                return VcpuExitReason::Unsupported(fd.get_kvm_run().exit_reason);
-            }
-            Err(e) if e.errno() == libc::EINTR => {
-                // A kick: clear the flag so the next KVM_RUN really runs, then re-check.
-                fd.set_kvm_immediate_exit(0);
-            }
-            // An AP returns EAGAIN once after INIT while it waits for SIPI: just run again.
-            Err(e) if e.errno() == libc::EAGAIN => {}
-            Err(e) => return VcpuExitReason::RunError(e.errno()),
         }
     }
 }

@@ -8,8 +8,9 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VcpuExit;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vcpu_manager::{ExitHandler, VcpuExitReason, VcpuRunner};
+use vcpu_manager::{ExitAction, ExitHandler, VcpuExitReason, VcpuRunner};
 
 mod common;
 use common::kvm_or_skip;
@@ -75,13 +76,18 @@ struct Collect {
     /// What `vcpu_thread_started` answers; the name of the thread it ran on.
     setup: Option<Result<(), String>>,
     setup_thread: Mutex<Option<String>>,
+    /// What `pio_write` answers per port (default: continue).
+    actions: Mutex<std::collections::HashMap<u16, ExitAction>>,
+    /// Exits `other_exit` received.
+    others: Mutex<Vec<String>>,
 }
 
 impl ExitHandler for Collect {
-    fn pio_read(&self, _: u16, data: &mut [u8]) {
+    fn pio_read(&self, _: u16, data: &mut [u8]) -> ExitAction {
         data.fill(0xff);
+        ExitAction::Continue
     }
-    fn pio_write(&self, port: u16, data: &[u8]) {
+    fn pio_write(&self, port: u16, data: &[u8]) -> ExitAction {
         if Some(port) == self.panic_on {
             panic!("handler bug on port {port:#x}");
         }
@@ -93,12 +99,24 @@ impl ExitHandler for Collect {
             0x81 => self.done.store(true, Ordering::SeqCst),
             _ => {}
         }
+        self.actions
+            .lock()
+            .unwrap()
+            .get(&port)
+            .cloned()
+            .unwrap_or_default()
     }
-    fn mmio_read(&self, _: u64, data: &mut [u8]) {
+    fn mmio_read(&self, _: u64, data: &mut [u8]) -> ExitAction {
         data.fill(0xff);
+        ExitAction::Continue
     }
-    fn mmio_write(&self, addr: u64, data: &[u8]) {
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> ExitAction {
         self.mmio.lock().unwrap().push((addr, data.to_vec()));
+        ExitAction::Continue
+    }
+    fn other_exit(&self, _: u32, exit: VcpuExit<'_>) -> ExitAction {
+        self.others.lock().unwrap().push(format!("{exit:?}"));
+        ExitAction::Continue
     }
     fn vcpu_stopped(&self, _: u32, reason: &VcpuExitReason) {
         *self.stopped.lock().unwrap() = Some(reason.clone());
@@ -280,4 +298,72 @@ fn stopping_a_vcpu_stuck_in_its_handler_returns_within_a_bound() {
         "a thread stuck in its handler is left behind"
     );
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+}
+
+/// mov dx, 0x82; out dx, al; mov dx, 0x81; out dx, al; jmp $
+const PAUSE_THEN_STOP: [u8; 10] = [0xba, 0x82, 0x00, 0xee, 0xba, 0x81, 0x00, 0xee, 0xeb, 0xfe];
+
+/// The handler decides what the vCPU does next: a write to port 0x82 answered `Pause` pauses
+/// it (the guest goes no further until resumed), and one to 0x81 answered `Stop` ends the
+/// thread with the handler's reason, the `out` completed.
+#[test]
+fn the_exit_handler_pauses_and_stops_its_vcpu() {
+    let Some(kvm) = kvm_or_skip("the_exit_handler_pauses_and_stops_its_vcpu") else {
+        return;
+    };
+    let (_vm, fd) = vm_with_ram(&kvm, &PAUSE_THEN_STOP);
+    let h = Arc::new(Collect::default());
+    h.actions.lock().unwrap().insert(0x82, ExitAction::Pause);
+    h.actions
+        .lock()
+        .unwrap()
+        .insert(0x81, ExitAction::Stop(VcpuExitReason::SystemEvent(99)));
+    let r = VcpuRunner::spawn(0, fd, h.clone()).unwrap();
+    assert!(
+        r.wait_paused(Duration::from_secs(10)),
+        "the handler's pause took effect"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!h.done.load(Ordering::SeqCst), "the guest went on while paused");
+    r.resume();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !r.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(h.done.load(Ordering::SeqCst));
+    assert_eq!(*h.stopped.lock().unwrap(), Some(VcpuExitReason::SystemEvent(99)));
+    let fd = r.stop_and_join().expect("the fd comes back");
+    assert_eq!(
+        fd.get_regs().unwrap().rip,
+        CODE + 8,
+        "the stopping out was completed"
+    );
+}
+
+/// hlt; hlt; mov dx, 0x81; out dx, al; jmp $
+const TWO_HLTS: [u8; 8] = [0xf4, 0xf4, 0xba, 0x81, 0x00, 0xee, 0xeb, 0xfe];
+
+/// An exit the runner does not handle (`KVM_EXIT_HLT`, no in-kernel LAPIC here) goes to the
+/// handler, which lets the guest go on, instead of ending the thread.
+#[test]
+fn exits_the_runner_does_not_handle_go_to_the_handler() {
+    let Some(kvm) = kvm_or_skip("exits_the_runner_does_not_handle_go_to_the_handler") else {
+        return;
+    };
+    let (_vm, fd) = vm_with_ram(&kvm, &TWO_HLTS);
+    let h = Arc::new(Collect::default());
+    let r = VcpuRunner::spawn(0, fd, h.clone()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.done.load(Ordering::SeqCst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        h.done.load(Ordering::SeqCst),
+        "the guest got past its hlts: {:?}",
+        h.others.lock().unwrap()
+    );
+    assert_eq!(*h.others.lock().unwrap(), vec!["Hlt", "Hlt"]);
+    assert!(!r.is_finished());
+    let _ = r.stop_and_join();
+    assert_eq!(*h.stopped.lock().unwrap(), Some(VcpuExitReason::Stopped));
 }

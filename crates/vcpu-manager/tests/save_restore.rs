@@ -6,6 +6,7 @@
 use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use lapic_state::{regs, KvmConventions, LapicPage};
+use vcpu_manager::ExitAction;
 mod common;
 use common::kvm_or_skip;
 use vcpu_manager::{cpuid, msr_list, restore_vcpu, save_vcpu, xsave_size, Topology};
@@ -128,10 +129,18 @@ fn mp_states_registers_and_lapic_survive_into_a_new_vm() {
 struct NoExits;
 
 impl vcpu_manager::ExitHandler for NoExits {
-    fn pio_read(&self, _: u16, _: &mut [u8]) {}
-    fn pio_write(&self, _: u16, _: &[u8]) {}
-    fn mmio_read(&self, _: u64, _: &mut [u8]) {}
-    fn mmio_write(&self, _: u64, _: &[u8]) {}
+    fn pio_read(&self, _: u16, _: &mut [u8]) -> ExitAction {
+        ExitAction::Continue
+    }
+    fn pio_write(&self, _: u16, _: &[u8]) -> ExitAction {
+        ExitAction::Continue
+    }
+    fn mmio_read(&self, _: u64, _: &mut [u8]) -> ExitAction {
+        ExitAction::Continue
+    }
+    fn mmio_write(&self, _: u64, _: &[u8]) -> ExitAction {
+        ExitAction::Continue
+    }
     fn vcpu_stopped(&self, _: u32, _: &vcpu_manager::VcpuExitReason) {}
 }
 
