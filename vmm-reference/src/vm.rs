@@ -112,11 +112,13 @@ impl VmInner {
     pub fn pause(&self) -> Result<(), ControlError> {
         let vcpus = self.lock_vcpus_or_busy()?;
         self.not_migrating()?;
-        // Kept paused on success; a pause that half failed resumes the vCPUs it paused.
-        PauseGuard::new(&self.vcpus, vcpus, false)
-            .map_err(|e| ControlError::Internal(e.to_string()))?
-            .keep();
+        // Kept paused on success; a pause that half failed resumes the vCPUs it paused. The
+        // flag is set while the guard still holds the lock, so no add-cpu or transplant
+        // waiting for it sees a paused VM as running.
+        let paused =
+            PauseGuard::new(&self.vcpus, vcpus, false).map_err(|e| ControlError::Internal(e.to_string()))?;
         self.paused.store(true, Ordering::SeqCst);
+        paused.keep();
         Ok(())
     }
 
@@ -199,8 +201,11 @@ impl VmInner {
             ));
         }
         let t = std::time::Instant::now();
+        // The user's pause flag as it is once the lock is ours: a pause or resume that held
+        // the lock before us has settled it.
+        let held = self.lock_vcpus();
         let user_paused = self.paused.load(Ordering::SeqCst);
-        let result = PauseGuard::new(&self.vcpus, self.lock_vcpus(), user_paused)
+        let result = PauseGuard::new(&self.vcpus, held, user_paused)
             .map_err(|e| ControlError::Internal(e.to_string()))
             .and_then(|mut paused| {
                 let saved = self.save_paused(paused.manager())?;

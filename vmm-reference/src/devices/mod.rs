@@ -217,6 +217,14 @@ impl Devices {
     }
 }
 
+impl Drop for Devices {
+    /// A build that fails after the devices exist must not leave their input threads behind
+    /// (holding the console socket's path): they end with the unit.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
 /// The ACPI block, fresh or from saved state.
 fn acpi_device(
     ctx: &DeviceContext<'_>,
