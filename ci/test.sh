@@ -100,6 +100,8 @@ cargo test --workspace --locked
 if [ "$kvm_usable" = 1 ]; then
     part "lapic-state's migrate_lapic example (two VMs with other conventions, one refusal)"
     cargo run --locked -q -p lapic-state --features kvm --example migrate_lapic
+    part "vcpu-manager's two_vcpus example (run, pause from the handler, hot-add, save, stop)"
+    cargo run --locked -q -p vcpu-manager --example two_vcpus
 fi
 
 part "cargo test -p lapic-state without the kvm feature"
