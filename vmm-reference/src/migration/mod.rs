@@ -238,6 +238,9 @@ impl VmInner {
                 "a tcp: destination demands the migration token: give it as \"token\"".into(),
             ));
         }
+        // A capture already running answers busy at once, not after it ends.
+        self.not_migrating()?;
+        let hello = self.hello()?;
         if self.migrating.swap(true, Ordering::SeqCst) {
             return Err(ControlError::Busy(
                 "a snapshot or migration is in progress".into(),
@@ -246,7 +249,7 @@ impl VmInner {
         self.migration_ctl.store(ctl::RUNNING, Ordering::SeqCst);
         let mut logging = false;
         self.set_migration_phase("connecting", None);
-        let result = self.migrate_inner(&addr, opts, &mut logging);
+        let result = self.migrate_inner(&addr, opts, &mut logging, hello);
         match &result {
             Ok(_) => self.set_migration_phase("done", None),
             Err(e) => self.set_migration_phase("failed", Some(e.to_string())),
@@ -336,9 +339,10 @@ impl VmInner {
         addr: &Address,
         opts: &SendOptions,
         logging: &mut bool,
+        hello: Message,
     ) -> Result<MigrationReport, ControlError> {
         let start = Instant::now();
-        let mut link = self.open_link(addr, opts, start)?;
+        let mut link = self.open_link(addr, opts, start, hello)?;
         let result = self.hand_over(&mut link, opts, logging, start);
         if result.is_err() {
             // The destination must never run its copy: tell it, whatever the deadline says.
@@ -367,11 +371,32 @@ impl VmInner {
     }
 
     /// Connect, prove the token (TCP), and get the destination's Accept of our Hello.
+    /// The Hello that tells a destination what it must offer: CPU count, RAM layout, the
+    /// CPUID CPU 0 really has (a VM restored from elsewhere keeps its source's), TSC rate.
+    /// Built before the migration is marked as running: it takes the vCPU lock for a moment,
+    /// and an API call polled meanwhile would read that as a capture and answer 429.
+    fn hello(&self) -> Result<Message, ControlError> {
+        let (recorded, tsc_khz) = {
+            let vcpus = self.lock_vcpus();
+            (vcpus.cpuid(0).cloned(), vcpus.tsc_khz())
+        };
+        let cpuid = recorded
+            .unwrap_or_else(|| vcpu_manager::cpuid::for_vcpu(&self.supported_cpuid, &self.topology, 0));
+        let compat =
+            Compat::of(self.topology.max_vcpus(), MemoryLayout::of(&self.mem), &cpuid).with_tsc_khz(tsc_khz);
+        let compat = serde_json::to_vec(&compat).map_err(|e| internal("compat")(&e))?;
+        Ok(Message::Hello {
+            version: PROTOCOL_VERSION,
+            compat,
+        })
+    }
+
     fn open_link<'a>(
         &'a self,
         addr: &Address,
         opts: &SendOptions,
         start: Instant,
+        hello: Message,
     ) -> Result<Link<'a>, ControlError> {
         let conn = addr
             .connect(opts.stall.min(opts.deadline))
@@ -380,18 +405,6 @@ impl VmInner {
         if let (true, Some(token)) = (addr.needs_token(), &opts.token) {
             auth::answer(&mut link, token).map_err(peer_error("the token challenge"))?;
         }
-        // The CPUID CPU 0 really has (a VM restored from elsewhere keeps its source's).
-        let recorded = self.lock_vcpus().cpuid(0).cloned();
-        let cpuid = recorded
-            .unwrap_or_else(|| vcpu_manager::cpuid::for_vcpu(&self.supported_cpuid, &self.topology, 0));
-        let tsc_khz = self.lock_vcpus().tsc_khz();
-        let compat =
-            Compat::of(self.topology.max_vcpus(), MemoryLayout::of(&self.mem), &cpuid).with_tsc_khz(tsc_khz);
-        let compat = serde_json::to_vec(&compat).map_err(|e| internal("compat")(&e))?;
-        let hello = Message::Hello {
-            version: PROTOCOL_VERSION,
-            compat,
-        };
         send(&mut link, &hello).map_err(|e| internal("sending Hello")(&e))?;
         match recv(&mut link, &FrameLimits::default())
             .map_err(|e| internal("waiting for the destination")(&e))?
