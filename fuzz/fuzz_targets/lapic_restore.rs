@@ -1,0 +1,145 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The path untrusted LAPIC state really takes, into the real KVM: decode (the binary
+//! encoding, postcard or JSON, chosen by the first byte), validate, then
+//! `kvm::restore_saved` into a vCPU that has never held another input's state. The invariant
+//! checked: a restore that fails leaves the vCPU's LAPIC exactly as it was (the atomicity the
+//! crate promises), and one that succeeds reads back the state's ID word as KVM would write
+//! it. Without a usable /dev/kvm only the decode and validation paths run.
+#![no_main]
+use std::cell::RefCell;
+use std::sync::Once;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use lapic_state::kvm::restore_saved;
+use lapic_state::{regs, ApicMode, KvmConventions, LapicPage, LapicState, Loss, SavedLapic};
+use libfuzzer_sys::fuzz_target;
+
+/// vCPUs per VM before a fresh VM is made (KVM cannot destroy a vCPU).
+const VCPUS_PER_VM: u32 = 64;
+
+struct Env {
+    kvm: Kvm,
+    vm: VmFd,
+    used: u32,
+    conv: KvmConventions,
+}
+
+fn new_vm(kvm: &Kvm) -> Option<VmFd> {
+    let vm = kvm.create_vm().ok()?;
+    vm.create_irq_chip().ok()?;
+    Some(vm)
+}
+
+fn env() -> Option<Env> {
+    let kvm = Kvm::new().ok()?;
+    let vm = new_vm(&kvm)?;
+    // The destination's conventions, detected once on a scratch vCPU of another VM.
+    let scratch = new_vm(&kvm)?;
+    let fd = scratch.create_vcpu(0).ok()?;
+    fd.set_cpuid2(&cpuid(&kvm)?).ok()?;
+    let conv = KvmConventions::detect(&kvm, &fd, false).ok()?;
+    Some(Env {
+        kvm,
+        vm,
+        used: 0,
+        conv,
+    })
+}
+
+fn cpuid(kvm: &Kvm) -> Option<kvm_bindings::CpuId> {
+    let mut c = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok()?;
+    for e in c.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+        e.ecx |= 1 << 21; // x2APIC, so an x2APIC base can be installed
+    }
+    Some(c)
+}
+
+thread_local! {
+    static ENV: RefCell<Option<Env>> = RefCell::new({
+        let e = env();
+        if e.is_none() {
+            eprintln!("lapic_restore: /dev/kvm is not usable, only decoding is checked");
+        }
+        e
+    });
+}
+
+/// The input decoded the way the first byte says; `None` when the decoder refuses it.
+fn decode(data: &[u8]) -> Option<SavedLapic> {
+    let (&kind, rest) = data.split_first()?;
+    match kind % 3 {
+        0 => {
+            let state = LapicState::decode(rest).ok()?;
+            Some(SavedLapic::new(state, KvmConventions::CANONICAL, 0))
+        }
+        1 => postcard::from_bytes(rest).ok(),
+        _ => serde_json::from_slice(rest).ok(),
+    }
+}
+
+/// A vCPU that has never run or held any state, with the state's id (a fresh VM when the
+/// current one is used up or already has that id).
+fn fresh_vcpu(env: &mut Env, id: u32) -> Option<VcpuFd> {
+    if env.used >= VCPUS_PER_VM {
+        env.vm = new_vm(&env.kvm)?;
+        env.used = 0;
+    }
+    env.used += 1;
+    let fd = env.vm.create_vcpu(u64::from(id)).ok().or_else(|| {
+        env.vm = new_vm(&env.kvm)?;
+        env.used = 1;
+        env.vm.create_vcpu(u64::from(id)).ok()
+    })?;
+    fd.set_cpuid2(&cpuid(&env.kvm)?).ok()?;
+    Some(fd)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some(saved) = decode(data) else { return };
+    let state = *saved.state();
+    let _ = state.validate(&KvmConventions::CANONICAL);
+    let _ = saved.check_compatible(&KvmConventions::CANONICAL);
+    // KVM limits vCPU ids; an invalid APIC base cannot be installed at all.
+    if state.vcpu_id >= 1024 || state.apic_base.mode() == ApicMode::Invalid {
+        return;
+    }
+    ENV.with(|e| {
+        let mut e = e.borrow_mut();
+        let Some(env) = e.as_mut() else { return };
+        let Some(fd) = fresh_vcpu(env, state.vcpu_id) else {
+            return;
+        };
+        let Ok(mut sregs) = fd.get_sregs() else { return };
+        sregs.apic_base = state.apic_base.0;
+        if fd.set_sregs(&sregs).is_err() {
+            return;
+        }
+        let Ok(before) = fd.get_lapic() else { return };
+        let conv = env.conv;
+        let result = restore_saved(&fd, state.vcpu_id, &saved, &conv, Loss::Refuse);
+        // Once each, so a run's log shows both paths reach KVM.
+        static RESTORED: Once = Once::new();
+        static REFUSED: Once = Once::new();
+        match &result {
+            Ok(()) => RESTORED.call_once(|| eprintln!("lapic_restore: a restore into KVM succeeded")),
+            Err(e) => REFUSED.call_once(|| eprintln!("lapic_restore: a restore was refused: {e}")),
+        }
+        match result {
+            Err(e) => {
+                let after = fd.get_lapic().expect("KVM_GET_LAPIC");
+                assert!(
+                    LapicPage::from(after) == LapicPage::from(before),
+                    "a refused restore ({e}) changed the vCPU"
+                );
+            }
+            Ok(()) => {
+                // Read back in canonical form: in x2APIC mode the id is the vCPU's own.
+                let back = lapic_state::kvm::save(&fd, state.vcpu_id, &conv).expect("save after restore");
+                if state.apic_base.mode() == ApicMode::X2Apic {
+                    assert_eq!(back.page.reg(regs::ID), state.vcpu_id, "x2APIC id after restore");
+                }
+            }
+        }
+    });
+});
