@@ -36,9 +36,23 @@ pub enum MemoryError {
     /// Reading or writing the image failed.
     #[error("memory image I/O: {0}")]
     Io(#[from] std::io::Error),
-    /// Mapping the image or accessing guest memory failed.
-    #[error("guest memory: {0}")]
-    Guest(String),
+    /// Mapping the image or accessing guest memory failed (vm-memory's error as the source).
+    #[error("guest memory: {what}: {source}")]
+    Guest {
+        /// What was being done.
+        what: &'static str,
+        /// vm-memory's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// `MemoryError::Guest` for a vm-memory error met while doing `what`.
+fn guest<E: std::error::Error + Send + Sync + 'static>(what: &'static str) -> impl FnOnce(E) -> MemoryError {
+    move |e| MemoryError::Guest {
+        what,
+        source: Box::new(e),
+    }
 }
 
 /// One RAM region of the image.
@@ -166,7 +180,7 @@ pub fn write_image<B: Bitmap>(
             None => {
                 let host = mem
                     .get_host_address(GuestAddress(r.guest_addr))
-                    .map_err(|e| MemoryError::Guest(e.to_string()))?;
+                    .map_err(guest("finding a region's host address"))?;
                 dirty_ranges(&populated_pages(host as u64, r.len)?, r.len)
             }
             Some(_) => vec![(0, r.len)],
@@ -177,7 +191,7 @@ pub fn write_image<B: Bitmap>(
                 let n = (len - off).min(buf.len() as u64) as usize;
                 let at = start + off;
                 mem.read_slice(&mut buf[..n], GuestAddress(r.guest_addr + at))
-                    .map_err(|e| MemoryError::Guest(e.to_string()))?;
+                    .map_err(guest("reading guest RAM"))?;
                 // Pages of zeroes stay holes in the (sparse) file.
                 if !crate::protocol::is_zero(&buf[..n]) {
                     file.write_all_at(&buf[..n], r.file_offset + at)?;
@@ -210,12 +224,12 @@ pub fn map_image_private(file: &File, layout: &MemoryLayout) -> Result<GuestMemo
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
-            .map_err(|e| MemoryError::Guest(e.to_string()))?;
+            .map_err(guest("mapping the image"))?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
             .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} does not fit", r.guest_addr)))?;
         regions.push(region);
     }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Guest(e.to_string()))
+    GuestMemoryMmap::from_regions(regions).map_err(guest("assembling the mapped regions"))
 }
 
 /// Dirty pages of a bitmap (bit `i` of word `w` = page `w * 64 + i`) as coalesced
