@@ -9,7 +9,7 @@
 use std::cell::RefCell;
 use std::sync::Once;
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_bindings::{kvm_enable_cap, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use lapic_state::kvm::restore_saved;
 use lapic_state::{regs, ApicMode, KvmConventions, LapicPage, LapicState, Loss, SavedLapic};
@@ -18,33 +18,52 @@ use libfuzzer_sys::fuzz_target;
 /// vCPUs per VM before a fresh VM is made (KVM cannot destroy a vCPU).
 const VCPUS_PER_VM: u32 = 64;
 
+/// One VM per x2APIC id format: legacy, and 32-bit ids (where KVM refuses a wrong ID word
+/// after it has applied SPIV: the case the restore must prevent).
 struct Env {
     kvm: Kvm,
+    vms: [Dest; 2],
+}
+
+struct Dest {
     vm: VmFd,
     used: u32,
+    ids32: bool,
     conv: KvmConventions,
 }
 
-fn new_vm(kvm: &Kvm) -> Option<VmFd> {
+fn new_vm(kvm: &Kvm, ids32: bool) -> Option<VmFd> {
     let vm = kvm.create_vm().ok()?;
     vm.create_irq_chip().ok()?;
+    if ids32 {
+        let cap = kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_X2APIC_API,
+            args: [u64::from(kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS), 0, 0, 0],
+            ..Default::default()
+        };
+        vm.enable_cap(&cap).ok()?;
+    }
     Some(vm)
+}
+
+fn dest(kvm: &Kvm, ids32: bool) -> Option<Dest> {
+    // The destination's conventions, detected once on a scratch vCPU of another VM.
+    let scratch = new_vm(kvm, ids32)?;
+    let fd = scratch.create_vcpu(0).ok()?;
+    fd.set_cpuid2(&cpuid(kvm)?).ok()?;
+    let conv = KvmConventions::detect(kvm, &fd, ids32).ok()?;
+    Some(Dest {
+        vm: new_vm(kvm, ids32)?,
+        used: 0,
+        ids32,
+        conv,
+    })
 }
 
 fn env() -> Option<Env> {
     let kvm = Kvm::new().ok()?;
-    let vm = new_vm(&kvm)?;
-    // The destination's conventions, detected once on a scratch vCPU of another VM.
-    let scratch = new_vm(&kvm)?;
-    let fd = scratch.create_vcpu(0).ok()?;
-    fd.set_cpuid2(&cpuid(&kvm)?).ok()?;
-    let conv = KvmConventions::detect(&kvm, &fd, false).ok()?;
-    Some(Env {
-        kvm,
-        vm,
-        used: 0,
-        conv,
-    })
+    let vms = [dest(&kvm, false)?, dest(&kvm, true)?];
+    Some(Env { kvm, vms })
 }
 
 fn cpuid(kvm: &Kvm) -> Option<kvm_bindings::CpuId> {
@@ -80,18 +99,18 @@ fn decode(data: &[u8]) -> Option<SavedLapic> {
 
 /// A vCPU that has never run or held any state, with the state's id (a fresh VM when the
 /// current one is used up or already has that id).
-fn fresh_vcpu(env: &mut Env, id: u32) -> Option<VcpuFd> {
-    if env.used >= VCPUS_PER_VM {
-        env.vm = new_vm(&env.kvm)?;
-        env.used = 0;
+fn fresh_vcpu(kvm: &Kvm, d: &mut Dest, id: u32) -> Option<VcpuFd> {
+    if d.used >= VCPUS_PER_VM {
+        d.vm = new_vm(kvm, d.ids32)?;
+        d.used = 0;
     }
-    env.used += 1;
-    let fd = env.vm.create_vcpu(u64::from(id)).ok().or_else(|| {
-        env.vm = new_vm(&env.kvm)?;
-        env.used = 1;
-        env.vm.create_vcpu(u64::from(id)).ok()
+    d.used += 1;
+    let fd = d.vm.create_vcpu(u64::from(id)).ok().or_else(|| {
+        d.vm = new_vm(kvm, d.ids32)?;
+        d.used = 1;
+        d.vm.create_vcpu(u64::from(id)).ok()
     })?;
-    fd.set_cpuid2(&cpuid(&env.kvm)?).ok()?;
+    fd.set_cpuid2(&cpuid(kvm)?).ok()?;
     Some(fd)
 }
 
@@ -107,7 +126,9 @@ fuzz_target!(|data: &[u8]| {
     ENV.with(|e| {
         let mut e = e.borrow_mut();
         let Some(env) = e.as_mut() else { return };
-        let Some(fd) = fresh_vcpu(env, state.vcpu_id) else {
+        // The id format: one more bit of the first byte.
+        let d = &mut env.vms[usize::from(data[0] / 3 % 2)];
+        let Some(fd) = fresh_vcpu(&env.kvm, d, state.vcpu_id) else {
             return;
         };
         let Ok(mut sregs) = fd.get_sregs() else { return };
@@ -116,7 +137,7 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
         let Ok(before) = fd.get_lapic() else { return };
-        let conv = env.conv;
+        let conv = d.conv;
         let result = restore_saved(&fd, state.vcpu_id, &saved, &conv, Loss::Refuse);
         // Once each, so a run's log shows both paths reach KVM.
         static RESTORED: Once = Once::new();

@@ -133,7 +133,9 @@ impl VmInner {
 
     /// Resume every vCPU.
     pub fn resume(&self) {
-        self.lock_vcpus().resume_all();
+        // The flag changes while the lock is held, as in every pause and resume.
+        let vcpus = self.lock_vcpus();
+        vcpus.resume_all();
         self.paused.store(false, Ordering::SeqCst);
     }
 

@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VmFd};
@@ -125,9 +125,18 @@ fn main() -> Result<()> {
     cpus.hot_add(&vm, 1)?;
     cpus.resume_all();
 
+    // The handler sees port 0x81 first; the thread then pauses (resume_all only asked CPU 0
+    // to run: until its thread has, it still reads as paused).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ports.done.load(Ordering::SeqCst) {
+        if Instant::now() > deadline {
+            return Err("the guest did not reach port 0x81".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let runner = cpus.runner(0).ok_or("CPU 0 is not running")?;
-    if !runner.wait_paused(Duration::from_secs(10)) || !ports.done.load(Ordering::SeqCst) {
-        return Err("the guest did not reach port 0x81".into());
+    if !runner.wait_paused(Duration::from_secs(10)) {
+        return Err("CPU 0 did not pause after port 0x81".into());
     }
     println!(
         "guest wrote {:?} to port 0x80, then paused itself through port 0x81",

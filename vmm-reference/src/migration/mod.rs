@@ -370,14 +370,14 @@ impl VmInner {
         Ok(report)
     }
 
-    /// Connect, prove the token (TCP), and get the destination's Accept of our Hello.
     /// The Hello that tells a destination what it must offer: CPU count, RAM layout, the
     /// CPUID CPU 0 really has (a VM restored from elsewhere keeps its source's), TSC rate.
     /// Built before the migration is marked as running: it takes the vCPU lock for a moment,
     /// and an API call polled meanwhile would read that as a capture and answer 429.
     fn hello(&self) -> Result<Message, ControlError> {
         let (recorded, tsc_khz) = {
-            let vcpus = self.lock_vcpus();
+            // Busy at once if a snapshot took the vCPUs since the caller checked.
+            let vcpus = self.lock_vcpus_or_busy()?;
             (vcpus.cpuid(0).cloned(), vcpus.tsc_khz())
         };
         let cpuid = recorded
@@ -391,6 +391,7 @@ impl VmInner {
         })
     }
 
+    /// Connect, prove the token (TCP), and get the destination's Accept of our Hello.
     fn open_link<'a>(
         &'a self,
         addr: &Address,
