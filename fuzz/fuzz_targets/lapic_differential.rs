@@ -5,11 +5,10 @@
 #![no_main]
 use std::cell::RefCell;
 
-use kvm_bindings::{kvm_enable_cap, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use lapic_state::{predict_set, regs, ApicBase, ApicMode, KvmConventions, LapicPage, PriorApic};
 use libfuzzer_sys::fuzz_target;
-use vmm_fuzz::LapicInput;
+use vmm_fuzz::{irqchip_vm, x2apic_cpuid, LapicInput};
 
 struct Vm {
     _vm: VmFd,
@@ -22,20 +21,8 @@ struct Env {
 }
 
 fn make_vm(kvm: &Kvm, ids32: bool) -> Option<Vm> {
-    let vm = kvm.create_vm().ok()?;
-    vm.create_irq_chip().ok()?;
-    if ids32 {
-        let cap = kvm_enable_cap {
-            cap: kvm_bindings::KVM_CAP_X2APIC_API,
-            args: [u64::from(kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS), 0, 0, 0],
-            ..Default::default()
-        };
-        vm.enable_cap(&cap).ok()?;
-    }
-    let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok()?;
-    for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
-        e.ecx |= 1 << 21;
-    }
+    let vm = irqchip_vm(kvm, ids32)?;
+    let cpuid = x2apic_cpuid(kvm)?;
     let mut vcpus = Vec::new();
     for id in [0u32, 1, 255, 300] {
         let fd = vm.create_vcpu(u64::from(id)).ok()?;

@@ -9,11 +9,11 @@
 use std::cell::RefCell;
 use std::sync::Once;
 
-use kvm_bindings::{kvm_enable_cap, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use lapic_state::kvm::restore_saved;
 use lapic_state::{regs, ApicMode, KvmConventions, LapicPage, LapicState, Loss, SavedLapic};
 use libfuzzer_sys::fuzz_target;
+use vmm_fuzz::{irqchip_vm, x2apic_cpuid};
 
 /// vCPUs per VM before a fresh VM is made (KVM cannot destroy a vCPU).
 const VCPUS_PER_VM: u32 = 64;
@@ -22,6 +22,8 @@ const VCPUS_PER_VM: u32 = 64;
 /// after it has applied SPIV: the case the restore must prevent).
 struct Env {
     kvm: Kvm,
+    /// Fetched once: every fresh vCPU gets the same CPUID.
+    cpuid: kvm_bindings::CpuId,
     vms: [Dest; 2],
 }
 
@@ -32,28 +34,14 @@ struct Dest {
     conv: KvmConventions,
 }
 
-fn new_vm(kvm: &Kvm, ids32: bool) -> Option<VmFd> {
-    let vm = kvm.create_vm().ok()?;
-    vm.create_irq_chip().ok()?;
-    if ids32 {
-        let cap = kvm_enable_cap {
-            cap: kvm_bindings::KVM_CAP_X2APIC_API,
-            args: [u64::from(kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS), 0, 0, 0],
-            ..Default::default()
-        };
-        vm.enable_cap(&cap).ok()?;
-    }
-    Some(vm)
-}
-
 fn dest(kvm: &Kvm, ids32: bool) -> Option<Dest> {
     // The destination's conventions, detected once on a scratch vCPU of another VM.
-    let scratch = new_vm(kvm, ids32)?;
+    let scratch = irqchip_vm(kvm, ids32)?;
     let fd = scratch.create_vcpu(0).ok()?;
-    fd.set_cpuid2(&cpuid(kvm)?).ok()?;
+    fd.set_cpuid2(&x2apic_cpuid(kvm)?).ok()?;
     let conv = KvmConventions::detect(kvm, &fd, ids32).ok()?;
     Some(Dest {
-        vm: new_vm(kvm, ids32)?,
+        vm: irqchip_vm(kvm, ids32)?,
         used: 0,
         ids32,
         conv,
@@ -63,15 +51,8 @@ fn dest(kvm: &Kvm, ids32: bool) -> Option<Dest> {
 fn env() -> Option<Env> {
     let kvm = Kvm::new().ok()?;
     let vms = [dest(&kvm, false)?, dest(&kvm, true)?];
-    Some(Env { kvm, vms })
-}
-
-fn cpuid(kvm: &Kvm) -> Option<kvm_bindings::CpuId> {
-    let mut c = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).ok()?;
-    for e in c.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
-        e.ecx |= 1 << 21; // x2APIC, so an x2APIC base can be installed
-    }
-    Some(c)
+    let cpuid = x2apic_cpuid(&kvm)?;
+    Some(Env { kvm, cpuid, vms })
 }
 
 thread_local! {
@@ -99,18 +80,18 @@ fn decode(data: &[u8]) -> Option<SavedLapic> {
 
 /// A vCPU that has never run or held any state, with the state's id (a fresh VM when the
 /// current one is used up or already has that id).
-fn fresh_vcpu(kvm: &Kvm, d: &mut Dest, id: u32) -> Option<VcpuFd> {
+fn fresh_vcpu(kvm: &Kvm, cpuid: &kvm_bindings::CpuId, d: &mut Dest, id: u32) -> Option<VcpuFd> {
     if d.used >= VCPUS_PER_VM {
-        d.vm = new_vm(kvm, d.ids32)?;
+        d.vm = irqchip_vm(kvm, d.ids32)?;
         d.used = 0;
     }
     d.used += 1;
     let fd = d.vm.create_vcpu(u64::from(id)).ok().or_else(|| {
-        d.vm = new_vm(kvm, d.ids32)?;
+        d.vm = irqchip_vm(kvm, d.ids32)?;
         d.used = 1;
         d.vm.create_vcpu(u64::from(id)).ok()
     })?;
-    fd.set_cpuid2(&cpuid(kvm)?).ok()?;
+    fd.set_cpuid2(cpuid).ok()?;
     Some(fd)
 }
 
@@ -128,7 +109,7 @@ fuzz_target!(|data: &[u8]| {
         let Some(env) = e.as_mut() else { return };
         // The id format: one more bit of the first byte.
         let d = &mut env.vms[usize::from(data[0] / 3 % 2)];
-        let Some(fd) = fresh_vcpu(&env.kvm, d, state.vcpu_id) else {
+        let Some(fd) = fresh_vcpu(&env.kvm, &env.cpuid, d, state.vcpu_id) else {
             return;
         };
         let Ok(mut sregs) = fd.get_sregs() else { return };

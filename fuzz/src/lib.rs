@@ -80,3 +80,30 @@ impl LapicInput {
         v
     }
 }
+
+/// A KVM VM with an in-kernel irqchip, with 32-bit x2APIC ids (`KVM_CAP_X2APIC_API`) when
+/// `ids32`: the setup both KVM-backed LAPIC targets start from.
+pub fn irqchip_vm(kvm: &kvm_ioctls::Kvm, ids32: bool) -> Option<kvm_ioctls::VmFd> {
+    let vm = kvm.create_vm().ok()?;
+    vm.create_irq_chip().ok()?;
+    if ids32 {
+        let cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_X2APIC_API,
+            args: [u64::from(kvm_bindings::KVM_X2APIC_API_USE_32BIT_IDS), 0, 0, 0],
+            ..Default::default()
+        };
+        vm.enable_cap(&cap).ok()?;
+    }
+    Some(vm)
+}
+
+/// The host's supported CPUID with x2APIC offered, so an x2APIC base can be installed.
+pub fn x2apic_cpuid(kvm: &kvm_ioctls::Kvm) -> Option<kvm_bindings::CpuId> {
+    let mut c = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .ok()?;
+    for e in c.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+        e.ecx |= 1 << 21;
+    }
+    Some(c)
+}
