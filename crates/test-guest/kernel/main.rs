@@ -726,8 +726,11 @@ fn gap_us(tsc: u64) -> u64 {
 }
 
 /// What CSCN does, done on the registers: take every pending event, react like Linux, `_OST`.
+/// A CPU can hold an insert and a removal at once, so one GPE can stand for two events per
+/// CPU; the scan runs until the device reports none. Its bound only guards against a device
+/// that never stops reporting: on reaching it the main loop scans again, nothing is dropped.
 fn scan() {
-    for _ in 0..ncpus() {
+    for _ in 0..2 * ncpus() + 1 {
         match hotplug::next_event() {
             Some(hotplug::Event::Insert(uid)) => {
                 let Some(c) = cpu(uid as usize) else {
@@ -775,6 +778,7 @@ fn scan() {
             None => return,
         }
     }
+    hotplug::SCAN_PENDING.store(true, Ordering::SeqCst);
 }
 
 fn poweroff() {
