@@ -14,13 +14,14 @@ use vm_device::MutDevicePio;
 #[derive(Default)]
 struct Line(AtomicBool, AtomicU32);
 impl InterruptLine for Line {
-    fn set_level(&self, high: bool) {
+    fn set_level(&self, high: bool) -> std::io::Result<()> {
         assert_ne!(
             self.0.swap(high, Ordering::SeqCst),
             high,
             "set_level without a change"
         );
         self.1.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 }
 struct Sleep;
@@ -40,11 +41,11 @@ fuzz_target!(|data: &[u8]| {
         match op[0] >> 4 {
             0..=6 => pm.pio_write(PioAddress(base), offset, &buf[..width]),
             7..=12 => pm.pio_read(PioAddress(base), offset, &mut buf[..width]),
-            13 => pm.set_gpe_status(usize::from(op[2])),
+            13 => pm.set_gpe_status(usize::from(op[2])).expect("this line never fails"),
             _ => {
                 let st = pm.state();
                 let fresh = Arc::new(Line::default());
-                pm = AcpiPm::from_state(layout, &st, fresh.clone(), Arc::new(Sleep));
+                pm = AcpiPm::from_state(layout, &st, fresh.clone(), Arc::new(Sleep)).expect("this line never fails");
                 assert_eq!(pm.state(), st);
                 assert_eq!(fresh.0.load(Ordering::SeqCst), pm.sci_level());
                 continue;

@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex, Weak};
 
-use acpi_cpu_hotplug::CpuSlot;
+use acpi_cpu_hotplug::{CpuSlot, DeviceError};
 use lapic_state::{ApicBase, ApicMode, LapicPage};
 use vcpu_manager::{Slot, VcpuManager};
 
@@ -111,9 +111,15 @@ impl VmInner {
             .map_err(|e| ControlError::Internal(e.to_string()))?;
         drop(vm);
         // The vCPU exists and waits for INIT/SIPI before the guest hears about it.
-        self.lock_dev()
-            .request_insert(index)
-            .map_err(|e| ControlError::Internal(e.to_string()))
+        let told = self.lock_dev().request_insert(index);
+        if let Err(e) = told {
+            // The guest never heard of it (the device withdrew the request): park it again.
+            if let Err(park) = vcpus.hot_remove(index) {
+                log::error!("parking CPU {index} after a failed insert: {park}");
+            }
+            return Err(ControlError::Internal(e.to_string()));
+        }
+        Ok(())
     }
 
     /// Ask the guest to remove CPU `index`; the vCPU goes away when the guest ejects it.
@@ -140,8 +146,10 @@ impl VmInner {
             )));
         }
         // A new removal, or a retry of one the guest refused (the event is raised again).
-        dev.request_remove(index)
-            .map_err(|e| ControlError::BadRequest(e.to_string()))?;
+        dev.request_remove(index).map_err(|e| match e {
+            DeviceError::Hotplug(e) => ControlError::BadRequest(e.to_string()),
+            sci @ DeviceError::Sci(_) => ControlError::Internal(sci.to_string()),
+        })?;
         pending.insert(index);
         Ok(())
     }

@@ -54,6 +54,18 @@ pub struct AcpiHotplugState {
     pub cpus: CpuHotplugState,
 }
 
+/// Errors of the device's VMM-side calls.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The controller refused the request (nothing changed).
+    #[error(transparent)]
+    Hotplug(#[from] HotplugError),
+    /// The SCI line failed ([`InterruptLine::set_level`]): the request was withdrawn, the
+    /// guest never saw it, and it can be made again.
+    #[error("the SCI could not be raised, so the request was withdrawn: {0}")]
+    Sci(#[source] std::io::Error),
+}
+
 /// PM1 + GPE0 + CPU hotplug controller.
 pub struct AcpiHotplugDevice {
     layout: HotplugLayout,
@@ -102,10 +114,10 @@ impl AcpiHotplugDevice {
         sci: Arc<dyn InterruptLine>,
         sleep: Arc<dyn SleepSink>,
         sink: Arc<dyn HotplugSink>,
-    ) -> Result<Self, HotplugError> {
+    ) -> Result<Self, DeviceError> {
         let mut d = AcpiHotplugDevice::new(layout, apic_ids, 0, sci.clone(), sleep.clone(), sink);
         d.cpus.restore(&state.cpus)?;
-        d.pm = AcpiPm::from_state(layout.pm, &state.pm, sci, sleep);
+        d.pm = AcpiPm::from_state(layout.pm, &state.pm, sci, sleep).map_err(DeviceError::Sci)?;
         Ok(d)
     }
 
@@ -132,19 +144,36 @@ impl AcpiHotplugDevice {
         &self.pm
     }
 
-    /// VMM: hot-add CPU `cpu`; raises GPE 2 (SCI if the guest enabled it).
-    pub fn request_insert(&mut self, cpu: u32) -> Result<(), HotplugError> {
+    /// VMM: hot-add CPU `cpu`; raises GPE 2 (SCI if the guest enabled it). On an error
+    /// nothing changed.
+    pub fn request_insert(&mut self, cpu: u32) -> Result<(), DeviceError> {
+        let before = self.cpus.state();
         self.cpus.request_insert(cpu)?;
-        self.pm.set_gpe_status(CPU_HOTPLUG_GPE);
-        Ok(())
+        self.raise_or_roll_back(before)
     }
 
     /// VMM: ask the guest to remove CPU `cpu`; raises GPE 2. The CPU goes away only when the
-    /// guest ejects it ([`HotplugSink::cpu_ejected`]).
-    pub fn request_remove(&mut self, cpu: u32) -> Result<(), HotplugError> {
+    /// guest ejects it ([`HotplugSink::cpu_ejected`]). On an error nothing changed.
+    pub fn request_remove(&mut self, cpu: u32) -> Result<(), DeviceError> {
+        let before = self.cpus.state();
         self.cpus.request_remove(cpu)?;
-        self.pm.set_gpe_status(CPU_HOTPLUG_GPE);
+        self.raise_or_roll_back(before)
+    }
+
+    /// Raise the hotplug GPE for a request just recorded; if the line fails, put the
+    /// controller back as it was `before` so that the VMM and the guest still agree.
+    fn raise_or_roll_back(&mut self, before: CpuHotplugState) -> Result<(), DeviceError> {
+        if let Err(e) = self.pm.set_gpe_status(CPU_HOTPLUG_GPE) {
+            self.cpus.restore(&before)?;
+            return Err(DeviceError::Sci(e));
+        }
         Ok(())
+    }
+
+    /// Drive the SCI to the level the registers call for, after the line failed a change
+    /// ([`AcpiPm::resync_sci`]).
+    pub fn resync_sci(&mut self) -> std::io::Result<()> {
+        self.pm.resync_sci()
     }
 
     /// Withdraw a removal the guest refused or has not taken yet
@@ -187,7 +216,7 @@ impl MutDevicePio for AcpiHotplugDevice {
     fn pio_write(&mut self, base: PioAddress, offset: u16, data: &[u8]) {
         if base.0 == self.layout.cpu_hotplug {
             if self.cpus.write(offset, data, &*self.sink) {
-                self.pm.set_gpe_status(CPU_HOTPLUG_GPE);
+                self.pm.latch_gpe_after_guest_write(CPU_HOTPLUG_GPE);
             }
         } else {
             self.pm.pio_write(base, offset, data);

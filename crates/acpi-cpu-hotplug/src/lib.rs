@@ -16,14 +16,17 @@
 //! #[derive(Default)]
 //! struct Line(Mutex<bool>);
 //! impl InterruptLine for Line {
-//!     fn set_level(&self, high: bool) { *self.0.lock().unwrap() = high; }
+//!     fn set_level(&self, high: bool) -> std::io::Result<()> {
+//!         *self.0.lock().unwrap() = high;
+//!         Ok(())
+//!     }
 //! }
 //! struct NoSleep;
 //! impl SleepSink for NoSleep { fn sleep(&self, _slp_typ: u8) {} }
 //!
 //! let line = Arc::new(Line::default());
 //! let mut pm = AcpiPm::new(PmLayout::default(), line.clone(), Arc::new(NoSleep));
-//! pm.set_gpe_status(2);                  // an event, not yet enabled by the guest
+//! pm.set_gpe_status(2).unwrap();         // an event, not yet enabled by the guest
 //! assert!(!*line.0.lock().unwrap());
 //! pm.gpe0_write(2, &[0x04]);             // guest enables GPE 2 (enable half starts at len/2)
 //! assert!(*line.0.lock().unwrap());      // SCI asserted
@@ -40,7 +43,7 @@ pub mod hotplug;
 mod pm;
 
 pub use aml::{madt_cpu_entry, CpuEntry, CpuHotplugAml};
-pub use device::{AcpiHotplugDevice, AcpiHotplugState, HotplugLayout};
+pub use device::{AcpiHotplugDevice, AcpiHotplugState, DeviceError, HotplugLayout};
 pub use hotplug::{
     CpuHotplugController, CpuHotplugState, CpuSlot, HotplugError, HotplugSink, CPU_HOTPLUG_GPE,
 };

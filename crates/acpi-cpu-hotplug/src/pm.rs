@@ -8,9 +8,13 @@ use vm_device::bus::PioAddress;
 use vm_device::MutDevicePio;
 
 /// An interrupt line the device drives as a level (the SCI).
+///
+/// Fallible like vm-superio's `Trigger`: an irqfd write can fail. When it does, the device
+/// keeps its previous idea of the level, so the next status or enable change (or
+/// [`AcpiPm::resync_sci`]) drives the line again: a failure delays the SCI, it never loses it.
 pub trait InterruptLine: Send + Sync {
     /// Set the line level; called only when the level changes.
-    fn set_level(&self, high: bool);
+    fn set_level(&self, high: bool) -> std::io::Result<()>;
 }
 
 /// Receives the guest's sleep requests (PM1a_CNT with SLP_EN set).
@@ -90,6 +94,8 @@ pub struct AcpiPm {
     st: AcpiPmState,
     line: Arc<dyn InterruptLine>,
     sleep: Arc<dyn SleepSink>,
+    /// Times the line refused a level change the guest's writes caused.
+    sci_failures: u64,
 }
 
 impl std::fmt::Debug for AcpiPm {
@@ -115,16 +121,18 @@ impl AcpiPm {
             },
             line,
             sleep,
+            sci_failures: 0,
         }
     }
 
-    /// Rebuild from a saved state; drives the line to the saved level so nothing is lost.
+    /// Rebuild from a saved state; drives the line to the saved level so nothing is lost. An
+    /// error is the line's: the device is not returned, since its SCI would not be raised.
     pub fn from_state(
         layout: PmLayout,
         state: &AcpiPmState,
         line: Arc<dyn InterruptLine>,
         sleep: Arc<dyn SleepSink>,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         let mut pm = AcpiPm::new(layout, line, sleep);
         let half = layout.half();
         for (d, s) in pm.st.gpe0_sts.iter_mut().zip(state.gpe0_sts.iter().take(half)) {
@@ -138,8 +146,8 @@ impl AcpiPm {
         pm.st.pm1_cnt = (state.pm1_cnt | PM1_CNT_SCI_EN) & !PM1_CNT_SLP_EN;
         // Recompute the level from status/enable rather than trusting the saved flag.
         pm.st.sci_level = false;
-        pm.update_sci();
-        pm
+        pm.update_sci()?;
+        Ok(pm)
     }
 
     /// Snapshot of the state.
@@ -157,13 +165,40 @@ impl AcpiPm {
         self.st.sci_level
     }
 
+    /// Times the line failed a level change that a guest write caused (each is retried at
+    /// the next change, or by [`AcpiPm::resync_sci`]).
+    pub fn sci_failures(&self) -> u64 {
+        self.sci_failures
+    }
+
     /// Set GPE status bit `gpe` (an event happened); raises the SCI if the guest enabled it.
-    /// Out-of-range GPE numbers are ignored.
-    pub fn set_gpe_status(&mut self, gpe: usize) {
+    /// Out-of-range GPE numbers are ignored. If the line fails, the status bit is left as it
+    /// was and the error returned: the event did not happen.
+    pub fn set_gpe_status(&mut self, gpe: usize) -> std::io::Result<()> {
+        let Some(b) = self.st.gpe0_sts.get_mut(gpe / 8) else {
+            return Ok(());
+        };
+        let before = *b;
+        *b |= 1 << (gpe % 8);
+        self.update_sci().inspect_err(|_| {
+            if let Some(b) = self.st.gpe0_sts.get_mut(gpe / 8) {
+                *b = before;
+            }
+        })
+    }
+
+    /// Set GPE status bit `gpe` because of a guest write (a refused eject re-announces its
+    /// CPU): the bit stays set even if the line fails, and the SCI follows at the next change.
+    pub(crate) fn latch_gpe_after_guest_write(&mut self, gpe: usize) {
         if let Some(b) = self.st.gpe0_sts.get_mut(gpe / 8) {
             *b |= 1 << (gpe % 8);
         }
-        self.update_sci();
+        self.update_sci_after_guest_write();
+    }
+
+    /// Drive the line to the level the registers call for, if an earlier change failed.
+    pub fn resync_sci(&mut self) -> std::io::Result<()> {
+        self.update_sci()
     }
 
     fn pending(&self) -> bool {
@@ -176,11 +211,23 @@ impl AcpiPm {
         gpe || (self.st.pm1_sts & self.st.pm1_en & PM1_EVENTS) != 0
     }
 
-    fn update_sci(&mut self) {
+    fn update_sci(&mut self) -> std::io::Result<()> {
         let level = self.pending();
         if level != self.st.sci_level {
+            self.line.set_level(level)?;
             self.st.sci_level = level;
-            self.line.set_level(level);
+        }
+        Ok(())
+    }
+
+    /// After a guest write: a failure cannot be returned to the guest, so it is counted and
+    /// logged (at powers of two: the guest can cause writes at will), and retried later.
+    fn update_sci_after_guest_write(&mut self) {
+        if let Err(e) = self.update_sci() {
+            self.sci_failures += 1;
+            if self.sci_failures.is_power_of_two() {
+                log::error!("the SCI line failed: {e} ({} failures so far)", self.sci_failures);
+            }
         }
     }
 
@@ -204,7 +251,7 @@ impl AcpiPm {
                 _ => {}
             }
         }
-        self.update_sci();
+        self.update_sci_after_guest_write();
     }
 
     /// Guest read of the PM1a control block.
@@ -231,7 +278,7 @@ impl AcpiPm {
             // No WAK_STS: nothing here resumes from a sleep state; S5 ends the VM.
             self.sleep.sleep(typ);
         }
-        self.update_sci();
+        self.update_sci_after_guest_write();
     }
 
     /// Guest read of the GPE0 block at `offset`.
@@ -253,7 +300,7 @@ impl AcpiPm {
                 *e = *b;
             }
         }
-        self.update_sci();
+        self.update_sci_after_guest_write();
     }
 }
 
@@ -293,13 +340,19 @@ mod tests {
     struct Line {
         level: Mutex<bool>,
         changes: Mutex<u32>,
+        /// While set, every level change fails (an irqfd write that returns an error).
+        broken: Mutex<bool>,
     }
     impl InterruptLine for Line {
-        fn set_level(&self, high: bool) {
+        fn set_level(&self, high: bool) -> std::io::Result<()> {
+            if *self.broken.lock().unwrap() {
+                return Err(std::io::Error::other("irqfd write failed"));
+            }
             let mut l = self.level.lock().unwrap();
             assert_ne!(*l, high, "set_level called without a level change");
             *l = high;
             *self.changes.lock().unwrap() += 1;
+            Ok(())
         }
     }
     #[derive(Default)]
@@ -336,7 +389,7 @@ mod tests {
     #[test]
     fn word_access_to_gpe0() {
         let (mut pm, line, _) = dev();
-        pm.set_gpe_status(9);
+        pm.set_gpe_status(9).unwrap();
         pm.pio_write(PioAddress(0x620), 2, &0x0200u16.to_le_bytes());
         assert!(*line.level.lock().unwrap());
         let mut d = [0u8; 4];
@@ -368,12 +421,46 @@ mod tests {
     fn pm1_event_raises_sci_when_enabled() {
         let (mut pm, line, _) = dev();
         pm.st.pm1_sts |= 1 << 8; // power button pressed
-        pm.update_sci();
+        pm.update_sci().unwrap();
         assert!(!*line.level.lock().unwrap());
         pm.pio_write(PioAddress(0x600), 2, &[0x00, 0x01]);
         assert!(*line.level.lock().unwrap());
         pm.pio_write(PioAddress(0x600), 0, &[0x00, 0x01]);
         assert!(!*line.level.lock().unwrap());
+    }
+
+    #[test]
+    fn a_failing_line_delays_the_sci_and_loses_no_event() {
+        let (mut pm, line, _) = dev();
+        pm.gpe0_write(2, &[0x04]);
+        *line.broken.lock().unwrap() = true;
+        // A VMM-raised event whose SCI cannot be raised did not happen: status unchanged.
+        assert!(pm.set_gpe_status(2).is_err());
+        assert_eq!(pm.state().gpe0_sts[0], 0);
+        assert!(!pm.sci_level());
+        // Raised once the line works.
+        *line.broken.lock().unwrap() = false;
+        pm.set_gpe_status(2).unwrap();
+        assert!(*line.level.lock().unwrap() && pm.sci_level());
+        // A guest write whose level change fails is counted, and the level stays high in
+        // the device's view until the line takes the change.
+        *line.broken.lock().unwrap() = true;
+        pm.gpe0_write(0, &[0x04]);
+        assert_eq!(pm.sci_failures(), 1);
+        assert!(pm.sci_level() && *line.level.lock().unwrap());
+        assert!(pm.resync_sci().is_err());
+        *line.broken.lock().unwrap() = false;
+        pm.resync_sci().unwrap();
+        assert!(!pm.sci_level() && !*line.level.lock().unwrap());
+        // Restoring onto a failing line is refused.
+        let st = AcpiPmState {
+            gpe0_sts: vec![4, 0],
+            gpe0_en: vec![4, 0],
+            ..pm.state()
+        };
+        *line.broken.lock().unwrap() = true;
+        let sleep: Arc<dyn SleepSink> = Arc::new(Sleep::default());
+        assert!(AcpiPm::from_state(PmLayout::default(), &st, line.clone(), sleep).is_err());
     }
 
     #[derive(Clone, Debug)]
@@ -398,7 +485,7 @@ mod tests {
             let layout = pm.layout();
             for o in ops {
                 match o {
-                    Op::Event(g) => pm.set_gpe_status(g),
+                    Op::Event(g) => pm.set_gpe_status(g).unwrap(),
                     Op::Write(blk, off, v) => {
                         let base = [layout.pm1a_evt, layout.gpe0, layout.gpe0][usize::from(blk)];
                         pm.pio_write(PioAddress(base), off, &[v]);
@@ -408,7 +495,7 @@ mod tests {
                         // Restore onto a fresh (low) line, as a destination VMM does: the
                         // saved level must come back on it.
                         line = Arc::new(Line::default());
-                        pm = AcpiPm::from_state(layout, &st, line.clone(), Arc::new(Sleep::default()));
+                        pm = AcpiPm::from_state(layout, &st, line.clone(), Arc::new(Sleep::default())).unwrap();
                         prop_assert_eq!(pm.state(), st);
                     }
                 }

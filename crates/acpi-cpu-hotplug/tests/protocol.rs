@@ -20,12 +20,13 @@ use vm_device::MutDevicePio;
 #[derive(Default)]
 struct Line(AtomicBool);
 impl InterruptLine for Line {
-    fn set_level(&self, high: bool) {
+    fn set_level(&self, high: bool) -> std::io::Result<()> {
         assert_ne!(
             self.0.swap(high, Ordering::SeqCst),
             high,
             "set_level without a level change"
         );
+        Ok(())
     }
 }
 struct NoSleep;

@@ -89,14 +89,15 @@ impl Drop for LevelIrq {
 }
 
 impl InterruptLine for LevelIrq {
-    fn set_level(&self, high: bool) {
-        self.level.store(high, Ordering::SeqCst);
+    fn set_level(&self, high: bool) -> std::io::Result<()> {
         if high {
-            if let Err(e) = self.irqfd.write(1) {
-                log::error!("asserting level irq: {e}");
-            }
+            self.irqfd.write(1)?;
         }
+        // Only once KVM has the assertion: a failed write leaves the line low everywhere,
+        // and the device asks again.
+        self.level.store(high, Ordering::SeqCst);
         // Going low needs no action: KVM drops the line at the next EOI (resample) and the
         // resample thread does not re-assert it.
+        Ok(())
     }
 }

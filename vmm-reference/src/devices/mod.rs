@@ -18,7 +18,9 @@ use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use acpi_cpu_hotplug::{AcpiHotplugDevice, AcpiHotplugState, HotplugLayout, HotplugSink, SleepSink};
+use acpi_cpu_hotplug::{
+    AcpiHotplugDevice, AcpiHotplugState, DeviceError, HotplugLayout, HotplugSink, SleepSink,
+};
 use kvm_ioctls::VmFd;
 use vcpu_manager::Topology;
 use vm_device::bus::{PioAddress, PioRange};
@@ -240,14 +242,18 @@ fn acpi_device(
         None => Ok(AcpiHotplugDevice::new(
             layout, &apic_ids, boot_vcpus, sci, power, hotplug,
         )),
-        Some(s) => {
-            AcpiHotplugDevice::from_state(layout, &apic_ids, &s.acpi, sci, power, hotplug).map_err(|e| {
-                VmmError::Io {
+        Some(s) => AcpiHotplugDevice::from_state(layout, &apic_ids, &s.acpi, sci, power, hotplug).map_err(
+            |e| match e {
+                DeviceError::Sci(source) => VmmError::Io {
+                    what: "raising the restored SCI".into(),
+                    source,
+                },
+                DeviceError::Hotplug(e) => VmmError::Io {
                     what: format!("restoring the ACPI hotplug device: {e}"),
                     source: std::io::Error::from(std::io::ErrorKind::InvalidData),
-                }
-            })
-        }
+                },
+            },
+        ),
     }
 }
 

@@ -43,7 +43,9 @@ impl HotplugSink for Sink {
 }
 struct Line;
 impl InterruptLine for Line {
-    fn set_level(&self, _: bool) {}
+    fn set_level(&self, _: bool) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 struct NoSleep;
 impl SleepSink for NoSleep {
