@@ -77,8 +77,8 @@ impl ExitHandler for Exits {
         log::debug!("unhandled MMIO write at {addr:#x}");
         ExitAction::Continue
     }
-    fn vcpu_thread_started(&self, _index: u32) -> Result<(), String> {
-        crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu)
+    fn vcpu_thread_started(&self, _index: u32) -> Result<(), vcpu_manager::ThreadSetupError> {
+        Ok(crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu)?)
     }
 
     fn vcpu_stopped(&self, index: u32, reason: &VcpuExitReason) {

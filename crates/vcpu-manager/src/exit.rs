@@ -43,11 +43,15 @@ pub trait ExitHandler: Send + Sync {
     /// First thing on a new vCPU thread, before the vCPU runs: the place for per-thread
     /// setup such as a seccomp filter or CPU affinity. An error ends the thread with
     /// [`VcpuExitReason::SetupFailed`] before the vCPU ever runs. The default does nothing.
-    fn vcpu_thread_started(&self, index: u32) -> std::result::Result<(), String> {
+    fn vcpu_thread_started(&self, index: u32) -> std::result::Result<(), ThreadSetupError> {
         let _ = index;
         Ok(())
     }
 }
+
+/// What [`ExitHandler::vcpu_thread_started`] fails with: any error (its text ends up in
+/// [`VcpuExitReason::SetupFailed`]).
+pub type ThreadSetupError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why a vCPU's run loop ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,7 +82,8 @@ pub enum VcpuExitReason {
     /// The exit handler panicked on this vCPU's thread (the message, if it was text). The
     /// thread ends normally and hands its fd back, so the slot can be parked and reused.
     Panicked(String),
-    /// [`ExitHandler::vcpu_thread_started`] failed (its message); the vCPU never ran.
+    /// [`ExitHandler::vcpu_thread_started`] failed (the error and its sources, as text: the
+    /// reason is kept and compared); the vCPU never ran.
     SetupFailed(String),
 }
 

@@ -20,7 +20,7 @@ mod runner;
 pub mod state;
 mod topology;
 
-pub use exit::{ExitAction, ExitHandler, VcpuExitReason};
+pub use exit::{ExitAction, ExitHandler, ThreadSetupError, VcpuExitReason};
 pub use manager::{Slot, VcpuManager, VCPU_TIMEOUT};
 pub use runner::VcpuRunner;
 pub use state::{msr_list, restore_vcpu, save_vcpu, xsave_size, VcpuState};

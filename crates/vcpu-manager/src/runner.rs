@@ -119,7 +119,7 @@ impl VcpuRunner {
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     match handler.vcpu_thread_started(index) {
                         Ok(()) => run_loop(&mut fd, index, &*handler, &sh),
-                        Err(why) => VcpuExitReason::SetupFailed(why),
+                        Err(why) => VcpuExitReason::SetupFailed(error_chain(&*why)),
                     }
                 }));
                 let reason = run.unwrap_or_else(|p| {
@@ -425,6 +425,18 @@ fn run_loop(fd: &mut VcpuFd, index: u32, handler: &dyn ExitHandler, sh: &Shared)
             }
         }
     }
+}
+
+/// An error and its sources, as one line.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 #[cfg(test)]

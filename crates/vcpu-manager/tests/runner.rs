@@ -121,9 +121,9 @@ impl ExitHandler for Collect {
     fn vcpu_stopped(&self, _: u32, reason: &VcpuExitReason) {
         *self.stopped.lock().unwrap() = Some(reason.clone());
     }
-    fn vcpu_thread_started(&self, _: u32) -> Result<(), String> {
+    fn vcpu_thread_started(&self, _: u32) -> Result<(), vcpu_manager::ThreadSetupError> {
         *self.setup_thread.lock().unwrap() = std::thread::current().name().map(String::from);
-        self.setup.clone().unwrap_or(Ok(()))
+        Ok(self.setup.clone().unwrap_or(Ok(()))?)
     }
 }
 

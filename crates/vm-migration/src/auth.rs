@@ -23,7 +23,7 @@ use std::io::{Read, Write};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::protocol::{recv, send, FrameLimits, Message, ProtocolError};
+use crate::protocol::{recv, send, FrameLimits, Message, ProtocolError, Violation};
 
 /// Length of a challenge and of a proof.
 pub const AUTH_LEN: usize = 32;
@@ -116,14 +116,12 @@ pub fn demand<S: Read + Write>(stream: &mut S, token: &Token) -> Result<(), Prot
         Message::Proof(p) if verify(token, &c, &p) => Ok(()),
         Message::Proof(_) => {
             let _ = send(stream, &Message::Refuse("wrong migration token".into()));
-            Err(ProtocolError::Invalid(
-                "the peer's migration token is wrong".into(),
-            ))
+            Err(ProtocolError::Invalid(Violation::WrongToken))
         }
-        m => Err(ProtocolError::Invalid(format!(
-            "expected the answer to the token challenge, got {}",
-            m.name()
-        ))),
+        m => Err(ProtocolError::Invalid(Violation::Unexpected {
+            expected: "the answer to the token challenge",
+            got: m.name(),
+        })),
     }
 }
 
@@ -137,10 +135,10 @@ pub fn answer<S: Read + Write>(stream: &mut S, token: &Token) -> Result<(), Prot
             send(stream, &Message::Proof(prove(token, &c).to_vec()))
         }
         Message::Refuse(why) => Err(ProtocolError::Peer(why)),
-        m => Err(ProtocolError::Invalid(format!(
-            "expected a token challenge, got {}",
-            m.name()
-        ))),
+        m => Err(ProtocolError::Invalid(Violation::Unexpected {
+            expected: "a token challenge",
+            got: m.name(),
+        })),
     }
 }
 

@@ -89,9 +89,9 @@ pub enum Error {
         /// Limit.
         limit: u64,
     },
-    /// Section name is not UTF-8 or is duplicated.
+    /// A section name that cannot be stored or read.
     #[error("invalid section name: {0}")]
-    BadName(String),
+    BadName(NameError),
     /// Checksum mismatch.
     #[error("snapshot checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     Checksum {
@@ -139,11 +139,30 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// What is wrong with a section name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NameError {
+    /// Read from a file or peer: the name is not UTF-8.
+    #[error("not UTF-8")]
+    NotUtf8,
+    /// A section of this name is already in the snapshot.
+    #[error("{0:?} is already used")]
+    Duplicate(String),
+    /// Longer than the format's 16-bit length field.
+    #[error("{0} bytes long, the format allows 65535")]
+    TooLong(usize),
+}
+
 impl Snapshot {
     /// Add a section; names must be unique.
     pub fn add(&mut self, name: &str, payload: Vec<u8>) -> Result<(), Error> {
         if self.section(name).is_some() || name.len() > usize::from(u16::MAX) {
-            return Err(Error::BadName(name.into()));
+            return Err(Error::BadName(if name.len() > usize::from(u16::MAX) {
+                NameError::TooLong(name.len())
+            } else {
+                NameError::Duplicate(name.into())
+            }));
         }
         self.sections.push((name.into(), payload));
         Ok(())
@@ -225,7 +244,7 @@ impl Snapshot {
                 });
             }
             let name = std::str::from_utf8(r.take(nlen.into(), "section name")?)
-                .map_err(|_| Error::BadName("not UTF-8".into()))?;
+                .map_err(|_| Error::BadName(NameError::NotUtf8))?;
             let plen = r.u64("section length")?;
             if plen > limits.max_section_len {
                 return Err(Error::TooLarge {

@@ -19,12 +19,42 @@ use vm_memory::{
 /// Page size of dirty bitmaps and of image alignment.
 pub const PAGE_SIZE: u64 = 4096;
 
+/// What is wrong with a memory layout (regions numbered from 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LayoutError {
+    /// A region is empty, or its address, length or file offset is not page-aligned.
+    #[error("region {0} is empty or not page-aligned")]
+    Unaligned(usize),
+    /// A region's end wraps the address space.
+    #[error("region {0} wraps the address space")]
+    Wraps(usize),
+    /// A region overlaps the previous one or comes before it.
+    #[error("region {0} overlaps or is out of order")]
+    Overlaps(usize),
+    /// The regions add up to more than the limit (bytes).
+    #[error("more than {0} bytes of RAM")]
+    TooMuchRam(u64),
+    /// A region's file range wraps.
+    #[error("region {0} file range wraps")]
+    FileRangeWraps(usize),
+    /// A region's file range lies beyond the image.
+    #[error("region {0} lies beyond the image")]
+    BeyondImage(usize),
+    /// No region at all.
+    #[error("no RAM regions")]
+    NoRam,
+    /// The region at this guest address cannot be mapped on this host.
+    #[error("region at {0:#x} does not fit")]
+    DoesNotFit(u64),
+}
+
 /// Memory image errors.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The layout is malformed (overlap, misalignment, beyond the limits, ...).
     #[error("invalid memory layout: {0}")]
-    Layout(String),
+    Layout(LayoutError),
     /// The image file does not match the layout.
     #[error("memory image is {found} bytes, the layout needs {needed}")]
     ImageSize {
@@ -109,34 +139,30 @@ impl MemoryLayout {
                 || r.guest_addr % PAGE_SIZE != 0
                 || r.file_offset % PAGE_SIZE != 0
             {
-                return Err(MemoryError::Layout(format!(
-                    "region {i} is empty or not page-aligned"
-                )));
+                return Err(MemoryError::Layout(LayoutError::Unaligned(i)));
             }
             let end = r
                 .guest_addr
                 .checked_add(r.len)
-                .ok_or_else(|| MemoryError::Layout(format!("region {i} wraps the address space")))?;
+                .ok_or(MemoryError::Layout(LayoutError::Wraps(i)))?;
             if i > 0 && r.guest_addr < prev_end {
-                return Err(MemoryError::Layout(format!(
-                    "region {i} overlaps or is out of order"
-                )));
+                return Err(MemoryError::Layout(LayoutError::Overlaps(i)));
             }
             prev_end = end;
             total = total
                 .checked_add(r.len)
                 .filter(|t| *t <= max_total)
-                .ok_or_else(|| MemoryError::Layout(format!("more than {max_total} bytes of RAM")))?;
+                .ok_or(MemoryError::Layout(LayoutError::TooMuchRam(max_total)))?;
             let fend = r
                 .file_offset
                 .checked_add(r.len)
-                .ok_or_else(|| MemoryError::Layout(format!("region {i} file range wraps")))?;
+                .ok_or(MemoryError::Layout(LayoutError::FileRangeWraps(i)))?;
             if fend > max_total {
-                return Err(MemoryError::Layout(format!("region {i} lies beyond the image")));
+                return Err(MemoryError::Layout(LayoutError::BeyondImage(i)));
             }
         }
         if self.regions.is_empty() {
-            return Err(MemoryError::Layout("no RAM regions".into()));
+            return Err(MemoryError::Layout(LayoutError::NoRam));
         }
         Ok(())
     }
@@ -218,7 +244,8 @@ pub fn map_image_private(file: &File, layout: &MemoryLayout) -> Result<GuestMemo
     }
     let mut regions = Vec::with_capacity(layout.regions.len());
     for r in &layout.regions {
-        let len = usize::try_from(r.len).map_err(|_| MemoryError::Layout("region too large".into()))?;
+        let len =
+            usize::try_from(r.len).map_err(|_| MemoryError::Layout(LayoutError::DoesNotFit(r.guest_addr)))?;
         let mapping = MmapRegionBuilder::new(len)
             .with_file_offset(FileOffset::new(file.try_clone()?, r.file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -226,7 +253,7 @@ pub fn map_image_private(file: &File, layout: &MemoryLayout) -> Result<GuestMemo
             .build()
             .map_err(guest("mapping the image"))?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
-            .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} does not fit", r.guest_addr)))?;
+            .ok_or(MemoryError::Layout(LayoutError::DoesNotFit(r.guest_addr)))?;
         regions.push(region);
     }
     GuestMemoryMmap::from_regions(regions).map_err(guest("assembling the mapped regions"))

@@ -52,10 +52,64 @@ pub enum ProtocolError {
     Io(#[from] std::io::Error),
     /// The peer sent something this side cannot accept.
     #[error("migration protocol violation: {0}")]
-    Invalid(String),
+    Invalid(Violation),
     /// The peer refused or reported an error.
     #[error("peer: {0}")]
     Peer(String),
+}
+
+/// What a peer sent (or did) that this side cannot accept.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Violation {
+    /// A Refuse, Error or Abandon text is not UTF-8.
+    #[error("message text is not UTF-8")]
+    TextNotUtf8,
+    /// A Hello shorter than its version field.
+    #[error("short Hello")]
+    ShortHello,
+    /// A Memory frame ends inside a chunk header.
+    #[error("truncated memory chunk header")]
+    TruncatedChunkHeader,
+    /// A memory chunk claims more bytes than its frame holds.
+    #[error("memory chunk longer than its frame")]
+    ChunkBeyondFrame,
+    /// An unknown frame kind, or a known one with a payload it cannot have.
+    #[error("unknown or malformed frame kind {0}")]
+    BadFrame(u8),
+    /// A frame larger than [`FrameLimits::max_frame`] (refused before allocating).
+    #[error("frame of {len} bytes exceeds the limit of {limit}")]
+    FrameTooLarge {
+        /// Declared payload length.
+        len: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A memory chunk whose end wraps the address space.
+    #[error("memory chunk at {0:#x} wraps")]
+    ChunkWraps(u64),
+    /// A memory chunk outside every RAM region.
+    #[error("memory chunk {start:#x}..{end:#x} is outside guest RAM")]
+    ChunkOutsideRam {
+        /// First byte.
+        start: u64,
+        /// One past the last byte.
+        end: u64,
+    },
+    /// The peer's answer to the token challenge is wrong.
+    #[error("the peer's migration token is wrong")]
+    WrongToken,
+    /// A message out of turn.
+    #[error("expected {expected}, got {got}")]
+    Unexpected {
+        /// What the protocol calls for here.
+        expected: &'static str,
+        /// [`Message::name`] of what came.
+        got: &'static str,
+    },
+    /// So many peers failed the token check that the destination stopped listening.
+    #[error("{0} peers failed the token check; no longer listening")]
+    TooManyAuthFailures(u32),
 }
 
 /// Bounds on what a peer may make us allocate.
@@ -168,14 +222,11 @@ impl Message {
     /// Parse one frame's payload of kind `kind` (untrusted).
     pub fn decode(kind: u8, p: &[u8]) -> Result<Message, ProtocolError> {
         let text = |p: &[u8]| {
-            String::from_utf8(p.to_vec())
-                .map_err(|_| ProtocolError::Invalid("message text is not UTF-8".into()))
+            String::from_utf8(p.to_vec()).map_err(|_| ProtocolError::Invalid(Violation::TextNotUtf8))
         };
         Ok(match kind {
             K_HELLO => {
-                let v = p
-                    .get(..4)
-                    .ok_or_else(|| ProtocolError::Invalid("short Hello".into()))?;
+                let v = p.get(..4).ok_or(ProtocolError::Invalid(Violation::ShortHello))?;
                 Message::Hello {
                     version: u32::from_le_bytes([v[0], v[1], v[2], v[3]]),
                     compat: p[4..].to_vec(),
@@ -196,23 +247,19 @@ impl Message {
                 while !rest.is_empty() {
                     let hdr = rest
                         .get(..16)
-                        .ok_or_else(|| ProtocolError::Invalid("truncated memory chunk header".into()))?;
+                        .ok_or(ProtocolError::Invalid(Violation::TruncatedChunkHeader))?;
                     let gpa = u64::from_le_bytes(hdr[..8].try_into().unwrap_or_default());
                     let len = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
                     let len = usize::try_from(len)
                         .ok()
                         .filter(|l| *l <= rest.len() - 16)
-                        .ok_or_else(|| ProtocolError::Invalid("memory chunk longer than its frame".into()))?;
+                        .ok_or(ProtocolError::Invalid(Violation::ChunkBeyondFrame))?;
                     chunks.push((gpa, rest[16..16 + len].to_vec()));
                     rest = &rest[16 + len..];
                 }
                 Message::Memory(chunks)
             }
-            k => {
-                return Err(ProtocolError::Invalid(format!(
-                    "unknown or malformed frame kind {k}"
-                )))
-            }
+            k => return Err(ProtocolError::Invalid(Violation::BadFrame(k))),
         })
     }
 }
@@ -230,10 +277,10 @@ pub fn recv<R: Read>(r: &mut R, limits: &FrameLimits) -> Result<Message, Protoco
     r.read_exact(&mut hdr)?;
     let len = u64::from_le_bytes(hdr[1..9].try_into().unwrap_or_default());
     if len > limits.max_frame {
-        return Err(ProtocolError::Invalid(format!(
-            "frame of {len} bytes exceeds the limit of {}",
-            limits.max_frame
-        )));
+        return Err(ProtocolError::Invalid(Violation::FrameTooLarge {
+            len,
+            limit: limits.max_frame,
+        }));
     }
     let mut p = vec![0u8; len as usize];
     r.read_exact(&mut p)?;
@@ -481,11 +528,12 @@ pub fn apply_memory(
     for (gpa, data) in chunks {
         let end = gpa
             .checked_add(data.len() as u64)
-            .ok_or_else(|| ProtocolError::Invalid(format!("memory chunk at {gpa:#x} wraps")))?;
+            .ok_or(ProtocolError::Invalid(Violation::ChunkWraps(*gpa)))?;
         if !regions.iter().any(|(s, l)| *gpa >= *s && end <= s + l) {
-            return Err(ProtocolError::Invalid(format!(
-                "memory chunk {gpa:#x}..{end:#x} is outside guest RAM"
-            )));
+            return Err(ProtocolError::Invalid(Violation::ChunkOutsideRam {
+                start: *gpa,
+                end,
+            }));
         }
         write(*gpa, data)?;
         n += data.len() as u64;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vm_migration::auth::{self, Token};
 use vm_migration::protocol::{
-    apply_memory, recv, send, FrameLimits, Message, ProtocolError, PROTOCOL_VERSION,
+    apply_memory, recv, send, FrameLimits, Message, ProtocolError, Violation, PROTOCOL_VERSION,
 };
 
 use super::link::{Address, Listener, Stream};
@@ -120,8 +120,8 @@ fn accept_peer(addr: &Address, opts: &IncomingOptions) -> Result<Box<dyn Stream>
                 failures += 1;
                 log::warn!("incoming migration: a peer failed the token check ({e}); {failures} so far");
                 if failures >= MAX_AUTH_FAILURES {
-                    return Err(proto(ProtocolError::Invalid(format!(
-                        "{failures} peers failed the token check; no longer listening"
+                    return Err(proto(ProtocolError::Invalid(Violation::TooManyAuthFailures(
+                        failures,
                     ))));
                 }
             }
@@ -230,7 +230,12 @@ fn receive_memory(conn: &mut Box<dyn Stream>, mem: &GuestMemory) -> Result<Vec<u
                     std::io::Error::from(std::io::ErrorKind::ConnectionAborted),
                 ))
             }
-            m => return Err(proto(ProtocolError::Invalid(format!("unexpected {}", m.name())))),
+            m => {
+                return Err(proto(ProtocolError::Invalid(Violation::Unexpected {
+                    expected: "memory or the state",
+                    got: m.name(),
+                })))
+            }
         }
     }
 }
