@@ -5,7 +5,7 @@
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use lapic_state::{KvmConventions, SavedLapic};
-use vcpu_manager::{Topology, VcpuManager};
+use vcpu_manager::{Topology, TscPolicy, VcpuManager};
 
 use crate::boot::GuestMemory;
 use crate::error::{kvm_err, VmmError};
@@ -92,10 +92,11 @@ pub(crate) fn capture(
 ) -> Result<(Vec<(u32, vcpu_manager::VcpuState)>, KvmVmState, Vec<f64>), String> {
     let mut save_us = Vec::new();
     let mut states = Vec::new();
+    let opts = vcpus.save_options(msrs.to_vec());
     for index in vcpus.running() {
         let t = std::time::Instant::now();
         let st = vcpus
-            .save(index, msrs)
+            .save(index, &opts)
             .map_err(|e| format!("saving vCPU {index}: {e}"))?;
         save_us.push(t.elapsed().as_secs_f64() * 1e6);
         states.push((index, st));
@@ -196,8 +197,8 @@ fn restore_vcpus(
         SavedLapic::new(st.lapic, conv.source, st.tsc_deadline)
             .check_compatible(&vcpus.conventions())
             .map_err(|e| format!("vCPU {index}: {e}"))?;
-        vcpu_manager::restore_vcpu(&fd, st, &vcpus.conventions(), tsc, vcpus.xsave_size())
-            .map_err(|e| format!("restoring vCPU {index}: {e}"))?;
+        let opts = vcpus.restore_options(tsc.map_or(TscPolicy::Saved, TscPolicy::Value));
+        vcpu_manager::restore_vcpu(&fd, st, &opts).map_err(|e| format!("restoring vCPU {index}: {e}"))?;
         vcpus.record_cpuid(*index, st.cpuid.clone());
         restore_us.push(t.elapsed().as_secs_f64() * 1e6);
         vcpus

@@ -555,6 +555,7 @@ pub(crate) mod tests {
             tsc_deadline: 0,
             vcpu_events: Default::default(),
             debugregs: Default::default(),
+            nested_state: None,
         }
     }
 

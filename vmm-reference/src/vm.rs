@@ -228,8 +228,9 @@ impl VmInner {
 
     /// Save every vCPU (the VM must be paused).
     pub fn save_vcpus(&self) -> Result<Vec<(u32, vcpu_manager::VcpuState)>, ControlError> {
-        self.lock_vcpus()
-            .save_all(&self.msrs)
+        let vcpus = self.lock_vcpus();
+        vcpus
+            .save_all(&vcpus.save_options(self.msrs.clone()))
             .map_err(|e| ControlError::Internal(e.to_string()))
     }
 }

@@ -143,7 +143,7 @@ fn main() -> Result<()> {
         ports.written.lock().map(|w| w.clone()).unwrap_or_default()
     );
     cpus.pause_all()?;
-    for (index, state) in cpus.save_all(&[])? {
+    for (index, state) in cpus.save_all(&cpus.save_options(Vec::new()))? {
         println!(
             "vCPU {index}: mp_state {}, rip {:#x}",
             state.mp_state.mp_state, state.regs.rip

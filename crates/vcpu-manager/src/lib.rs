@@ -16,13 +16,15 @@
 pub mod cpuid;
 mod exit;
 mod manager;
+mod options;
 mod runner;
 pub mod state;
 mod topology;
 
 pub use exit::{ExitAction, ExitHandler, ThreadSetupError, VcpuExitReason};
 pub use manager::{Slot, VcpuManager, VCPU_TIMEOUT};
-pub use runner::VcpuRunner;
+pub use options::{NestedState, RestoreOptions, SaveOptions, TscPolicy};
+pub use runner::{kick_signal, set_kick_signal, VcpuRunner};
 pub use state::{msr_list, restore_vcpu, save_vcpu, xsave_size, VcpuState};
 pub use topology::Topology;
 
@@ -47,6 +49,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A kick signal outside SIGRTMIN..=SIGRTMAX.
+    #[error("signal {0} cannot kick vCPUs: choose one of SIGRTMIN..=SIGRTMAX")]
+    BadKickSignal(i32),
+    /// The kick handler is already installed on another signal.
+    #[error(
+        "vCPU threads are already kicked with signal {0}; choose the signal before the first vCPU starts"
+    )]
+    KickSignalInUse(i32),
     /// Registering the kick signal handler failed.
     #[error("registering the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
@@ -88,6 +98,14 @@ pub enum Error {
         /// Bytes that must be kept.
         bytes: usize,
         /// Bytes there is room for.
+        room: usize,
+    },
+    /// Saved nested state claims more bytes than the state buffer holds.
+    #[error("nested state of {size} bytes does not fit in {room}")]
+    NestedState {
+        /// The size the state claims.
+        size: u32,
+        /// The buffer's size.
         room: usize,
     },
     /// The LAPIC state could not be read.

@@ -13,6 +13,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use lapic_state::{KvmConventions, LapicPage};
 
 use crate::exit::ExitHandler;
+use crate::options::{RestoreOptions, SaveOptions, TscPolicy};
 use crate::runner::VcpuRunner;
 use crate::state::{save_vcpu, VcpuState, MSR_MTRR_DEF_TYPE, MTRR_DEF_TYPE_WB};
 use crate::{cpuid, Error, Result, Topology};
@@ -331,25 +332,35 @@ impl VcpuManager {
         }
     }
 
+    /// Save options for this VM: its LAPIC conventions and XSAVE size, with `msrs`. Set
+    /// [`SaveOptions::nested_state`] on the result for guests that run their own VMs.
+    pub fn save_options(&self, msrs: Vec<u32>) -> SaveOptions {
+        SaveOptions::new(self.conv)
+            .with_msrs(msrs)
+            .with_xsave_size(self.xsave_size)
+    }
+
+    /// Restore options for this VM: its LAPIC conventions and XSAVE size, with `tsc`.
+    pub fn restore_options(&self, tsc: TscPolicy) -> RestoreOptions {
+        RestoreOptions::new(self.conv)
+            .with_xsave_size(self.xsave_size)
+            .with_tsc(tsc)
+    }
+
     /// Save running vCPU `index` (paused) on its own thread, with the CPUID it was given.
-    pub fn save(&self, index: u32, msrs: &[u32]) -> Result<VcpuState> {
+    pub fn save(&self, index: u32, opts: &SaveOptions) -> Result<VcpuState> {
         let r = self.runner(index).ok_or(Error::NotRunning(index))?;
-        let (id, m, c, x) = (
-            self.topology.apic_id(index),
-            msrs.to_vec(),
-            self.conv,
-            self.xsave_size,
-        );
+        let (id, opts) = (self.topology.apic_id(index), opts.clone());
         let cpuid = self.cpuid(index).cloned().ok_or(Error::NotRunning(index))?;
-        r.with_vcpu(VCPU_TIMEOUT, move |fd| save_vcpu(fd, id, &cpuid, &m, &c, x))
+        r.with_vcpu(VCPU_TIMEOUT, move |fd| save_vcpu(fd, id, &cpuid, &opts))
             .ok_or(Error::Unresponsive(index))?
     }
 
     /// Save every running vCPU (pause first). Runs each save on its own vCPU thread.
-    pub fn save_all(&self, msrs: &[u32]) -> Result<Vec<(u32, VcpuState)>> {
+    pub fn save_all(&self, opts: &SaveOptions) -> Result<Vec<(u32, VcpuState)>> {
         self.running()
             .into_iter()
-            .map(|index| Ok((index, self.save(index, msrs)?)))
+            .map(|index| Ok((index, self.save(index, opts)?)))
             .collect()
     }
 

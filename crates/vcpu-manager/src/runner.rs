@@ -3,14 +3,14 @@
 //! vCPU thread.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMAX, SIGRTMIN};
 
 use crate::exit::{ExitAction, ExitHandler, VcpuExitReason};
 use crate::{Error, Result};
@@ -30,12 +30,37 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// exit per page of data): beyond it the pause goes ahead and the rest is finished later.
 const COMPLETE_IO_MAX_EXITS: usize = 1 << 16;
 
-/// Signal used to kick vCPU threads out of `KVM_RUN` (SIGRTMIN + 0).
+/// The kick signal chosen with [`set_kick_signal`]; 0 until then (SIGRTMIN).
+static KICK_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// The signal that kicks vCPU threads out of `KVM_RUN`: SIGRTMIN unless
+/// [`set_kick_signal`] chose another.
 pub fn kick_signal() -> libc::c_int {
-    SIGRTMIN()
+    match KICK_SIGNAL.load(Ordering::SeqCst) {
+        0 => SIGRTMIN(),
+        s => s,
+    }
+}
+
+/// Kick vCPU threads with `signum` instead of SIGRTMIN, for a VMM (or a library in it) that
+/// already uses SIGRTMIN. It must be a real-time signal (SIGRTMIN..=SIGRTMAX: they queue and
+/// nothing in libc uses them) and be chosen before the first vCPU thread starts: once the
+/// handler is installed another signal is refused, since threads already running would be
+/// kicked with a signal they have no handler for.
+pub fn set_kick_signal(signum: libc::c_int) -> Result<()> {
+    if !(SIGRTMIN()..=SIGRTMAX()).contains(&signum) {
+        return Err(Error::BadKickSignal(signum));
+    }
+    let done = REGISTERED.lock().unwrap_or_else(|e| e.into_inner());
+    if *done && kick_signal() != signum {
+        return Err(Error::KickSignalInUse(kick_signal()));
+    }
+    KICK_SIGNAL.store(signum, Ordering::SeqCst);
+    Ok(())
 }
 
 fn ensure_signal_handler() -> Result<()> {
+    // Under the lock set_kick_signal takes: the signal cannot change while it is installed.
     ensure_registered(&REGISTERED, || {
         register_signal_handler(kick_signal(), kick_handler).map_err(Error::Signal)
     })

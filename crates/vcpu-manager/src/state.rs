@@ -7,10 +7,11 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use lapic_state::timer::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
-use lapic_state::{ApicBase, KvmConventions, LapicState};
+use lapic_state::{ApicBase, LapicState};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::options::{get_nested_state, set_nested_state, NestedState, RestoreOptions, SaveOptions};
 use crate::{Error, Result};
 
 /// Decode a KVM structure from exactly its own number of bytes. kvm-bindings' decoder pads a
@@ -80,6 +81,10 @@ pub struct VcpuState {
     /// Debug registers.
     #[serde(deserialize_with = "exact_len")]
     pub debugregs: kvm_debugregs,
+    /// Nested virtualization state, if it was asked for ([`SaveOptions::nested_state`]) and
+    /// KVM has it. Left out of the encoding when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nested_state: Option<NestedState>,
 }
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -174,15 +179,10 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Msrs> {
 /// the snapshot claim features the VM was never given, and a destination's compatibility
 /// check would compare the wrong thing.
 ///
-/// `xsave_size` is the VM's XSAVE area size, from [`xsave_size`].
-pub fn save_vcpu(
-    vcpu: &VcpuFd,
-    vcpu_id: u32,
-    cpuid: &CpuId,
-    msrs: &[u32],
-    conv: &KvmConventions,
-    xsave_size: Option<usize>,
-) -> Result<VcpuState> {
+/// `opts` says which MSRs, the VM's LAPIC conventions and XSAVE size, and whether to save
+/// nested virtualization state.
+pub fn save_vcpu(vcpu: &VcpuFd, vcpu_id: u32, cpuid: &CpuId, opts: &SaveOptions) -> Result<VcpuState> {
+    let (msrs, conv, xsave_size) = (&opts.msrs, &opts.conventions, opts.xsave_size);
     // MP state first: KVM_GET_MP_STATE processes pending INIT/SIPI and may change CS/RIP.
     let mp_state = vcpu.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?;
     let regs = vcpu.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
@@ -201,6 +201,10 @@ pub fn save_vcpu(
         .first()
         .map_or(0, |e| e.data);
     let tsc_khz = vcpu.get_tsc_khz().ok();
+    let nested_state = match opts.nested_state {
+        true => get_nested_state(vcpu)?,
+        false => None,
+    };
     let cpuid = cpuid.clone();
     // VCPU_EVENTS last: it reflects pending events as of the end of the save.
     let vcpu_events = vcpu.get_vcpu_events().map_err(ioctl("KVM_GET_VCPU_EVENTS"))?;
@@ -219,24 +223,23 @@ pub fn save_vcpu(
         tsc_deadline,
         vcpu_events,
         debugregs,
+        nested_state,
     })
 }
 
-/// Restore `state` into `vcpu` (a vCPU that has never run, created with the same id).
-/// `tsc` overrides the saved IA32_TSC (pass the same value to every vCPU so their offsets are
-/// equal). `xsave_size` is the destination VM's XSAVE area size, from [`xsave_size`].
-pub fn restore_vcpu(
-    vcpu: &VcpuFd,
-    state: &VcpuState,
-    conv: &KvmConventions,
-    tsc: Option<u64>,
-    xsave_size: Option<usize>,
-) -> Result<()> {
+/// Restore `state` into `vcpu` (a vCPU that has never run, created with the same id), with
+/// the destination's conventions and XSAVE size and the TSC policy of `opts`.
+pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, opts: &RestoreOptions) -> Result<()> {
+    let (conv, xsave_size) = (&opts.conventions, opts.xsave_size);
     // CPUID first: it decides x2APIC legality, the timer mode mask and the LVT count.
     vcpu.set_cpuid2(&state.cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
     // SREGS before the LAPIC: it installs the APIC base (KVM reads the blob per that mode)
     // and CR8, whose TPR bits the LAPIC then completes.
     vcpu.set_sregs(&state.sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+    // Nested state right after SREGS, which set EFER.SVME/CR4.VMXE that it requires.
+    if let Some(n) = &state.nested_state {
+        set_nested_state(vcpu, n)?;
+    }
     // TSC frequency before anything that depends on the guest TSC.
     if let Some(khz) = state.tsc_khz {
         if let Err(e) = vcpu.set_tsc_khz(khz) {
@@ -260,7 +263,7 @@ pub fn restore_vcpu(
         .iter()
         .find(|e| e.index == MSR_IA32_TSC)
         .map(|e| e.data);
-    if let Some(t) = tsc.or(saved_tsc) {
+    if let Some(t) = opts.tsc.resolve(saved_tsc) {
         entries.push(kvm_msr_entry {
             index: MSR_IA32_TSC,
             data: t,

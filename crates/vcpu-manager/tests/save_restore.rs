@@ -4,12 +4,15 @@
 //! registers and the LAPIC (including an offlined CPU's SW-disabled APIC).
 
 use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, KvmNestedStateBuffer, VcpuFd, VmFd};
 use lapic_state::{regs, KvmConventions, LapicPage};
 use vcpu_manager::ExitAction;
 mod common;
 use common::kvm_or_skip;
-use vcpu_manager::{cpuid, msr_list, restore_vcpu, save_vcpu, xsave_size, Topology};
+use vcpu_manager::{
+    cpuid, msr_list, restore_vcpu, save_vcpu, xsave_size, NestedState, RestoreOptions, SaveOptions, Topology,
+    TscPolicy,
+};
 
 fn vm_with_vcpus(kvm: &Kvm, n: u32) -> (VmFd, Vec<VcpuFd>) {
     let vm = kvm.create_vm().unwrap();
@@ -68,10 +71,14 @@ fn mp_states_registers_and_lapic_survive_into_a_new_vm() {
     let topo = Topology::new(4);
     let sup = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
     let set: Vec<_> = (0..4).map(|i| cpuid::for_vcpu(&sup, &topo, i)).collect();
+    let save_opts = SaveOptions::new(conv)
+        .with_msrs(msrs.clone())
+        .with_xsave_size(xsave_size(&vm))
+        .with_nested_state(true);
     let saved: Vec<_> = src
         .iter()
         .enumerate()
-        .map(|(i, fd)| save_vcpu(fd, i as u32, &set[i], &msrs, &conv, xsave_size(&vm)).unwrap())
+        .map(|(i, fd)| save_vcpu(fd, i as u32, &set[i], &save_opts).unwrap())
         .collect();
     // The CPUID saved is the one set (KVM_GET_CPUID2 on PVM reports host bits never set).
     for (s, c) in saved.iter().zip(&set) {
@@ -101,8 +108,26 @@ fn mp_states_registers_and_lapic_survive_into_a_new_vm() {
         .iter()
         .find(|e| e.index == 0x10)
         .map(|e| e.data);
+    // Nested state travels where KVM has it (kvm-amd and kvm-intel: a header at least).
+    let nested = kvm.check_extension(Cap::NestedState);
+    for s in &saved {
+        assert_eq!(s.nested_state.is_some(), nested, "vCPU {}", s.vcpu_id);
+    }
+    let restore_opts = RestoreOptions::new(conv)
+        .with_xsave_size(xsave_size(&vm2))
+        .with_tsc(tsc.map_or(TscPolicy::Saved, TscPolicy::Value));
     for (fd, s) in dst.iter().zip(&saved) {
-        restore_vcpu(fd, s, &conv, tsc, xsave_size(&vm2)).unwrap();
+        restore_vcpu(fd, s, &restore_opts).unwrap();
+    }
+    if nested {
+        for (fd, s) in dst.iter().zip(&saved) {
+            let back = save_vcpu(fd, s.vcpu_id, &set[s.vcpu_id as usize], &save_opts).unwrap();
+            let (a, b) = (back.nested_state.unwrap(), s.nested_state.clone().unwrap());
+            assert_eq!(
+                (a.0.format, a.0.flags, a.0.size),
+                (b.0.format, b.0.flags, b.0.size)
+            );
+        }
     }
     for (i, (fd, w)) in dst.iter().zip(want).enumerate() {
         assert_eq!(
@@ -174,4 +199,32 @@ fn a_hot_added_vcpu_gets_the_vm_tsc_rate_not_the_hosts() {
     .unwrap();
     assert_eq!(added.get_msrs(&mut m).unwrap(), 1);
     assert_eq!(m.as_slice()[0].data, 0x806);
+}
+
+#[test]
+fn nested_state_claiming_more_than_its_buffer_is_refused() {
+    let Some(kvm) = kvm_or_skip("nested_state_claiming_more_than_its_buffer_is_refused") else {
+        return;
+    };
+    // A snapshot's nested state says how many bytes KVM reads from the buffer: beyond the
+    // buffer, KVM would read this process's memory into the vCPU. Refused before the ioctl.
+    let (vm, fds) = vm_with_vcpus(&kvm, 1);
+    let conv = KvmConventions::detect(&kvm, &fds[0], false).unwrap();
+    let topo = Topology::new(1);
+    let sup = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+    let opts = SaveOptions::new(conv).with_xsave_size(xsave_size(&vm));
+    let mut st = save_vcpu(&fds[0], 0, &cpuid::for_vcpu(&sup, &topo, 0), &opts).unwrap();
+    let mut buf = KvmNestedStateBuffer::empty();
+    buf.size = u32::MAX;
+    st.nested_state = Some(NestedState(Box::new(buf)));
+    let (vm2, dst) = vm_with_vcpus(&kvm, 1);
+    let r = restore_vcpu(
+        &dst[0],
+        &st,
+        &RestoreOptions::new(conv).with_xsave_size(xsave_size(&vm2)),
+    );
+    assert!(
+        matches!(r, Err(vcpu_manager::Error::NestedState { size: u32::MAX, .. })),
+        "{r:?}"
+    );
 }
