@@ -41,11 +41,14 @@ fuzz_target!(|data: &[u8]| {
         match op[0] >> 4 {
             0..=6 => pm.pio_write(PioAddress(base), offset, &buf[..width]),
             7..=12 => pm.pio_read(PioAddress(base), offset, &mut buf[..width]),
-            13 => pm.set_gpe_status(usize::from(op[2])).expect("this line never fails"),
+            13 => pm
+                .set_gpe_status(usize::from(op[2]))
+                .expect("this line never fails"),
             _ => {
                 let st = pm.state();
                 let fresh = Arc::new(Line::default());
-                pm = AcpiPm::from_state(layout, &st, fresh.clone(), Arc::new(Sleep)).expect("this line never fails");
+                pm = AcpiPm::from_state(layout, &st, fresh.clone(), Arc::new(Sleep))
+                    .expect("this line never fails");
                 assert_eq!(pm.state(), st);
                 assert_eq!(fresh.0.load(Ordering::SeqCst), pm.sci_level());
                 continue;

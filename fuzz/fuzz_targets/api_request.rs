@@ -23,7 +23,9 @@ impl Read for Trickle<'_> {
 }
 
 fuzz_target!(|input: &[u8]| {
-    let Some((&step, data)) = input.split_first() else { return };
+    let Some((&step, data)) = input.split_first() else {
+        return;
+    };
     let mut r = Trickle {
         data,
         step: usize::from(step % 16) + 1,

@@ -75,7 +75,7 @@ fuzz_target!(|data: &[u8]| {
             page.set_reg(regs::ID, *id); // mostly the right id, so most sets succeed
         }
         let before = LapicPage::from(fd.get_lapic().unwrap());
-        let predicted = predict_set(*id, base, page.as_kvm(), &conv, prior);
+        let predicted = predict_set(*id, base, &page, &conv, prior);
         let actual = fd.set_lapic(page.as_kvm());
         let mut after = LapicPage::from(fd.get_lapic().unwrap());
         let tmcct = after.reg(regs::TMCCT);

@@ -101,7 +101,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = state.validate(&KvmConventions::CANONICAL);
     let _ = saved.check_compatible(&KvmConventions::CANONICAL);
     // KVM limits vCPU ids; an invalid APIC base cannot be installed at all.
-    if state.vcpu_id >= 1024 || state.apic_base.mode() == ApicMode::Invalid {
+    if state.vcpu_id() >= 1024 || state.apic_base().mode() == ApicMode::Invalid {
         return;
     }
     ENV.with(|e| {
@@ -109,17 +109,17 @@ fuzz_target!(|data: &[u8]| {
         let Some(env) = e.as_mut() else { return };
         // The id format: one more bit of the first byte.
         let d = &mut env.vms[usize::from(data[0] / 3 % 2)];
-        let Some(fd) = fresh_vcpu(&env.kvm, &env.cpuid, d, state.vcpu_id) else {
+        let Some(fd) = fresh_vcpu(&env.kvm, &env.cpuid, d, state.vcpu_id()) else {
             return;
         };
         let Ok(mut sregs) = fd.get_sregs() else { return };
-        sregs.apic_base = state.apic_base.0;
+        sregs.apic_base = state.apic_base().0;
         if fd.set_sregs(&sregs).is_err() {
             return;
         }
         let Ok(before) = fd.get_lapic() else { return };
         let conv = d.conv;
-        let result = restore_saved(&fd, state.vcpu_id, &saved, &conv, Loss::Refuse);
+        let result = restore_saved(&fd, state.vcpu_id(), &saved, &conv, Loss::Refuse);
         // Once each, so a run's log shows both paths reach KVM.
         static RESTORED: Once = Once::new();
         static REFUSED: Once = Once::new();
@@ -137,9 +137,13 @@ fuzz_target!(|data: &[u8]| {
             }
             Ok(()) => {
                 // Read back in canonical form: in x2APIC mode the id is the vCPU's own.
-                let back = lapic_state::kvm::save(&fd, state.vcpu_id, &conv).expect("save after restore");
-                if state.apic_base.mode() == ApicMode::X2Apic {
-                    assert_eq!(back.page.reg(regs::ID), state.vcpu_id, "x2APIC id after restore");
+                let back = lapic_state::kvm::save(&fd, state.vcpu_id(), &conv).expect("save after restore");
+                if state.apic_base().mode() == ApicMode::X2Apic {
+                    assert_eq!(
+                        back.page().reg(regs::ID),
+                        state.vcpu_id(),
+                        "x2APIC id after restore"
+                    );
                 }
             }
         }

@@ -546,11 +546,13 @@ pub(crate) mod tests {
             xcrs: Default::default(),
             xsave: Default::default(),
             xsave_ext: Vec::new(),
-            lapic: LapicState {
-                vcpu_id: index,
-                apic_base: ApicBase::power_on(index == 0),
-                page: LapicPage::power_on(index, index == 0, &conv),
-            },
+            lapic: LapicState::normalise(
+                &LapicPage::power_on(index, index == 0, &conv),
+                index,
+                ApicBase::power_on(index == 0),
+                &conv,
+            )
+            .unwrap(),
             msrs: kvm_bindings::Msrs::new(0).unwrap(),
             tsc_deadline: 0,
             vcpu_events: Default::default(),

@@ -89,7 +89,7 @@ fn main() -> Result<()> {
         ("TPR", regs::TPR),
         ("LVT timer", regs::LVT_TIMER),
     ] {
-        let (a, b) = (saved.state().page.reg(r), back.page.reg(r));
+        let (a, b) = (saved.state().page().reg(r), back.page().reg(r));
         println!("  {name:<9} {a:#010x} -> {b:#010x}");
         if a != b {
             return Err(format!("{name} changed in the move").into());

@@ -1,14 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! IA32_APIC_BASE (MSR 0x1b) decoding.
 
+#[cfg(feature = "serde")]
 use serde::{Deserialize, Serialize};
 
 /// The value of the IA32_APIC_BASE MSR.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 pub struct ApicBase(pub u64);
 
 /// The APIC mode selected by IA32_APIC_BASE bits 11 (enable) and 10 (x2APIC).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 pub enum ApicMode {
     /// Bit 11 clear, bit 10 clear: the APIC is hardware-disabled.
     Disabled,

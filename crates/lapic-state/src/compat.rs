@@ -10,6 +10,7 @@
 //! source's conventions and the TSC-deadline MSR), and [`check_compatible`] refuses such a
 //! restore unless the caller explicitly accepts the loss.
 
+#[cfg(feature = "serde")]
 use serde::{Deserialize, Serialize};
 
 use crate::conventions::KvmConventions;
@@ -18,7 +19,8 @@ use crate::state::LapicState;
 
 /// A LAPIC state that describes itself: the canonical state, the conventions of the KVM it
 /// was saved on, and the value of its IA32_TSC_DEADLINE MSR (0 when disarmed).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 pub struct SavedLapic {
     state: LapicState,
     source: KvmConventions,
@@ -111,7 +113,7 @@ pub enum Incompatible {
 /// guest sees: the first loss found, or `Ok` when the guest keeps everything it uses. Layout
 /// differences (id format, ICR layout) are not losses: the canonical state absorbs them.
 pub fn check_compatible(saved: &SavedLapic, dst: &KvmConventions) -> Result<(), Incompatible> {
-    let page = &saved.state.page;
+    let page = saved.state.page();
     let (src, lvtt) = (&saved.source, page.reg(regs::LVT_TIMER));
     if src.tsc_deadline && !dst.tsc_deadline && lvtt & (3 << 17) == 2 << 17 {
         return Err(Incompatible::TscDeadlineUnavailable {
@@ -137,14 +139,14 @@ pub fn check_compatible(saved: &SavedLapic, dst: &KvmConventions) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ApicBase, IcrLayout, LapicPage};
+    use crate::{ApicBase, CanonicalPage, IcrLayout, LapicPage};
 
     fn saved(page: LapicPage, source: KvmConventions) -> SavedLapic {
-        let state = LapicState {
-            vcpu_id: 2,
-            apic_base: ApicBase(0xfee0_0c00),
-            page,
-        };
+        let state = LapicState::new(
+            2,
+            ApicBase(0xfee0_0c00),
+            CanonicalPage::from_bytes(&page.to_bytes()),
+        );
         SavedLapic::new(state, source, 0x1234)
     }
 
@@ -203,6 +205,15 @@ mod tests {
             ..c
         };
         assert_eq!(saved(p, c).check_compatible(&other_layout), Ok(()));
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn a_saved_lapic_round_trips_through_serde() {
+        let c = KvmConventions::CANONICAL;
+        let mut p = LapicPage::default();
+        p.set_reg(regs::LVT_TIMER, (2 << 17) | 0xec);
+        let seven = KvmConventions { nr_lvt: 7, ..c };
         let json = serde_json::to_string(&saved(p, seven)).expect("serialize");
         assert_eq!(
             serde_json::from_str::<SavedLapic>(&json).expect("deserialize"),

@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The KVM conventions a LAPIC blob was taken under (or must be given in).
 
+#[cfg(feature = "serde")]
 use serde::{Deserialize, Serialize};
 
 /// How KVM lays out the 64-bit x2APIC ICR in the blob.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 pub enum IcrLayout {
     /// ICR low word at 0x300, high word at 0x310 (ICR2), 0x304 kept verbatim: xAPIC always,
     /// x2APIC on AMD/SVM (Linux ≥ 6.12 and its backports) and on kernels before 5.18.
@@ -15,7 +17,8 @@ pub enum IcrLayout {
 }
 
 /// The KVM behaviour that decides how a LAPIC blob must be read and written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 pub struct KvmConventions {
     /// `KVM_CAP_X2APIC_API` with `KVM_X2APIC_API_USE_32BIT_IDS` enabled on the VM: in x2APIC
     /// mode the ID word is the full 32-bit id and must equal the vCPU id. Otherwise KVM reports
@@ -34,19 +37,21 @@ pub struct KvmConventions {
     /// word and derives the LDR from the vCPU id. Before that (Debian's 6.1, measured), a set
     /// with legacy ids takes `ID >> 24` (8 bits) as the x2APIC id and derives the LDR from
     /// that truncated id, so vCPU 300 gets the LDR of id 44. With 32-bit ids both agree.
-    #[serde(default = "readonly_default")]
+    #[cfg_attr(feature = "serde", serde(default = "readonly_default"))]
     pub x2apic_id_readonly: bool,
     /// Nanoseconds per APIC bus cycle, the tick of TMICT/TMCCT: 1 unless the VMM set
     /// another with `KVM_CAP_X86_APIC_BUS_CYCLES_NS` (Linux ≥ 6.11). A guest calibrates its
     /// APIC timer against it once, at boot.
-    #[serde(default = "bus_cycle_default")]
+    #[cfg_attr(feature = "serde", serde(default = "bus_cycle_default"))]
     pub apic_bus_cycle_ns: u32,
 }
 
+#[cfg(feature = "serde")]
 fn readonly_default() -> bool {
     true
 }
 
+#[cfg(feature = "serde")]
 fn bus_cycle_default() -> u32 {
     1
 }

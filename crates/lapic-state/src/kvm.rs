@@ -153,8 +153,7 @@ pub fn probe_icr_layout(kvm: &Kvm) -> Result<IcrLayout, KvmLapicError> {
     }
     vcpu.set_lapic(&lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
     let back = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
-    let b = LapicPage::view(&back).to_bytes();
-    let hi = u32::from_le_bytes([b[0x304], b[0x305], b[0x306], b[0x307]]);
+    let hi = LapicPage::view(&back).icr_high_merged();
     Ok(if hi == 0x5a5a_0001 {
         IcrLayout::Merged
     } else {
@@ -206,7 +205,7 @@ pub fn probe_x2apic_id_readonly(kvm: &Kvm) -> Result<bool, KvmLapicError> {
 pub fn save(vcpu: &VcpuFd, vcpu_id: u32, conv: &KvmConventions) -> Result<LapicState, KvmLapicError> {
     let base = ApicBase(vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?.apic_base);
     let blob = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
-    LapicState::normalise(&blob, vcpu_id, base, conv).map_err(KvmLapicError::Invalid)
+    LapicState::normalise(LapicPage::view(&blob), vcpu_id, base, conv).map_err(KvmLapicError::Invalid)
 }
 
 /// Restore `state` into vCPU `vcpu_id` under `conv`, atomically: everything KVM could refuse
@@ -226,7 +225,7 @@ pub fn save(vcpu: &VcpuFd, vcpu_id: u32, conv: &KvmConventions) -> Result<LapicS
 /// let vcpu = vm.create_vcpu(0)?;
 /// let conv = lapic_state::KvmConventions::detect(&kvm, &vcpu, false)?;
 /// let state = lapic_state::kvm::save(&vcpu, 0, &conv)?;
-/// // On the destination: KVM_SET_SREGS with state.apic_base first, then:
+/// // On the destination: KVM_SET_SREGS with state.apic_base() first, then:
 /// lapic_state::kvm::restore(&vcpu, 0, &state, &conv)?;
 /// # Ok(())
 /// # }
@@ -237,26 +236,26 @@ pub fn restore(
     state: &LapicState,
     conv: &KvmConventions,
 ) -> Result<(), KvmLapicError> {
-    if state.vcpu_id != vcpu_id {
+    if state.vcpu_id() != vcpu_id {
         return Err(KvmLapicError::WrongVcpu {
-            state: state.vcpu_id,
+            state: state.vcpu_id(),
             vcpu: vcpu_id,
         });
     }
     let found = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?.apic_base;
-    if found != state.apic_base.0 {
+    if found != state.apic_base().0 {
         return Err(KvmLapicError::ApicBaseNotRestored {
-            expected: state.apic_base.0,
+            expected: state.apic_base().0,
             found,
         });
     }
     // The id format the VM really uses, not the caller's word for it: a wrong one makes KVM
     // refuse the ID word after it has applied SPIV (a failed restore that changed the vCPU).
-    let conv = &live_id_format(vcpu, vcpu_id, state.apic_base, conv)?;
+    let conv = &live_id_format(vcpu, vcpu_id, state.apic_base(), conv)?;
     if let Some(f) = state.validate(conv).into_iter().find(|f| !f.kvm_accepts) {
         return Err(KvmLapicError::Invalid(f.error));
     }
-    vcpu.set_lapic(&state.denormalise(conv))
+    vcpu.set_lapic(state.denormalise(conv).as_kvm())
         .map_err(ioctl("KVM_SET_LAPIC"))
 }
 

@@ -27,8 +27,8 @@
 //! let legacy = KvmConventions { x2apic_32bit_ids: false, ..KvmConventions::CANONICAL };
 //! let mut blob = LapicPage::default();
 //! blob.set_reg(regs::ID, 300u32 << 24); // KVM's legacy x2APIC id: truncated vcpu_id << 24
-//! let s = LapicState::normalise(blob.as_kvm(), 300, ApicBase(0xfee0_0c00), &legacy).unwrap();
-//! let out = LapicPage::from(s.denormalise(&KvmConventions::CANONICAL));
+//! let s = LapicState::normalise(&blob, 300, ApicBase(0xfee0_0c00), &legacy).unwrap();
+//! let out = s.denormalise(&KvmConventions::CANONICAL);
 //! assert_eq!(out.reg(regs::ID), 300);
 //! ```
 
@@ -49,7 +49,10 @@ pub mod kvm;
 pub use base::{ApicBase, ApicMode};
 pub use compat::{check_compatible, Incompatible, Loss, SavedLapic};
 pub use conventions::{IcrLayout, KvmConventions};
-pub use page::{regs, DeliveryMode, LapicPage, Lvt, TimerMode, VectorSet};
+pub use page::{
+    regs, BadOffset, CanonicalPage, DeliveryMode, LapicPage, Lvt, Reg, TimerMode, VectorSet, ICR_HIGH_MERGED,
+    PAGE_LEN,
+};
 pub use predict::{predict_set, PredictedFailure, Prediction, PriorApic, TmcctRead};
 pub use state::{x2apic_ldr, DecodeError, Finding, LapicError, LapicState, ENCODED_LEN, FORMAT_VERSION};
 

@@ -1,11 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The canonical, convention-free LAPIC state: normalise, denormalise, validate, encode.
 
-use kvm_bindings::kvm_lapic_state;
+#[cfg(feature = "serde")]
 use serde::{Deserialize, Serialize};
 
 use crate::conventions::{IcrLayout, KvmConventions};
-use crate::page::{regs, DeliveryMode, LapicPage, Lvt};
+use crate::page::{regs, CanonicalPage, DeliveryMode, LapicPage, Lvt, Reg};
 use crate::{ApicBase, ApicMode};
 
 /// Errors about LAPIC state content.
@@ -83,15 +83,16 @@ pub fn x2apic_ldr(id: u32) -> u32 {
 /// Canonical layout of the page: in x2APIC mode the ID word holds the 32-bit x2APIC id; the
 /// ICR is split (low word at 0x300, high word at 0x310). Every other byte is as KVM keeps it
 /// (including TMCCT, the remaining count KVM restarts the timer from).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "Wire", into = "Wire")]
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "serde", serde(try_from = "Wire", into = "Wire"))]
 pub struct LapicState {
     /// KVM vCPU id (KVM's x2APIC id is always the vCPU id).
-    pub vcpu_id: u32,
+    vcpu_id: u32,
     /// IA32_APIC_BASE.
-    pub apic_base: ApicBase,
+    apic_base: ApicBase,
     /// Register page in canonical layout.
-    pub page: LapicPage,
+    page: CanonicalPage,
 }
 
 pub(crate) fn id_word(vcpu_id: u32, conv: &KvmConventions) -> u32 {
@@ -103,15 +104,45 @@ pub(crate) fn id_word(vcpu_id: u32, conv: &KvmConventions) -> u32 {
 }
 
 impl LapicState {
-    /// Read a blob taken with `KVM_GET_LAPIC` under `conv` from vCPU `vcpu_id` whose
+    /// A state from its parts: vCPU `vcpu_id`, its IA32_APIC_BASE, and a page already in
+    /// canonical layout. [`LapicState::validate`] says what is wrong with it, if anything.
+    pub fn new(vcpu_id: u32, apic_base: ApicBase, page: CanonicalPage) -> Self {
+        LapicState {
+            vcpu_id,
+            apic_base,
+            page,
+        }
+    }
+
+    /// KVM vCPU id (KVM's x2APIC id is always the vCPU id).
+    pub fn vcpu_id(&self) -> u32 {
+        self.vcpu_id
+    }
+
+    /// IA32_APIC_BASE.
+    pub fn apic_base(&self) -> ApicBase {
+        self.apic_base
+    }
+
+    /// The register page, canonical.
+    pub fn page(&self) -> &CanonicalPage {
+        &self.page
+    }
+
+    /// The register page, canonical, to change.
+    pub fn page_mut(&mut self) -> &mut CanonicalPage {
+        &mut self.page
+    }
+
+    /// Read a page taken with `KVM_GET_LAPIC` under `conv` from vCPU `vcpu_id` whose
     /// IA32_APIC_BASE was `apic_base`, into the canonical state.
     pub fn normalise(
-        blob: &kvm_lapic_state,
+        raw: &LapicPage,
         vcpu_id: u32,
         apic_base: ApicBase,
         conv: &KvmConventions,
     ) -> Result<LapicState, LapicError> {
-        let mut page = *LapicPage::view(blob);
+        let mut page = *raw;
         match apic_base.mode() {
             ApicMode::Invalid => return Err(LapicError::InvalidApicMode(apic_base.0)),
             ApicMode::X2Apic => {
@@ -131,7 +162,7 @@ impl LapicState {
                 if conv.icr == IcrLayout::Merged {
                     // KVM's merged ICR: high half at 0x304, copied to 0x310 by GET. 0x310 is
                     // what KVM reads on SET, so it is authoritative; 0x304 carries nothing else.
-                    page.set_raw_u32(regs::ICR + 4, 0);
+                    page.set_icr_high_merged(0);
                 }
             }
             ApicMode::Disabled | ApicMode::XApic => {}
@@ -139,14 +170,14 @@ impl LapicState {
         Ok(LapicState {
             vcpu_id,
             apic_base,
-            page,
+            page: CanonicalPage::from_canonical(page),
         })
     }
 
-    /// The blob `KVM_GET_LAPIC` would return for this state under `conv`, which is also
+    /// The page `KVM_GET_LAPIC` would return for this state under `conv`, which is also
     /// exactly what `KVM_SET_LAPIC` expects there.
-    pub fn denormalise(&self, conv: &KvmConventions) -> kvm_lapic_state {
-        let mut page = self.page;
+    pub fn denormalise(&self, conv: &KvmConventions) -> LapicPage {
+        let mut page = *self.page.inner();
         if self.apic_base.mode() == ApicMode::X2Apic {
             let word = id_word(self.vcpu_id, conv);
             page.set_reg(regs::ID, word);
@@ -154,10 +185,10 @@ impl LapicState {
             page.set_reg(regs::LDR, x2apic_ldr(conv.x2apic_id_on_set(self.vcpu_id, word)));
             if conv.icr == IcrLayout::Merged {
                 let hi = page.reg(regs::ICR2);
-                page.set_raw_u32(regs::ICR + 4, hi);
+                page.set_icr_high_merged(hi);
             }
         }
-        page.into()
+        page
     }
 
     /// The x2APIC id / xAPIC id this state carries.
@@ -228,7 +259,7 @@ impl LapicState {
             });
         }
         use DeliveryMode::*;
-        let checks: [(&'static str, usize, &[DeliveryMode]); 7] = [
+        let checks: [(&'static str, Reg, &[DeliveryMode]); 7] = [
             ("timer", regs::LVT_TIMER, &[Fixed]),
             ("thermal", regs::LVT_THERMAL, &[Fixed, Smi, Nmi]),
             ("perf", regs::LVT_PERF, &[Fixed, Smi, Nmi]),
@@ -295,7 +326,7 @@ impl LapicState {
         Ok(LapicState {
             vcpu_id: u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
             apic_base: ApicBase(u64::from_le_bytes(base)),
-            page: LapicPage::from_bytes(&page),
+            page: CanonicalPage::from_bytes(&page),
         })
     }
 }
@@ -351,6 +382,7 @@ fn check_version(version: u32) -> Result<(), DecodeError> {
 }
 
 /// Serde representation (versioned).
+#[cfg(feature = "serde")]
 #[derive(Serialize, Deserialize)]
 struct Wire {
     version: u32,
@@ -362,6 +394,7 @@ struct Wire {
     page: Vec<u8>,
 }
 
+#[cfg(feature = "serde")]
 impl From<LapicState> for Wire {
     fn from(s: LapicState) -> Wire {
         Wire {
@@ -373,6 +406,7 @@ impl From<LapicState> for Wire {
     }
 }
 
+#[cfg(feature = "serde")]
 impl TryFrom<Wire> for LapicState {
     type Error = DecodeError;
     fn try_from(w: Wire) -> Result<LapicState, DecodeError> {
@@ -384,7 +418,7 @@ impl TryFrom<Wire> for LapicState {
         Ok(LapicState {
             vcpu_id: w.vcpu_id,
             apic_base: ApicBase(w.apic_base),
-            page: LapicPage::from_bytes(&page),
+            page: CanonicalPage::from_bytes(&page),
         })
     }
 }

@@ -3,17 +3,21 @@
 //! on the predictor and the normalise/denormalise pair. No /dev/kvm needed; the same
 //! predictor is checked against the real KVM in `differential.rs`.
 
-use kvm_bindings::kvm_lapic_state;
 use lapic_state::{
-    predict_set, regs, x2apic_ldr, ApicBase, ApicMode, IcrLayout, KvmConventions, LapicError, LapicPage,
-    LapicState, PriorApic, TmcctRead,
+    predict_set, regs, x2apic_ldr, ApicBase, ApicMode, CanonicalPage, IcrLayout, KvmConventions, LapicError,
+    LapicPage, LapicState, PriorApic, TmcctRead,
 };
 use proptest::prelude::*;
 
-fn blob(bytes: &[u8]) -> kvm_lapic_state {
+/// A page taken as canonical as it is.
+fn canonical(p: &LapicPage) -> CanonicalPage {
+    CanonicalPage::from_bytes(&p.to_bytes())
+}
+
+fn blob(bytes: &[u8]) -> LapicPage {
     let mut b = [0u8; 1024];
     b.copy_from_slice(bytes);
-    LapicPage::from_bytes(&b).into()
+    LapicPage::from_bytes(&b)
 }
 
 fn conv_strategy() -> impl Strategy<Value = KvmConventions> {
@@ -68,7 +72,7 @@ fn fitting_blob(
     base: ApicBase,
     conv: &KvmConventions,
     keep_id: bool,
-) -> kvm_lapic_state {
+) -> LapicPage {
     let mut b = blob(bytes);
     if !keep_id && base.mode() == ApicMode::X2Apic {
         let w = if conv.x2apic_32bit_ids {
@@ -76,7 +80,7 @@ fn fitting_blob(
         } else {
             vcpu_id << 24
         };
-        LapicPage::view_mut(&mut b).set_reg(regs::ID, w);
+        b.set_reg(regs::ID, w);
     }
     b
 }
@@ -101,14 +105,14 @@ proptest! {
     fn totality(bytes in prop::collection::vec(any::<u8>(), 1024), vcpu_id: u32, base in base_strategy(),
                 conv in conv_strategy(), prior in prior_strategy()) {
         let b = blob(&bytes);
-        let id = LapicPage::view(&b).reg(regs::ID);
+        let id = b.reg(regs::ID);
         let should_fail = base.mode() == ApicMode::Invalid
             || (base.mode() == ApicMode::X2Apic && conv.x2apic_32bit_ids && id != vcpu_id);
         match predict_set(vcpu_id, base, &b, &conv, &prior) {
             Ok(_) => prop_assert!(!should_fail),
             Err(f) => {
                 prop_assert!(should_fail);
-                prop_assert_eq!(f.spiv_applied, LapicPage::view(&b).reg(regs::SPIV));
+                prop_assert_eq!(f.spiv_applied, b.reg(regs::SPIV));
                 let expected_kind = matches!(f.error, LapicError::InvalidApicMode(_) | LapicError::X2ApicIdMismatch { .. });
                 prop_assert!(expected_kind, "unexpected error {:?}", f.error);
             }
@@ -123,8 +127,8 @@ proptest! {
         prop_assume!(base.mode() != ApicMode::Invalid);
         let b = fitting_blob(&bytes, vcpu_id, base, &conv, false);
         let g1 = predict_set(vcpu_id, base, &b, &conv, &PriorApic::FRESH).unwrap();
-        let g2 = predict_set(vcpu_id, base, g1.get.as_kvm(), &conv, &g1.next).unwrap();
-        let g3 = predict_set(vcpu_id, base, g2.get.as_kvm(), &conv, &g2.next).unwrap();
+        let g2 = predict_set(vcpu_id, base, &g1.get, &conv, &g1.next).unwrap();
+        let g3 = predict_set(vcpu_id, base, &g2.get, &conv, &g2.next).unwrap();
         prop_assert_eq!(g3.get, g2.get);
         // Only PPR may move between the first and second read (KVM's stale ISR count).
         let mut a = g1.get;
@@ -140,7 +144,7 @@ proptest! {
         prop_assume!(base.mode() != ApicMode::Invalid);
         let b = fitting_blob(&bytes, vcpu_id, base, &conv, false);
         let p = predict_set(vcpu_id, base, &b, &conv, &prior).unwrap();
-        let (inb, out) = (LapicPage::view(&b).to_bytes(), p.get.to_bytes());
+        let (inb, out) = (b.to_bytes(), p.get.to_bytes());
         let x2 = base.mode() == ApicMode::X2Apic;
         for off in (0..1024).step_by(4) {
             if !fixed_up(off, x2, conv.icr == IcrLayout::Merged) {
@@ -166,7 +170,7 @@ proptest! {
         prop_assert_eq!(ldr, x2apic_ldr(kept));
         prop_assert_eq!((ldr & 0xffff).count_ones(), 1);
         prop_assert_eq!(ldr >> 16, kept >> 4);
-        let (inb, out) = (LapicPage::view(&b).to_bytes(), p.get.to_bytes());
+        let (inb, out) = (b.to_bytes(), p.get.to_bytes());
         prop_assert_eq!(word(&out, 0x300), word(&inb, 0x300));
         prop_assert_eq!(word(&out, 0x310), word(&inb, 0x310));
         match conv.icr {
@@ -182,7 +186,7 @@ proptest! {
         prop_assume!(base.mode() != ApicMode::Invalid);
         let b = fitting_blob(&bytes, 5, base, &conv, false);
         let p = predict_set(5, base, &b, &conv, &prior).unwrap();
-        let inp = LapicPage::view(&b);
+        let inp = &b;
         prop_assert_eq!(p.get.reg(regs::LVR), conv.lvr());
         prop_assert_eq!(p.get.reg(regs::TMCCT), 0);
         let tpr = inp.reg(regs::TPR);
@@ -226,15 +230,17 @@ proptest! {
         // A blob as KVM would report it under `a`.
         let got = predict_set(vcpu_id, base, &fitting_blob(&bytes, vcpu_id, base, &a, false), &a, &PriorApic::FRESH)
             .unwrap().get;
-        let s = LapicState::normalise(got.as_kvm(), vcpu_id, base, &a).unwrap();
+        let s = LapicState::normalise(&got, vcpu_id, base, &a).unwrap();
         prop_assert!(s.validate(&a).iter().all(|f| f.kvm_accepts));
-        prop_assert_eq!(LapicPage::from(s.denormalise(&a)), got, "identity under the same conventions");
+        prop_assert_eq!(s.denormalise(&a), got, "identity under the same conventions");
         let there = s.denormalise(&b);
         let back = LapicState::normalise(&there, vcpu_id, base, &b).unwrap();
         let mut expect = s;
         if base.mode() == ApicMode::X2Apic && a.icr == IcrLayout::Split && b.icr == IcrLayout::Merged {
             // 0x304 is a reserved hole on split hosts; a merged host uses it for ICR2.
-            expect.page.set_raw_u32(0x304, 0);
+            let mut bytes = s.page().to_bytes();
+            bytes[0x304..0x308].fill(0);
+            expect = LapicState::new(s.vcpu_id(), s.apic_base(), CanonicalPage::from_bytes(&bytes));
         }
         prop_assert_eq!(back, expect);
         // And KVM at the destination accepts it and keeps it.
@@ -245,7 +251,7 @@ proptest! {
     /// Encoding round trips; decoding arbitrary bytes never panics.
     #[test]
     fn encoding(bytes in prop::collection::vec(any::<u8>(), 1024), vcpu_id: u32, base: u64, junk in prop::collection::vec(any::<u8>(), 0..1100)) {
-        let s = LapicState { vcpu_id, apic_base: ApicBase(base), page: *LapicPage::view(&blob(&bytes)) };
+        let s = LapicState::new(vcpu_id, ApicBase(base), canonical(&blob(&bytes)));
         prop_assert_eq!(LapicState::decode(&s.encode()).unwrap(), s);
         let json = serde_json::to_string(&s).unwrap();
         prop_assert_eq!(serde_json::from_str::<LapicState>(&json).unwrap(), s);
@@ -260,11 +266,7 @@ proptest! {
 
 #[test]
 fn newer_versions_are_refused() {
-    let s = LapicState {
-        vcpu_id: 1,
-        apic_base: ApicBase(0xfee0_0900),
-        page: LapicPage::default(),
-    };
+    let s = LapicState::new(1, ApicBase(0xfee0_0900), canonical(&LapicPage::default()));
     let mut e = s.encode();
     e[4] = 2;
     let err = LapicState::decode(&e).unwrap_err();
@@ -283,11 +285,7 @@ fn newer_versions_are_refused() {
 /// Version 0 was never written, and the reserved field must be zero: both mean damage.
 #[test]
 fn version_zero_and_reserved_bits_are_refused() {
-    let s = LapicState {
-        vcpu_id: 1,
-        apic_base: ApicBase(0xfee0_0900),
-        page: LapicPage::default(),
-    };
+    let s = LapicState::new(1, ApicBase(0xfee0_0900), canonical(&LapicPage::default()));
     let mut e = s.encode();
     e[4] = 0;
     assert_eq!(LapicState::decode(&e), Err(lapic_state::DecodeError::VersionZero));
@@ -319,11 +317,7 @@ fn validation_reports_and_says_what_kvm_accepts() {
     p.set_reg(regs::TMCCT, 20);
     p.set_reg(regs::LVT_LINT0, 3 << 8);
     p.set_reg(regs::LVT_TIMER, 3 << 17);
-    let s = LapicState {
-        vcpu_id: 4,
-        apic_base: ApicBase(0xfee0_0c00),
-        page: p,
-    };
+    let s = LapicState::new(4, ApicBase(0xfee0_0c00), canonical(&p));
     let f = s.validate(&conv);
     let kinds: Vec<_> = f
         .iter()
@@ -351,10 +345,7 @@ fn validation_reports_and_says_what_kvm_accepts() {
         .iter()
         .any(|f| matches!(f.error, LapicError::ReservedTimerMode(_))));
     assert_eq!(kinds.len(), 5);
-    let bad_mode = LapicState {
-        apic_base: ApicBase(0xfee0_0400),
-        ..s
-    };
+    let bad_mode = LapicState::new(s.vcpu_id(), ApicBase(0xfee0_0400), *s.page());
     assert!(bad_mode
         .validate(&conv)
         .iter()
@@ -374,14 +365,10 @@ fn validation_reports_and_says_what_kvm_accepts() {
 #[test]
 fn an_expired_one_shot_timer_is_a_finding() {
     let conv = KvmConventions::CANONICAL;
-    let mut s = LapicState {
-        vcpu_id: 1,
-        apic_base: ApicBase(0xfee0_0900),
-        page: LapicPage::default(),
-    };
-    s.page.set_reg(regs::SPIV, 0x1ff);
-    s.page.set_reg(regs::LVT_TIMER, 0xec);
-    s.page.set_reg(regs::TMICT, 0x1000);
+    let mut s = LapicState::new(1, ApicBase(0xfee0_0900), canonical(&LapicPage::default()));
+    s.page_mut().set_reg(regs::SPIV, 0x1ff);
+    s.page_mut().set_reg(regs::LVT_TIMER, 0xec);
+    s.page_mut().set_reg(regs::TMICT, 0x1000);
     let expired = |s: &LapicState| {
         s.validate(&conv).iter().any(|f| {
             matches!(f.error, LapicError::ExpiredOneShotFiresAgain { tmict: 0x1000 }) && f.kvm_accepts
@@ -389,12 +376,12 @@ fn an_expired_one_shot_timer_is_a_finding() {
     };
     assert!(expired(&s), "{:?}", s.validate(&conv));
     let mut running = s;
-    running.page.set_reg(regs::TMCCT, 0x10);
+    running.page_mut().set_reg(regs::TMCCT, 0x10);
     assert!(!expired(&running));
     let mut masked = s;
-    masked.page.set_reg(regs::LVT_TIMER, 0x1_00ec);
+    masked.page_mut().set_reg(regs::LVT_TIMER, 0x1_00ec);
     assert!(!expired(&masked));
     let mut periodic = s;
-    periodic.page.set_reg(regs::LVT_TIMER, (1 << 17) | 0xec);
+    periodic.page_mut().set_reg(regs::LVT_TIMER, (1 << 17) | 0xec);
     assert!(!expired(&periodic));
 }

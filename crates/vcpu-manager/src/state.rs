@@ -7,7 +7,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use lapic_state::timer::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
-use lapic_state::{ApicBase, LapicState};
+use lapic_state::{ApicBase, LapicPage, LapicState};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -191,8 +191,8 @@ pub fn save_vcpu(vcpu: &VcpuFd, vcpu_id: u32, cpuid: &CpuId, opts: &SaveOptions)
     let xcrs = vcpu.get_xcrs().map_err(ioctl("KVM_GET_XCRS"))?;
     let debugregs = vcpu.get_debug_regs().map_err(ioctl("KVM_GET_DEBUGREGS"))?;
     let blob = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
-    let lapic =
-        LapicState::normalise(&blob, vcpu_id, ApicBase(sregs.apic_base), conv).map_err(Error::Lapic)?;
+    let lapic = LapicState::normalise(LapicPage::view(&blob), vcpu_id, ApicBase(sregs.apic_base), conv)
+        .map_err(Error::Lapic)?;
     let msr_vals = read_msrs(vcpu, msrs)?;
     // As KVM reports it: a fired deadline not yet injected is still there (it fires at once
     // when restored); 0 means disarmed or delivered (lapic_state::timer, rule 3).
