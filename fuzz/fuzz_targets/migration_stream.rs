@@ -6,8 +6,8 @@
 //! (the fuzzer cannot know the challenge) without a panic.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use vm_migration::auth::{demand, Token};
-use vm_migration::protocol::{apply_memory, recv, FrameLimits, Message};
+use vm_live_migration::auth::{demand, Token};
+use vm_live_migration::protocol::{apply_memory, recv, FrameLimits, Message};
 
 /// The peer's bytes to read; what the destination writes goes nowhere.
 struct Peer<'a>(&'a [u8]);

@@ -3,7 +3,7 @@
 //! same bytes (the format has exactly one encoding).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use vm_migration::{Limits, Snapshot};
+use vm_live_migration::{Limits, Snapshot};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(s) = Snapshot::decode(data, &Limits::default()) {

@@ -5,7 +5,7 @@
 //! and re-encodes to a state that decodes again.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use vm_migration::Snapshot;
+use vm_live_migration::Snapshot;
 use vmm_reference::snapshot::SavedVm;
 
 fuzz_target!(|data: &[u8]| {

@@ -231,9 +231,11 @@ struct SendMigration {
     token: Option<String>,
 }
 
-fn token(t: Option<String>) -> Result<Option<vm_migration::auth::Token>, Response> {
-    t.map(|t| vm_migration::auth::Token::new(t.into_bytes()).map_err(|e| Response::error(400, e.to_string())))
-        .transpose()
+fn token(t: Option<String>) -> Result<Option<vm_live_migration::auth::Token>, Response> {
+    t.map(|t| {
+        vm_live_migration::auth::Token::new(t.into_bytes()).map_err(|e| Response::error(400, e.to_string()))
+    })
+    .transpose()
 }
 
 /// The options of a `vm.send-migration` body.

@@ -2,7 +2,7 @@
 //! The reference VMM: boots the built-in test guest or a Linux kernel on KVM with full
 //! (non-hardware-reduced) ACPI, and wires together the workspace crates:
 //! `lapic-state` (LAPIC setup), `acpi-cpu-hotplug` (PM1/GPE0/SCI), `vcpu-manager` (topology,
-//! CPUID, vCPU threads), `vm-migration` (snapshot container, memory images, live-migration
+//! CPUID, vCPU threads), `vm-live-migration` (snapshot container, memory images, live-migration
 //! protocol).
 //!
 //! ```no_run

@@ -17,7 +17,7 @@ use std::io::Read;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use vm_migration::memory::{map_image_private, write_image};
+use vm_live_migration::memory::{map_image_private, write_image};
 
 use crate::boot::GuestMemory;
 use crate::snapshot::{ImageRef, SavedVm, SnapshotError, MAX_STATE_FILE, STATE_FILE};

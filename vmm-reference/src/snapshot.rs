@@ -2,7 +2,7 @@
 //! What a snapshot (and the final step of a live migration) carries, how it is written to a
 //! directory, and how it is checked when it comes back from an untrusted file or peer.
 //!
-//! A snapshot directory holds `state.bin` (a `vm-migration` container: section `vm` with the
+//! A snapshot directory holds `state.bin` (a `vm-live-migration` container: section `vm` with the
 //! VM-wide state, one section `vcpu/<index>` per vCPU that existed, all JSON inside a
 //! versioned, CRC-checked envelope) and the memory image it names (raw RAM, restored
 //! copy-on-write); [`crate::snapdir`] writes and reads the directory.
@@ -17,8 +17,8 @@ use kvm_bindings::{kvm_irqchip, kvm_pit_state2, CpuId};
 use lapic_state::KvmConventions;
 use serde::{Deserialize, Serialize};
 use vcpu_manager::{Topology, VcpuState};
-use vm_migration::memory::MemoryLayout;
-use vm_migration::{Limits, Snapshot};
+use vm_live_migration::memory::MemoryLayout;
+use vm_live_migration::{Limits, Snapshot};
 
 /// Name of the state file in a snapshot directory.
 pub const STATE_FILE: &str = "state.bin";
@@ -44,7 +44,7 @@ pub enum SnapshotError {
     },
     /// The container is damaged, truncated, or from a newer format.
     #[error("snapshot container: {0}")]
-    Container(#[from] vm_migration::Error),
+    Container(#[from] vm_live_migration::Error),
     /// A section does not parse or is inconsistent.
     #[error("snapshot section {section}: {reason}")]
     Section {
@@ -55,7 +55,7 @@ pub enum SnapshotError {
     },
     /// The memory image or layout is unusable.
     #[error("snapshot memory: {0}")]
-    Memory(#[from] vm_migration::memory::MemoryError),
+    Memory(#[from] vm_live_migration::memory::MemoryError),
     /// A file of the snapshot directory is not what the state needs (not a regular file,
     /// wrong size, an image from another snapshot).
     #[error("snapshot files: {0}")]
@@ -307,7 +307,7 @@ impl Compat {
                 .iter()
                 .map(|(l, s, r, n)| (n.to_string(), cpuid_word(cpuid, *l, *s, *r)))
                 .collect(),
-            format: vm_migration::FORMAT_VERSION,
+            format: vm_live_migration::FORMAT_VERSION,
             tsc_khz: None,
         }
     }
@@ -333,11 +333,11 @@ impl Compat {
                 ));
             }
         }
-        if self.format > vm_migration::FORMAT_VERSION {
+        if self.format > vm_live_migration::FORMAT_VERSION {
             why.push(format!(
                 "state format {} is newer than this VMM's {}",
                 self.format,
-                vm_migration::FORMAT_VERSION
+                vm_live_migration::FORMAT_VERSION
             ));
         }
         if self.max_vcpus == 0 || self.max_vcpus > kvm_max_vcpus {
@@ -387,7 +387,7 @@ impl SavedVm {
                 memory: self.vm.memory.clone(),
                 vendor: String::new(),
                 features: Vec::new(),
-                format: vm_migration::FORMAT_VERSION,
+                format: vm_live_migration::FORMAT_VERSION,
                 tsc_khz: None,
             },
         }
@@ -570,7 +570,7 @@ pub(crate) mod tests {
                 max_vcpus: 4,
                 boot_vcpus: 2,
                 memory: MemoryLayout {
-                    regions: vec![vm_migration::memory::RegionDesc {
+                    regions: vec![vm_live_migration::memory::RegionDesc {
                         guest_addr: 0,
                         len: 1 << 20,
                         file_offset: 0,

@@ -176,7 +176,7 @@ impl VmInner {
             vm: crate::snapshot::VmState {
                 max_vcpus: self.topology.max_vcpus(),
                 boot_vcpus: self.boot_vcpus,
-                memory: vm_migration::memory::MemoryLayout::of(&self.mem),
+                memory: vm_live_migration::memory::MemoryLayout::of(&self.mem),
                 conventions: vcpus.conventions(),
                 msrs: self.msrs.clone(),
                 kvm: kvm_state,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use vm_migration::protocol::{recv, send, FrameLimits, Message};
+use vm_live_migration::protocol::{recv, send, FrameLimits, Message};
 use vmm_reference::console::GuestStatus;
 
 /// boot=2,max=8; CPUs 2..4 hot-added and online; CPU 3 offlined by the guest; CPU 5 hot-added

@@ -146,7 +146,7 @@ fn incoming_options(
     let mut o = IncomingOptions::new();
     if let Some(f) = token_file {
         let t = vmm_reference::migration::token_from_file(f)?;
-        o.token = Some(vm_migration::auth::Token::new(t.into_bytes()).map_err(|e| e.to_string())?);
+        o.token = Some(vm_live_migration::auth::Token::new(t.into_bytes()).map_err(|e| e.to_string())?);
     }
     if let Some(m) = max_memory {
         o.max_memory = parse_memory(m).map_err(|e| format!("--max-incoming-memory: {e}"))?;

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Live migration between two VMM processes over a Unix or TCP socket, with KVM dirty
-//! logging and `vm-migration`'s pre-copy driver.
+//! logging and `vm-live-migration`'s pre-copy driver.
 //!
 //! Source (`PUT /api/v1/vm.send-migration`): connect (on TCP, answer the destination's token
 //! challenge), send Hello with the VM's compatibility description and wait for Accept (the
@@ -25,13 +25,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vm_migration::auth::{self, Token};
-use vm_migration::memory::MemoryLayout;
-use vm_migration::protocol::{
+use vm_live_migration::auth::{self, Token};
+use vm_live_migration::memory::MemoryLayout;
+use vm_live_migration::protocol::{
     recv, send, Convergence, DirtySource, FrameLimits, Message, Precopy, PrecopyOptions, RoundStats,
     PROTOCOL_VERSION,
 };
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 pub use link::{Address, Stream};
 pub use receive::{receive, IncomingOptions};
@@ -186,7 +186,7 @@ impl DirtySource for KvmDirty<'_> {
             return None;
         }
         let host = self.inner.mem.get_host_address(r.start_addr()).ok()? as u64;
-        vm_migration::memory::populated_pages(host, r.len()).ok()
+        vm_live_migration::memory::populated_pages(host, r.len()).ok()
     }
 }
 
@@ -205,7 +205,7 @@ pub fn token_from_file(path: &std::path::Path) -> Result<String, String> {
         return Err(what(&"not a regular file"));
     }
     let mut text = String::new();
-    f.take(vm_migration::auth::MAX_TOKEN_LEN as u64 + 3)
+    f.take(vm_live_migration::auth::MAX_TOKEN_LEN as u64 + 3)
         .read_to_string(&mut text)
         .map_err(|e| what(&e))?;
     let t = text.strip_suffix('\n').unwrap_or(&text);
@@ -219,9 +219,9 @@ fn internal(what: &str) -> impl Fn(&dyn std::fmt::Display) -> ControlError + '_ 
 }
 
 /// A refusal from the destination is the caller's to fix (400); anything else is ours (500).
-fn peer_error(what: &str) -> impl Fn(vm_migration::protocol::ProtocolError) -> ControlError + '_ {
+fn peer_error(what: &str) -> impl Fn(vm_live_migration::protocol::ProtocolError) -> ControlError + '_ {
     move |e| match e {
-        vm_migration::protocol::ProtocolError::Peer(why) => {
+        vm_live_migration::protocol::ProtocolError::Peer(why) => {
             ControlError::BadRequest(format!("the destination refused: {why}"))
         }
         e => ControlError::Internal(format!("{what}: {e}")),

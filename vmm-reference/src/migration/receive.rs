@@ -6,11 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vm_migration::auth::{self, Token};
-use vm_migration::protocol::{
+use vm_live_migration::auth::{self, Token};
+use vm_live_migration::protocol::{
     apply_memory, recv, send, FrameLimits, Message, ProtocolError, Violation, PROTOCOL_VERSION,
 };
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::link::{Address, Listener, Stream};
 use crate::boot::GuestMemory;

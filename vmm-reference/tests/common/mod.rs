@@ -199,10 +199,29 @@ impl Unattached {
 impl Drop for Unattached {
     fn drop(&mut self) {
         if let Some(c) = self.child.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
+            reap(c, &self.api);
         }
     }
+}
+
+/// Kill a VMM; in a failing test, print the end of what it wrote to stderr first (its own
+/// account of the failure, which would otherwise be lost with the pipe).
+fn reap(child: &mut Child, api: &Path) {
+    let _ = child.kill();
+    let _ = child.wait();
+    if !std::thread::panicking() {
+        return;
+    }
+    let mut err = String::new();
+    if let Some(e) = child.stderr.as_mut() {
+        let _ = std::io::Read::read_to_string(e, &mut err);
+    }
+    let lines: Vec<&str> = err.lines().collect();
+    let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+    eprintln!(
+        "--- stderr of the VMM with API {} (last 40 lines) ---\n{tail}",
+        api.display()
+    );
 }
 
 /// A running VMM process driven through its API socket and guest console.
@@ -329,8 +348,7 @@ impl Vmm {
 impl Drop for Vmm {
     fn drop(&mut self) {
         if let Some(c) = self.child.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
+            reap(c, &self.api);
         }
     }
 }

@@ -1,17 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Live-migrate 16 MiB of "guest RAM" that another thread keeps dirtying, over a Unix socket
-//! pair, with `vm-migration`'s protocol and pre-copy driver, and check the destination ends up
+//! pair, with `vm-live-migration`'s protocol and pre-copy driver, and check the destination ends up
 //! identical. A VMM does the same with KVM's dirty log in place of the bitmap below.
 //!
-//! `cargo run -p vm-migration --example precopy_in_process`
+//! `cargo run -p vm-live-migration --example precopy_in_process`
 
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vm_migration::memory::PAGE_SIZE;
-use vm_migration::protocol::{
+use vm_live_migration::memory::PAGE_SIZE;
+use vm_live_migration::protocol::{
     apply_memory, recv, send, DirtySource, FrameLimits, Message, Precopy, PrecopyOptions, PROTOCOL_VERSION,
 };
 

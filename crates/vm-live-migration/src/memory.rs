@@ -338,7 +338,7 @@ mod tests {
         let m = mem();
         m.write_slice(b"hello", GuestAddress(0x1000)).unwrap();
         m.write_slice(b"world", GuestAddress((1 << 20) + 0x2000)).unwrap();
-        let path = std::env::temp_dir().join(format!("vm-migration-mem-{}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("vm-live-migration-mem-{}", std::process::id()));
         let mut f = File::options()
             .create(true)
             .truncate(true)

@@ -21,7 +21,7 @@
 //! that state; this crate only moves bytes safely.
 //!
 //! ```
-//! use vm_migration::{Snapshot, Limits};
+//! use vm_live_migration::{Snapshot, Limits};
 //! let mut s = Snapshot::default();
 //! s.add("vcpu0", b"state".to_vec()).unwrap();
 //! let bytes = s.encode();

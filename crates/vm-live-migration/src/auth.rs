@@ -10,7 +10,7 @@
 //! worth mentioning, and checks it in constant time.
 //!
 //! ```
-//! use vm_migration::auth::{self, Token};
+//! use vm_live_migration::auth::{self, Token};
 //! let token = Token::new(b"a shared secret of 16+ bytes".to_vec()).unwrap();
 //! let challenge = auth::challenge().unwrap();
 //! let proof = auth::prove(&token, &challenge);
@@ -34,7 +34,7 @@ pub const MIN_TOKEN_LEN: usize = 16;
 /// Longest token accepted (bytes).
 pub const MAX_TOKEN_LEN: usize = 4096;
 /// Binds a proof to this protocol, so it means nothing to any other use of the same token.
-const CONTEXT: &[u8] = b"vm-migration auth v1";
+const CONTEXT: &[u8] = b"vm-live-migration auth v1";
 
 /// A pre-shared token. Its bytes are never printed.
 #[derive(Clone, PartialEq, Eq)]
