@@ -121,6 +121,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         downtime: Duration::from_millis(5),
         max_rounds: 10,
         chunk: 1 << 20,
+        ..PrecopyOptions::default()
     };
     let mut pc = Precopy::default();
     let end = pc.iterate(&mut src_end, &mut src, &opts, |r| {

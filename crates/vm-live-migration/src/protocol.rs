@@ -316,6 +316,10 @@ pub struct PrecopyOptions {
     pub max_rounds: u32,
     /// Largest memory frame.
     pub chunk: usize,
+    /// Longest the source stays silent while it reads RAM: round 0 of mostly-zero memory
+    /// can take long to scan and finds nothing to send, and a destination that hears
+    /// nothing gives up. A frame (empty if need be) goes out whenever this has passed.
+    pub keepalive: Duration,
 }
 
 impl Default for PrecopyOptions {
@@ -324,9 +328,13 @@ impl Default for PrecopyOptions {
             downtime: Duration::from_millis(300),
             max_rounds: 30,
             chunk: 4 << 20,
+            keepalive: KEEPALIVE,
         }
     }
 }
+
+/// Default [`PrecopyOptions::keepalive`]: far below any sensible destination silence bound.
+pub const KEEPALIVE: Duration = Duration::from_secs(1);
 
 /// Progress of one pre-copy round.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -355,17 +363,32 @@ pub fn is_zero(buf: &[u8]) -> bool {
         && rest.iter().all(|b| *b == 0)
 }
 
-/// Send the given byte ranges of the regions as Memory frames; returns bytes sent. With
-/// `skip_zero`, all-zero pages are left out (the destination's RAM starts zeroed).
+/// How [`send_ranges`] frames what it reads.
+#[derive(Clone, Copy)]
+struct Framing {
+    /// Largest frame (bytes of page data).
+    chunk: usize,
+    /// Leave all-zero pages out (round 0: the destination's RAM starts zeroed).
+    skip_zero: bool,
+    /// Send what there is (an empty frame if nothing) once this long has passed.
+    keepalive: Duration,
+}
+
+/// Send the given byte ranges of the regions as Memory frames; returns bytes sent.
 fn send_ranges<W: Write, S: DirtySource>(
     w: &mut W,
     src: &S,
     ranges: &[(u64, u64)],
-    chunk: usize,
-    skip_zero: bool,
+    how: Framing,
 ) -> Result<u64, ProtocolError> {
+    let Framing {
+        chunk,
+        skip_zero,
+        keepalive,
+    } = how;
     let mut frame: Vec<(u64, Vec<u8>)> = Vec::new();
     let (mut in_frame, mut sent) = (0usize, 0u64);
+    let mut last_send = Instant::now();
     let mut buf = vec![0u8; chunk.max(PAGE_SIZE as usize)];
     for &(gpa, len) in ranges {
         let mut off = 0;
@@ -389,9 +412,12 @@ fn send_ranges<W: Write, S: DirtySource>(
                 sent += (p - start) as u64;
             }
             off += n as u64;
-            if in_frame >= chunk {
+            // A full frame, or a keepalive: a long scan that finds only zero pages must not
+            // leave the destination in silence until its read timeout.
+            if in_frame >= chunk || last_send.elapsed() >= keepalive {
                 send(w, &Message::Memory(std::mem::take(&mut frame)))?;
                 in_frame = 0;
+                last_send = Instant::now();
             }
         }
     }
@@ -470,7 +496,12 @@ impl Precopy {
             let round = self.rounds.len() as u32;
             let t = Instant::now();
             // Round 0 leaves zero pages out: the destination starts from zeroed RAM.
-            let bytes = send_ranges(w, src, &ranges, opts.chunk, round == 0)?;
+            let how = Framing {
+                chunk: opts.chunk,
+                skip_zero: round == 0,
+                keepalive: opts.keepalive,
+            };
+            let bytes = send_ranges(w, src, &ranges, how)?;
             let secs = t.elapsed().as_secs_f64();
             let maps = src.take_dirty()?;
             let (next, dirtied) = bitmap_ranges(&regions, &maps);
@@ -513,7 +544,12 @@ impl Precopy {
         let (mut ranges, _) = bitmap_ranges(&regions, &maps);
         ranges.append(&mut self.pending);
         ranges.sort_unstable();
-        send_ranges(w, src, &ranges, chunk, false)
+        let how = Framing {
+            chunk,
+            skip_zero: false,
+            keepalive: KEEPALIVE,
+        };
+        send_ranges(w, src, &ranges, how)
     }
 }
 
@@ -588,6 +624,7 @@ mod tests {
             downtime: Duration::from_nanos(1),
             max_rounds: 5,
             chunk: 64 << 10,
+            ..PrecopyOptions::default()
         };
         let end = pc.iterate(&mut wire, &mut src, &opts, |_| {}).unwrap();
         assert_eq!(end, Convergence::RoundLimit);
@@ -633,6 +670,55 @@ mod tests {
         assert!(dst == src.bytes, "destination RAM differs from the source");
     }
 
+    /// RAM that is slow to read (a file-backed image faulting in under load), all zeroes.
+    struct SlowZeroes {
+        len: u64,
+        per_read: Duration,
+    }
+
+    impl DirtySource for SlowZeroes {
+        fn regions(&self) -> Vec<(u64, u64)> {
+            vec![(0, self.len)]
+        }
+        fn take_dirty(&mut self) -> std::io::Result<Vec<Vec<u64>>> {
+            Ok(vec![vec![0; (self.len / PAGE_SIZE).div_ceil(64) as usize]])
+        }
+        fn read(&self, _: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            std::thread::sleep(self.per_read);
+            buf.fill(0);
+            Ok(())
+        }
+    }
+
+    /// Round 0 of mostly-zero RAM used to send nothing until the scan ended: the destination,
+    /// which gives up after a minute of silence, closed the link in a loaded nested run and
+    /// the source got EPIPE. The source now sends a frame, empty if need be, whenever
+    /// `keepalive` has passed. Each read here takes longer than `keepalive`, so every read is
+    /// followed by one (no clock figure is asserted: sleeping only makes it longer).
+    #[test]
+    fn a_long_scan_of_zero_pages_keeps_the_link_talking() {
+        let mut src = SlowZeroes {
+            len: 8 * PAGE_SIZE,
+            per_read: Duration::from_millis(30),
+        };
+        let opts = PrecopyOptions {
+            downtime: Duration::from_secs(3600),
+            max_rounds: 1,
+            chunk: PAGE_SIZE as usize,
+            keepalive: Duration::from_millis(20),
+        };
+        let mut wire = Vec::new();
+        let end = Precopy::default().iterate(&mut wire, &mut src, &opts, |_| {}).unwrap();
+        assert_eq!(end, Convergence::Converged);
+        let mut r = &wire[..];
+        let mut frames = 0;
+        while !r.is_empty() {
+            assert_eq!(recv(&mut r, &FrameLimits::default()).unwrap(), Message::Memory(vec![]));
+            frames += 1;
+        }
+        assert_eq!(frames, 8, "one keepalive after each 4 KiB read");
+    }
+
     #[test]
     fn round_zero_skips_zero_pages_later_rounds_do_not() {
         let pages = 128u64;
@@ -649,6 +735,7 @@ mod tests {
             downtime: Duration::from_secs(3600),
             max_rounds: 1,
             chunk: 64 << 10,
+            ..PrecopyOptions::default()
         };
         let end = pc.iterate(&mut wire, &mut src, &opts, |_| {}).unwrap();
         assert_eq!(end, Convergence::Converged);

@@ -207,10 +207,17 @@ impl Drop for Unattached {
 /// Kill a VMM; in a failing test, print the end of what it wrote to stderr first (its own
 /// account of the failure, which would otherwise be lost with the pipe).
 fn reap(child: &mut Child, api: &Path) {
+    // Whether it had already ended on its own, and how: SIGSYS (31) is a seccomp kill,
+    // SIGKILL (9) the OOM killer.
+    let ended = child.try_wait().ok().flatten();
     let _ = child.kill();
     let _ = child.wait();
     if !std::thread::panicking() {
         return;
+    }
+    match ended {
+        Some(status) => eprintln!("--- the VMM with API {} had ended: {status}", api.display()),
+        None => eprintln!("--- the VMM with API {} was still running", api.display()),
     }
     let mut err = String::new();
     if let Some(e) = child.stderr.as_mut() {
