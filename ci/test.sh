@@ -104,7 +104,7 @@ if [ "$kvm_usable" = 1 ]; then
     cargo run --locked -q -p vcpu-manager --example two_vcpus
 fi
 
-part "cargo test -p lapic-state without the kvm feature"
+part "cargo test -p lapic-state without features (no kvm-bindings, no serde)"
 cargo test -p lapic-state --locked
 
 # rust-osdev's AML interpreter (acpi 6.1) needs unstable library features: its check lives in
@@ -126,6 +126,12 @@ if [ "$kvm_usable" = 1 ]; then
         exit 1
     fi
     say "KVM tests that ran: $ran (all $(echo "$expected" | wc -l) named ones among them)"
+fi
+
+# --- coverage of the library crates (their own tests, KVM ones included) ---------------------
+if [ "$kvm_usable" = 1 ]; then
+    part "line coverage of the four library crates against ci/coverage-floor.txt (ci/coverage.sh)"
+    env -u KVM_TEST_LEDGER bash ci/coverage.sh
 fi
 
 # --- fuzz smoke run (every cargo-fuzz target briefly) ----------------------------------------
