@@ -91,6 +91,12 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --lock
 # The four library crates package and build as a user of crates.io would get them (the
 # workspace flag lets one depend on another that is not published yet).
 part "cargo publish --dry-run (the four library crates)"
+# cargo unpacks that local registry under $CARGO_HOME/registry/src/-<hash of its path>/ and
+# reuses what it finds there: a clone at a path used before verified against stale sources
+# of the same version (seen here: vcpu-manager built against last week's lapic-state).
+for c in lapic-state acpi-cpu-hotplug vcpu-manager vm-live-migration; do
+    rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/"$c"-[0-9]*
+done
 cargo publish --workspace --dry-run --allow-dirty --locked
 
 # --- tests -----------------------------------------------------------------------------------

@@ -708,12 +708,17 @@ mod tests {
             keepalive: Duration::from_millis(20),
         };
         let mut wire = Vec::new();
-        let end = Precopy::default().iterate(&mut wire, &mut src, &opts, |_| {}).unwrap();
+        let end = Precopy::default()
+            .iterate(&mut wire, &mut src, &opts, |_| {})
+            .unwrap();
         assert_eq!(end, Convergence::Converged);
         let mut r = &wire[..];
         let mut frames = 0;
         while !r.is_empty() {
-            assert_eq!(recv(&mut r, &FrameLimits::default()).unwrap(), Message::Memory(vec![]));
+            assert_eq!(
+                recv(&mut r, &FrameLimits::default()).unwrap(),
+                Message::Memory(vec![])
+            );
             frames += 1;
         }
         assert_eq!(frames, 8, "one keepalive after each 4 KiB read");

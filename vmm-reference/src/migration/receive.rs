@@ -80,9 +80,15 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmError {
 fn proto(e: ProtocolError) -> VmmError {
     // A read timeout is the source's silence, not damaged data: say so.
     if let ProtocolError::Io(io) = &e {
-        if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+        if matches!(
+            io.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
             return VmmError::Io {
-                what: format!("migration stream: the source sent nothing for {} s", PEER_SILENCE.as_secs()),
+                what: format!(
+                    "migration stream: the source sent nothing for {} s",
+                    PEER_SILENCE.as_secs()
+                ),
                 source: std::io::Error::from(std::io::ErrorKind::TimedOut),
             };
         }
