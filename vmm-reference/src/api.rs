@@ -3,16 +3,17 @@
 //!
 //! | request | body | answer |
 //! |---|---|---|
-//! | `GET /api/v1/vm.info` | | 200, [`crate::status::VmInfo`] as JSON; 429 while a snapshot or migration holds the vCPUs |
-//! | `PUT /api/v1/vm.resize` | `{"desired_vcpus": N}` | 204; 429 while a removal is pending; 400 out of range |
+//! | `GET /api/v1/vmm.ping` | | 200 `{"build_version", "version", "pid", "features"}` (also before a VM exists) |
+//! | `GET /api/v1/vm.info` | | 200, [`crate::status::VmInfo`] as JSON (`state`, `config` in Cloud Hypervisor's names); 429 while a snapshot or migration holds the vCPUs |
+//! | `PUT /api/v1/vm.resize` | `{"desired_vcpus": N}` (`desired_ram`, `desired_balloon`: 400 "not supported: FIELD") | 204; 429 while a removal is pending; 400 out of range |
 //! | `PUT /api/v1/vm.add-cpu` | optional `{"id": N}` | 200 `{"id": N}` (lowest absent CPU without a body) |
 //! | `PUT /api/v1/vm.remove-cpu` | `{"id": N}` | 204; 400 for CPU 0 or an absent CPU; 429 if already pending (a removal the guest refused is raised again) |
 //! | `PUT /api/v1/vm.cancel-removal` | `{"id": N}` | 204; 400 if no removal of N is pending; 429 while the guest carries it out |
 //! | `PUT /api/v1/vm.pause`, `vm.resume`, `vm.shutdown` | | 204 (429 during a snapshot or migration) |
 //! | `PUT /api/v1/vm.snapshot` | `{"destination_url": "file:///DIR"}` (or a plain path) | 200 `{"state_bytes": N, "paused_ms": T}` |
-//! | `PUT /api/v1/vm.restore` | `{"source_url": "file:///DIR"}` | 204 (standby VMM only: `run --standby`) |
+//! | `PUT /api/v1/vm.restore` | `{"source_url": "file:///DIR"}` (`prefault: true`, `net_fds`: 400 "not supported: FIELD") | 204 (standby VMM only: `run --standby`) |
 //! | `PUT /api/v1/vm.receive-migration` | `{"receiver_url": "unix:PATH"\|"tcp:HOST:PORT", "token": "..."}` (`token` required for `tcp:`) | 204 once the migrated VM runs (standby VMM only) |
-//! | `PUT /api/v1/vm.send-migration` | `{"destination_url": "unix:PATH"\|"tcp:HOST:PORT", "downtime_ms": 300, "max_rounds": 30, "timeout_ms": 600000, "timeout_strategy": "ignore"\|"cancel"\|"throttle", "token": "..."}` (`token` required for `tcp:`) | 200, the migration report; this VMM then exits 0 |
+//! | `PUT /api/v1/vm.send-migration` | `{"destination_url": "unix:PATH"\|"tcp:HOST:PORT", "downtime_ms": 300, "max_rounds": 30, "timeout_ms": 600000` or Cloud Hypervisor's `"timeout_s": 600, "timeout_strategy": "ignore"\|"cancel"\|"throttle", "token": "..."}` (`token` required for `tcp:`; `local: true`: 400 "not supported: local") | 200, the migration report; this VMM then exits 0 |
 //! | `PUT /api/v1/vm.cancel-migration` | | 204: the outgoing migration ends and the VM runs on here; 400 if none is in progress or it is past the destination's Ack |
 //!
 //! Errors come back as `{"error": "..."}`. A malformed request gets a 4xx and the VM keeps
@@ -199,7 +200,29 @@ fn control(e: ControlError) -> Response {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Resize {
-    desired_vcpus: u32,
+    desired_vcpus: Option<u32>,
+    /// Cloud Hypervisor's memory and balloon resize: no memory hotplug here.
+    desired_ram: Option<u64>,
+    desired_balloon: Option<u64>,
+}
+
+impl Resize {
+    /// The CPU count asked for; Cloud Hypervisor's fields this VMM has no meaning for are
+    /// refused by name.
+    fn vcpus(&self) -> Result<u32, Response> {
+        not_supported("desired_ram", self.desired_ram.is_some())?;
+        not_supported("desired_balloon", self.desired_balloon.is_some())?;
+        self.desired_vcpus
+            .ok_or_else(|| Response::error(400, "desired_vcpus is required"))
+    }
+}
+
+/// 400 "not supported: FIELD" when a Cloud Hypervisor field this VMM cannot honour is used.
+fn not_supported(field: &str, used: bool) -> Result<(), Response> {
+    match used {
+        true => Err(Response::error(400, format!("not supported: {field}"))),
+        false => Ok(()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -224,6 +247,12 @@ struct SendMigration {
     max_rounds: Option<u32>,
     #[serde(default)]
     timeout_ms: Option<u64>,
+    /// Cloud Hypervisor's overall deadline, in seconds.
+    #[serde(default)]
+    timeout_s: Option<u64>,
+    /// Cloud Hypervisor's local (same host, memory passed as fds) migration: not here.
+    #[serde(default)]
+    local: Option<bool>,
     #[serde(default)]
     timeout_strategy: Option<crate::migration::TimeoutStrategy>,
     /// The pre-shared token a `tcp:` destination demands.
@@ -240,7 +269,14 @@ fn token(t: Option<String>) -> Result<Option<vm_live_migration::auth::Token>, Re
 
 /// The options of a `vm.send-migration` body.
 fn send_options(b: SendMigration) -> Result<crate::migration::SendOptions, Response> {
+    not_supported("local", b.local == Some(true))?;
+    if b.timeout_ms.is_some() && b.timeout_s.is_some() {
+        return Err(Response::error(400, "give timeout_ms or timeout_s, not both"));
+    }
     let mut opts = crate::migration::SendOptions::default();
+    if let Some(s) = b.timeout_s {
+        opts.deadline = Duration::from_secs(s.max(1));
+    }
     if let Some(ms) = b.downtime_ms {
         opts.precopy.downtime = Duration::from_millis(ms);
     }
@@ -269,8 +305,8 @@ pub fn handle(vm: &VmInner, req: &Request) -> Response {
     let want = |m: &str| req.method.eq_ignore_ascii_case(m);
     let r = match op {
         "vm.info" if want("GET") => vm.info().map(|i| Response::json(200, &i)),
-        "vm.resize" if want("PUT") => match body::<Resize>(req) {
-            Ok(b) => vm.resize(b.desired_vcpus).map(|_| Response::empty()),
+        "vm.resize" if want("PUT") => match body::<Resize>(req).and_then(|b| b.vcpus()) {
+            Ok(n) => vm.resize(n).map(|_| Response::empty()),
             Err(resp) => return resp,
         },
         "vm.add-cpu" if want("PUT") => {
@@ -454,6 +490,13 @@ impl ApiTarget {
 #[serde(deny_unknown_fields)]
 struct RestoreReq {
     source_url: String,
+    /// Cloud Hypervisor's: populate all guest RAM before running (here RAM is mapped
+    /// copy-on-write and read on first touch).
+    #[serde(default)]
+    prefault: Option<bool>,
+    /// Cloud Hypervisor's network fds for the restored VM: no network devices here.
+    #[serde(default)]
+    net_fds: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -464,12 +507,38 @@ struct ReceiveReq {
     token: Option<String>,
 }
 
+/// `GET /api/v1/vmm.ping`: Cloud Hypervisor's answer, this VMM's values.
+#[derive(serde::Serialize)]
+struct Ping {
+    build_version: &'static str,
+    version: &'static str,
+    pid: u32,
+    features: &'static [&'static str],
+}
+
+impl Ping {
+    fn now() -> Ping {
+        Ping {
+            build_version: env!("CARGO_PKG_VERSION"),
+            version: env!("CARGO_PKG_VERSION"),
+            pid: std::process::id(),
+            features: &["kvm", "cpu-hotplug", "snapshot", "live-migration", "seccomp"],
+        }
+    }
+}
+
 /// Route one request: VM creation for a standby VMM, everything else to the VM.
 pub fn route(target: &ApiTarget, req: &Request) -> Response {
     let op = req.path.strip_prefix("/api/v1/").unwrap_or("");
     let put = req.method.eq_ignore_ascii_case("PUT");
     match op {
-        "vm.restore" if put => match body::<RestoreReq>(req) {
+        "vmm.ping" if req.method.eq_ignore_ascii_case("GET") => Response::json(200, &Ping::now()),
+        "vmm.ping" => Response::error(405, format!("{} not allowed on {op}", req.method)),
+        "vm.restore" if put => match body::<RestoreReq>(req).and_then(|b| {
+            not_supported("prefault", b.prefault == Some(true))?;
+            not_supported("net_fds", b.net_fds.is_some())?;
+            Ok(b)
+        }) {
             Ok(b) => {
                 let dir = b
                     .source_url

@@ -245,6 +245,7 @@ impl Vm {
             exits,
             devices,
             migrating: AtomicBool::new(false),
+            ending: AtomicBool::new(false),
             migration_ctl: AtomicU8::new(0),
             migration: Mutex::new(None),
             vm: Mutex::new(m.vm),

@@ -31,6 +31,9 @@ pub enum SerialMode {
     File(PathBuf),
     /// A Unix stream socket the VMM listens on; the connected client is the console.
     Socket(PathBuf),
+    /// COM1 exists, its output is discarded and it gets no input (Cloud Hypervisor's `null`
+    /// and `off`: a guest that probes for COM1 still finds it).
+    Null,
 }
 
 /// Everything needed to build a VM.
@@ -123,6 +126,34 @@ pub fn parse_cpus(s: &str) -> Result<CpuConfig, ConfigError> {
     Ok(CpuConfig { boot, max })
 }
 
+/// Split Cloud Hypervisor's `key=value,key=value` form; `None` when `s` is the bare form.
+fn ch_pairs(s: &str) -> Option<Vec<(&str, &str)>> {
+    if !s.contains('=') {
+        return None;
+    }
+    Some(
+        s.split(',')
+            .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+            .collect(),
+    )
+}
+
+/// `--memory` as Cloud Hypervisor writes it (`size=256M`; other keys are refused by name)
+/// or bare (`256M`).
+pub fn parse_memory_option(s: &str) -> Result<u64, ConfigError> {
+    let Some(pairs) = ch_pairs(s) else {
+        return parse_memory(s);
+    };
+    let mut size = None;
+    for (k, v) in pairs {
+        match k {
+            "size" => size = Some(parse_memory(v)?),
+            other => return Err(ConfigError::Memory(format!("not supported: {other}"))),
+        }
+    }
+    size.ok_or_else(|| ConfigError::Memory(format!("{s:?} has no size=")))
+}
+
 /// Parse a size such as `256M`, `1G`, `512MiB`, `1048576` (bytes) into bytes.
 pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
     let t = s.trim();
@@ -153,16 +184,50 @@ pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
     Ok(bytes)
 }
 
-/// Parse `stdout`, `file=PATH` or `socket=PATH`.
+/// Parse `--serial`: `stdout` or Cloud Hypervisor's `tty` (this terminal), `null` or `off`
+/// (discarded), `file=PATH`, `socket=PATH`. `pty` is refused by name.
 pub fn parse_serial(s: &str) -> Result<SerialMode, ConfigError> {
     match s.split_once('=') {
-        None if s == "stdout" => Ok(SerialMode::Stdout),
+        None if s == "stdout" || s == "tty" => Ok(SerialMode::Stdout),
+        None if s == "null" || s == "off" => Ok(SerialMode::Null),
+        None if s == "pty" => Err(ConfigError::Serial(
+            "not supported: pty (socket=PATH gives an interactive console)".into(),
+        )),
         Some(("file", p)) if !p.is_empty() => Ok(SerialMode::File(p.into())),
         Some(("socket", p)) if !p.is_empty() => Ok(SerialMode::Socket(p.into())),
         _ => Err(ConfigError::Serial(format!(
-            "{s:?} is not one of stdout, file=PATH, socket=PATH"
+            "{s:?} is not one of tty, stdout, null, off, file=PATH, socket=PATH"
         ))),
     }
+}
+
+/// A path option in Cloud Hypervisor's form (`path=PATH`, for `--api-socket`) or bare.
+/// `fd=N` and other keys are refused by name.
+pub fn parse_path_option(option: &str, key: &str, s: &str) -> Result<PathBuf, String> {
+    match s.split_once('=') {
+        None if !s.is_empty() => Ok(s.into()),
+        Some((k, p)) if k == key && !p.is_empty() && !p.contains(',') => Ok(p.into()),
+        Some((k, _)) if k != key => Err(format!("{option}: not supported: {k}")),
+        _ => Err(format!("{option}: {s:?} is not PATH or {key}=PATH")),
+    }
+}
+
+/// `--restore` as Cloud Hypervisor writes it (`source_url=file:///DIR`) or bare (`DIR`, or
+/// `file:///DIR`). `prefault=off` is accepted; `prefault=on` and other keys are refused.
+pub fn parse_restore_option(s: &str) -> Result<PathBuf, String> {
+    let strip = |u: &str| PathBuf::from(u.strip_prefix("file://").unwrap_or(u));
+    let Some(pairs) = ch_pairs(s).filter(|_| !s.starts_with('/') && !s.starts_with("file:")) else {
+        return Ok(strip(s));
+    };
+    let mut dir = None;
+    for (k, v) in pairs {
+        match (k, v) {
+            ("source_url", u) if !u.is_empty() => dir = Some(strip(u)),
+            ("prefault", "off" | "false") => {}
+            (other, _) => return Err(format!("--restore: not supported: {other}")),
+        }
+    }
+    dir.ok_or_else(|| format!("--restore: {s:?} has no source_url="))
 }
 
 /// Check that a kernel file exists and looks like a kernel (ELF or bzImage) before building
@@ -224,6 +289,46 @@ mod tests {
     }
 
     #[test]
+    fn cloud_hypervisor_forms() {
+        assert_eq!(parse_memory_option("size=256M"), Ok(256 << 20));
+        assert_eq!(parse_memory_option("256M"), Ok(256 << 20));
+        assert_eq!(
+            parse_memory_option("size=256M,hugepages=on"),
+            Err(ConfigError::Memory("not supported: hugepages".into()))
+        );
+        assert!(parse_memory_option("shared=on").is_err());
+        assert_eq!(
+            parse_path_option("--api-socket", "path", "path=/tmp/a"),
+            Ok("/tmp/a".into())
+        );
+        assert_eq!(
+            parse_path_option("--api-socket", "path", "/tmp/a"),
+            Ok("/tmp/a".into())
+        );
+        assert_eq!(
+            parse_path_option("--api-socket", "path", "fd=3"),
+            Err("--api-socket: not supported: fd".into())
+        );
+        assert!(parse_path_option("--api-socket", "path", "path=").is_err());
+        assert_eq!(parse_restore_option("source_url=file:///s/d"), Ok("/s/d".into()));
+        assert_eq!(
+            parse_restore_option("source_url=file:///s/d,prefault=off"),
+            Ok("/s/d".into())
+        );
+        assert_eq!(parse_restore_option("/s/d"), Ok("/s/d".into()));
+        assert_eq!(parse_restore_option("file:///s/d"), Ok("/s/d".into()));
+        assert_eq!(parse_restore_option("rel/dir"), Ok("rel/dir".into()));
+        assert_eq!(
+            parse_restore_option("source_url=file:///s,prefault=on"),
+            Err("--restore: not supported: prefault".into())
+        );
+        assert_eq!(parse_serial("tty"), Ok(SerialMode::Stdout));
+        assert_eq!(parse_serial("off"), Ok(SerialMode::Null));
+        assert_eq!(parse_serial("null"), Ok(SerialMode::Null));
+        assert!(parse_serial("pty").is_err_and(|e| e.to_string().contains("not supported: pty")));
+    }
+
+    #[test]
     fn serial() {
         assert_eq!(parse_serial("stdout"), Ok(SerialMode::Stdout));
         assert_eq!(parse_serial("file=/tmp/x"), Ok(SerialMode::File("/tmp/x".into())));
@@ -231,7 +336,7 @@ mod tests {
             parse_serial("socket=/tmp/s"),
             Ok(SerialMode::Socket("/tmp/s".into()))
         );
-        assert!(parse_serial("tty").is_err());
+        assert!(parse_serial("xterm").is_err());
         assert!(parse_serial("file=").is_err());
     }
 

@@ -9,10 +9,11 @@ use std::sync::{mpsc, Arc, Mutex, Weak};
 use acpi_cpu_hotplug::{CpuSlot, DeviceError};
 use lapic_state::{ApicBase, ApicMode, LapicPage};
 use vcpu_manager::{Slot, VcpuManager};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::error::{ControlError, VmmError};
 use crate::exits::HotplugEvents;
-use crate::status::{CpuInfo, VmInfo};
+use crate::status::{CpuInfo, CpusConfig, MemoryConfig, VmInfo, VmInfoConfig};
 use crate::vm::VmInner;
 
 impl VmInner {
@@ -235,10 +236,25 @@ impl VmInner {
             .enumerate()
             .map(|(i, s)| self.cpu_info(&vcpus, i as u32, s))
             .collect();
+        let paused = self.paused.load(Ordering::SeqCst);
         Ok(VmInfo {
+            state: match (self.ending.load(Ordering::SeqCst), paused) {
+                (true, _) => "Shutdown",
+                (false, true) => "Paused",
+                (false, false) => "Running",
+            },
+            config: VmInfoConfig {
+                cpus: CpusConfig {
+                    boot_vcpus: self.boot_vcpus,
+                    max_vcpus: self.topology.max_vcpus(),
+                },
+                memory: MemoryConfig {
+                    size: self.mem.iter().map(|r| r.len()).sum(),
+                },
+            },
             max_vcpus: self.topology.max_vcpus(),
             present_vcpus: slots.iter().filter(|s| s.present).count() as u32,
-            paused: self.paused.load(Ordering::SeqCst),
+            paused,
             pending_removals: self
                 .pending_removals
                 .lock()

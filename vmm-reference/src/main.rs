@@ -50,7 +50,6 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -70,6 +69,10 @@ fn main() -> ExitCode {
             return fail(first.trim_start_matches("error: "));
         }
     };
+    // `run` sets up its own log (-v, --log-file); the other commands log warnings.
+    if !matches!(cli.cmd, Cmd::Run(_)) {
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    }
     match cli.cmd {
         Cmd::Run(args) => cli::run::run_command(args),
         Cmd::Ctl { api_socket, op } => cli::ctl::ctl(&api_socket, op),

@@ -48,6 +48,11 @@ pub struct FailedVcpu {
 /// `vm.info`.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct VmInfo {
+    /// Cloud Hypervisor's VM state: `Running`, `Paused`, or `Shutdown` once the VM is
+    /// ending (after `vm.shutdown` or the guest's power-off, before the VMM exits).
+    pub state: &'static str,
+    /// The VM's configuration, in Cloud Hypervisor's shape (the parts this VMM has).
+    pub config: VmInfoConfig,
     /// Possible CPUs.
     pub max_vcpus: u32,
     /// Present CPUs.
@@ -68,6 +73,31 @@ pub struct VmInfo {
     pub migration: Option<MigrationStatus>,
     /// vCPUs whose thread ended on its own (the VM ends with the first).
     pub failed_vcpus: Vec<FailedVcpu>,
+}
+
+/// `vm.info`'s `config`: Cloud Hypervisor's field names for what this VMM configures.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct VmInfoConfig {
+    /// `{"boot_vcpus": N, "max_vcpus": M}`.
+    pub cpus: CpusConfig,
+    /// `{"size": BYTES}`.
+    pub memory: MemoryConfig,
+}
+
+/// CPU counts in Cloud Hypervisor's names.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct CpusConfig {
+    /// vCPUs present at boot.
+    pub boot_vcpus: u32,
+    /// Possible vCPUs.
+    pub max_vcpus: u32,
+}
+
+/// Guest RAM in Cloud Hypervisor's names.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Bytes.
+    pub size: u64,
 }
 
 /// What `vm.info` shows about the current or last migration, on either side.

@@ -58,6 +58,9 @@ pub struct VmInner {
     pub(crate) devices: Devices,
     /// A snapshot or migration is in progress (control operations answer busy).
     pub(crate) migrating: AtomicBool,
+    /// The VM is ending (shutdown asked, or the guest powered off): `vm.info` says
+    /// `Shutdown`.
+    pub(crate) ending: AtomicBool,
     /// The outgoing migration: running, cancelled (`vm.cancel-migration`) or committed
     /// (the destination has the VM); see `migration::ctl`.
     pub(crate) migration_ctl: AtomicU8,
@@ -149,6 +152,7 @@ impl VmInner {
 
     /// Ask the VMM to end the VM (the owner's `wait` returns `Shutdown`).
     pub fn request_shutdown(&self) {
+        self.ending.store(true, Ordering::SeqCst);
         let _ = self
             .events_tx
             .lock()
@@ -261,6 +265,8 @@ impl Vm {
             Some(t) => self.events.recv_timeout(t).ok()?,
             None => self.events.recv().ok()?,
         };
+        // Whatever the reason, the VM is ending now: `vm.info` says so until the VMM exits.
+        self.inner.ending.store(true, Ordering::SeqCst);
         Some(match ev {
             VmEvent::PowerOff => VmOutcome::PowerOff,
             VmEvent::Shutdown => VmOutcome::Shutdown,

@@ -16,11 +16,17 @@ pub enum CtlOp {
         #[arg(long)]
         json: bool,
     },
-    /// Make N CPUs present.
+    /// Make N CPUs present (`resize N`, or ch-remote's `resize --cpus N`).
     Resize {
         /// Desired number of present CPUs.
-        n: u32,
+        #[arg(required_unless_present = "cpus", conflicts_with = "cpus")]
+        n: Option<u32>,
+        /// Desired number of present CPUs (ch-remote's spelling).
+        #[arg(long)]
+        cpus: Option<u32>,
     },
+    /// The VMM's version, pid and features (ch-remote's `ping`).
+    Ping,
     /// Hot-add a CPU (the lowest absent one unless --id is given).
     AddCpu {
         /// CPU index to add.
@@ -45,13 +51,13 @@ pub enum CtlOp {
     Shutdown,
     /// Save the VM into DIR (state.bin + memory.bin); it runs on afterwards.
     Snapshot {
-        /// Snapshot directory (created if missing).
-        dir: PathBuf,
+        /// Snapshot directory (created if missing): DIR or file://DIR.
+        dir: String,
     },
     /// Standby VMM (`run --standby`): restore the VM saved in DIR.
     Restore {
-        /// Snapshot directory.
-        dir: PathBuf,
+        /// Snapshot directory: DIR, file://DIR, or source_url=file://DIR.
+        dir: String,
     },
     /// Standby VMM: wait for a live migration on ADDR (returns once the VM runs here).
     ReceiveMigration {
@@ -62,7 +68,8 @@ pub enum CtlOp {
         token_file: Option<PathBuf>,
     },
     /// Live-migrate the VM to a VMM started with `run --incoming ADDR` (or a standby VMM
-    /// doing `ctl receive-migration ADDR`).
+    /// doing `ctl receive-migration ADDR`). Also ch-remote's `send-migration URL`.
+    #[command(alias = "send-migration")]
     Migrate {
         /// unix:PATH or tcp:HOST:PORT.
         destination: String,
@@ -97,7 +104,11 @@ fn add_token(body: &mut serde_json::Value, file: Option<&std::path::Path>) -> Re
 pub fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
     let (method, endpoint, body) = match &op {
         CtlOp::Info { .. } => ("GET", "vm.info", None),
-        CtlOp::Resize { n } => ("PUT", "vm.resize", Some(format!("{{\"desired_vcpus\":{n}}}"))),
+        CtlOp::Resize { n, cpus } => {
+            let n = n.or(*cpus).unwrap_or_default();
+            ("PUT", "vm.resize", Some(format!("{{\"desired_vcpus\":{n}}}")))
+        }
+        CtlOp::Ping => ("GET", "vmm.ping", None),
         CtlOp::AddCpu { id } => ("PUT", "vm.add-cpu", id.map(|i| format!("{{\"id\":{i}}}"))),
         CtlOp::RemoveCpu { id } => ("PUT", "vm.remove-cpu", Some(format!("{{\"id\":{id}}}"))),
         CtlOp::CancelRemoval { id } => ("PUT", "vm.cancel-removal", Some(format!("{{\"id\":{id}}}"))),
@@ -106,7 +117,11 @@ pub fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
         CtlOp::Shutdown => ("PUT", "vm.shutdown", None),
         CtlOp::Snapshot { dir } | CtlOp::Restore { dir } => {
             // The VMM resolves paths against its own working directory: send an absolute one.
-            let url = match std::path::absolute(dir) {
+            let dir = match vmm_reference::config::parse_restore_option(dir) {
+                Ok(d) => d,
+                Err(e) => return fail(e),
+            };
+            let url = match std::path::absolute(&dir) {
                 Ok(d) => format!("file://{}", d.display()),
                 Err(e) => return fail(format!("{}: {e}", dir.display())),
             };
@@ -182,7 +197,8 @@ pub fn info_table(v: &serde_json::Value) -> String {
         other => other.to_string(),
     };
     let mut out = format!(
-        "max {}  present {}  paused {}  pending removals {}  refused ejects {}  parked fds {}  reused fds {}\n",
+        "{}  max {}  present {}  paused {}  pending removals {}  refused ejects {}  parked fds {}  reused fds {}\n",
+        s(&v["state"]),
         s(&v["max_vcpus"]),
         s(&v["present_vcpus"]),
         s(&v["paused"]),

@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
-use vmm_reference::config::{parse_cpus, parse_memory, parse_serial, KernelSource, VmConfig};
+use vmm_reference::config::{
+    parse_cpus, parse_memory, parse_memory_option, parse_path_option, parse_restore_option, parse_serial,
+    KernelSource, VmConfig,
+};
 use vmm_reference::error::VmmError;
 use vmm_reference::migration::IncomingOptions;
 use vmm_reference::vm::{Vm, VmInner, VmOutcome};
@@ -30,18 +33,26 @@ pub struct RunArgs {
     /// vCPUs: boot=N,max=M.
     #[arg(long, default_value = "boot=1,max=1")]
     pub cpus: String,
-    /// Guest memory, e.g. 256M or 1G.
+    /// Guest memory: 256M, 1G, or Cloud Hypervisor's size=256M.
     #[arg(long, default_value = "256M")]
     pub memory: String,
-    /// REST API socket (Unix stream socket, JSON; see `vmm-reference ctl`).
-    #[arg(long)]
-    pub api_socket: Option<PathBuf>,
-    /// Serial console: stdout | file=PATH | socket=PATH.
-    #[arg(long, default_value = "stdout")]
+    /// REST API socket (Unix stream socket, JSON; see `vmm-reference ctl`): PATH or
+    /// path=PATH.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<String>,
+    /// Serial console: tty (or stdout) | null | off | file=PATH | socket=PATH.
+    #[arg(long, default_value = "tty")]
     pub serial: String,
-    /// Restore the VM saved in DIR (by `ctl snapshot`) instead of booting one.
+    /// Restore the VM saved in DIR (by `ctl snapshot`) instead of booting one: DIR,
+    /// file:///DIR, or source_url=file:///DIR.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "incoming"])]
-    pub restore: Option<PathBuf>,
+    pub restore: Option<String>,
+    /// More log output: -v info, -vv debug, -vvv trace (default: warnings; RUST_LOG wins).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Write the log to FILE (appended) instead of stderr.
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
     /// Wait for a live migration on unix:PATH or tcp:HOST:PORT and run the VM it brings.
     #[arg(long, value_name = "ADDR", conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory"])]
     pub incoming: Option<String>,
@@ -74,7 +85,18 @@ pub fn run_command(a: RunArgs) -> ExitCode {
     if let Err(e) = mode {
         return fail(e);
     }
-    let api_socket = a.api_socket.clone();
+    let api_socket = match a
+        .api_socket
+        .as_deref()
+        .map(|s| parse_path_option("--api-socket", "path", s))
+    {
+        Some(Err(e)) => return fail(e),
+        Some(Ok(p)) => Some(p),
+        None => None,
+    };
+    if let Err(e) = init_log(a.verbose, a.log_file.as_deref()) {
+        return fail(e);
+    }
     match start_of(a) {
         Ok(start) => run(start, api_socket.as_deref()),
         Err(e) => fail(e),
@@ -90,7 +112,7 @@ fn start_of(a: RunArgs) -> Result<Start, String> {
     let serial = || parse_serial(&a.serial).map_err(|e| e.to_string());
     Ok(match (&a.restore, &a.incoming) {
         _ if a.standby => Start::Standby(serial()?, incoming_opts),
-        (Some(dir), _) => Start::Restore(dir.clone(), serial()?),
+        (Some(dir), _) => Start::Restore(parse_restore_option(dir)?, serial()?),
         (None, Some(addr)) => {
             let addr =
                 vmm_reference::migration::Address::parse(addr).map_err(|e| format!("--incoming: {e}"))?;
@@ -120,7 +142,7 @@ fn build_config(
         initramfs,
         cmdline,
         cpus: parse_cpus(cpus)?,
-        memory: parse_memory(memory)?,
+        memory: parse_memory_option(memory)?,
         serial: parse_serial(serial)?,
     })
 }
@@ -136,6 +158,21 @@ enum Start {
     ),
     /// No VM until the API creates one (`vm.restore`, `vm.receive-migration`).
     Standby(vmm_reference::config::SerialMode, IncomingOptions),
+}
+
+/// The log: `RUST_LOG` if set, else warnings and `-v`'s levels; to `--log-file` if given.
+fn init_log(verbose: u8, file: Option<&std::path::Path>) -> Result<(), String> {
+    let level = ["warn", "info", "debug", "trace"][usize::from(verbose.min(3))];
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level));
+    if let Some(f) = file {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(f)
+            .map_err(|e| format!("--log-file {}: {e}", f.display()))?;
+        b.target(env_logger::Target::Pipe(Box::new(out)));
+    }
+    b.try_init().map_err(|e| format!("setting up the log: {e}"))
 }
 
 /// `--migration-token-file` and `--max-incoming-memory`.
@@ -215,6 +252,11 @@ fn run(start: Start, api_socket: Option<&std::path::Path>) -> ExitCode {
         Err(e) => return fail(e),
     };
     *on_signal.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.control());
+    log::info!(
+        "vmm-reference {}: the VM runs (pid {})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
+    );
     if let Some(l) = listener {
         if let Err(e) = spawn_api(l, vmm_reference::api::ApiTarget::running(vm.control())) {
             return fail(e);

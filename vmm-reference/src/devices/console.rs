@@ -19,6 +19,8 @@ pub enum ConsoleOut {
     File(std::fs::File),
     /// The Unix socket console (shared with the accept thread).
     Socket(Arc<SocketConsole>),
+    /// Nowhere (`--serial null` / `off`).
+    Null,
 }
 
 impl Write for ConsoleOut {
@@ -34,13 +36,14 @@ impl Write for ConsoleOut {
                 s.output(buf);
                 Ok(buf.len())
             }
+            ConsoleOut::Null => Ok(buf.len()),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             ConsoleOut::Stdout(s) => s.flush(),
             ConsoleOut::File(f) => f.flush(),
-            ConsoleOut::Socket(_) => Ok(()),
+            ConsoleOut::Socket(_) | ConsoleOut::Null => Ok(()),
         }
     }
 }

@@ -264,6 +264,7 @@ fn console_out(
 ) -> Result<(ConsoleOut, Option<(Arc<SocketConsole>, UnixListener)>), VmmError> {
     Ok(match mode {
         SerialMode::Stdout => (ConsoleOut::Stdout(std::io::stdout()), None),
+        SerialMode::Null => (ConsoleOut::Null, None),
         SerialMode::File(p) => {
             let f = std::fs::OpenOptions::new()
                 .create(true)
