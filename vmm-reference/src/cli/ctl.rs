@@ -220,36 +220,84 @@ pub fn info_table(v: &serde_json::Value) -> String {
         ));
     }
     out.push_str(&format!(
-        "{:>4} {:>7} {:>7} {:>8} {:>13} {:>6} {:>6} {:>9} {:>8}\n",
+        "{:>9} {:>9} {:>7} {:>8} {:>13} {:>6} {:>6} {:>9} {:>8}\n",
         "cpu", "apic_id", "present", "vcpu", "mp_state", "apic", "apicSW", "pending", "ost"
     ));
-    for c in v["cpus"].as_array().into_iter().flatten() {
-        let pending = match (
-            c["inserting"].as_bool(),
-            c["removing"].as_bool(),
-            c["remove_requested"].as_bool(),
-        ) {
-            (Some(true), _, _) => "insert",
-            (_, Some(true), _) => "remove",
-            (_, _, Some(true)) => "eject",
-            _ => "-",
-        };
+    // Consecutive CPUs in the same state share a line ("3-299 ... absent"), so the table
+    // stays readable with hundreds of possible CPUs.
+    let rows: Vec<(String, String, String)> = v["cpus"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| (s(&c["id"]), s(&c["apic_id"]), cpu_row(c, &s)))
+        .collect();
+    let mut i = 0;
+    while i < rows.len() {
+        let mut j = i;
+        while j + 1 < rows.len() && rows[j + 1].2 == rows[i].2 {
+            j += 1;
+        }
+        let span = |a: &str, b: &str| if a == b { a.to_string() } else { format!("{a}-{b}") };
         out.push_str(&format!(
-            "{:>4} {:>7} {:>7} {:>8} {:>13} {:>6} {:>6} {:>9} {:>8}\n",
-            s(&c["id"]),
-            s(&c["apic_id"]),
-            s(&c["present"]),
-            s(&c["vcpu"]),
-            s(&c["mp_state"]),
-            s(&c["apic_mode"]),
-            s(&c["apic_sw_enabled"]),
-            pending,
-            format!(
-                "{:#x}/{:#x}",
-                c["ost_event"].as_u64().unwrap_or(0),
-                c["ost_status"].as_u64().unwrap_or(0)
-            )
+            "{:>9} {:>9} {}\n",
+            span(&rows[i].0, &rows[j].0),
+            span(&rows[i].1, &rows[j].1),
+            rows[i].2
         ));
+        i = j + 1;
     }
     out
+}
+
+/// One CPU's columns after its id and APIC id.
+fn cpu_row(c: &serde_json::Value, s: &dyn Fn(&serde_json::Value) -> String) -> String {
+    let pending = match (
+        c["inserting"].as_bool(),
+        c["removing"].as_bool(),
+        c["remove_requested"].as_bool(),
+    ) {
+        (Some(true), _, _) => "insert",
+        (_, Some(true), _) => "remove",
+        (_, _, Some(true)) => "eject",
+        _ => "-",
+    };
+    format!(
+        "{:>7} {:>8} {:>13} {:>6} {:>6} {:>9} {:>8}",
+        s(&c["present"]),
+        s(&c["vcpu"]),
+        s(&c["mp_state"]),
+        s(&c["apic_mode"]),
+        s(&c["apic_sw_enabled"]),
+        pending,
+        format!(
+            "{:#x}/{:#x}",
+            c["ost_event"].as_u64().unwrap_or(0),
+            c["ost_status"].as_u64().unwrap_or(0)
+        )
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// At 300 possible CPUs the table shows state runs, not 300 lines.
+    #[test]
+    fn the_info_table_groups_cpus_in_the_same_state() {
+        let cpu = |id: u32, present: bool| {
+            serde_json::json!({"id": id, "apic_id": id, "present": present,
+                "vcpu": if present { "running" } else { "absent" },
+                "mp_state": if present { "HALTED" } else { "" }, "apic_mode": null,
+                "apic_sw_enabled": null, "inserting": false, "removing": false,
+                "remove_requested": false, "ost_event": 0, "ost_status": 0})
+        };
+        let cpus: Vec<_> = (0..300).map(|i| cpu(i, i < 2 || i == 150)).collect();
+        let t = info_table(&serde_json::json!({"state": "Running", "max_vcpus": 300, "cpus": cpus}));
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 2 + 4, "{t}");
+        assert!(lines[2].trim_start().starts_with("0-1 "), "{t}");
+        assert!(lines[3].trim_start().starts_with("2-149 "), "{t}");
+        assert!(lines[4].trim_start().starts_with("150 "), "{t}");
+        assert!(lines[5].trim_start().starts_with("151-299 "), "{t}");
+    }
 }
