@@ -279,16 +279,18 @@ impl VmInner {
     /// One CPU's line of `vm.info`: the device's flags, and KVM's view of a running vCPU.
     fn cpu_info(&self, vcpus: &VcpuManager, i: u32, s: &CpuSlot) -> CpuInfo {
         let (vcpu, kvm_view) = match vcpus.slot(i) {
-            Some(Slot::Running(r)) => (
-                "running",
-                r.with_vcpu(vcpu_manager::VCPU_TIMEOUT, |fd| {
-                    let mp = fd.get_mp_state().ok()?.mp_state;
-                    let base = ApicBase(fd.get_sregs().ok()?.apic_base);
-                    let lapic = LapicPage::from(fd.get_lapic().ok()?);
-                    Some((mp, base.mode(), lapic.sw_enabled()))
-                })
-                .flatten(),
-            ),
+            Some(Slot::Running(r)) => {
+                let view = r
+                    .with_vcpu(vcpu_manager::VCPU_TIMEOUT, |fd| {
+                        let mp = fd.get_mp_state().ok()?.mp_state;
+                        let base = ApicBase(fd.get_sregs().ok()?.apic_base);
+                        let lapic = LapicPage::from(fd.get_lapic().ok()?);
+                        Some((mp, base.mode(), lapic.sw_enabled()))
+                    })
+                    .flatten();
+                // A thread that did not answer in time says so, not a blank "running".
+                (if view.is_some() { "running" } else { "unresponsive" }, view)
+            }
             Some(Slot::Parked(_)) => ("parked", None),
             _ => ("absent", None),
         };

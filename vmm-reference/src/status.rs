@@ -13,7 +13,8 @@ pub struct CpuInfo {
     pub apic_id: u32,
     /// Present (the guest's `_STA` says so).
     pub present: bool,
-    /// `running`, `parked` (removed, fd kept) or `absent` (never created).
+    /// `running`, `unresponsive` (running, but its thread did not answer in time: KVM's
+    /// fields are then null), `parked` (removed, fd kept) or `absent` (never created).
     pub vcpu: &'static str,
     /// KVM mp_state of a running vCPU (`RUNNABLE`, `HALTED`, `UNINITIALIZED`, ...).
     pub mp_state: Option<&'static str>,

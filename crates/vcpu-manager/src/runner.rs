@@ -184,7 +184,12 @@ impl VcpuRunner {
         unsafe { std::ptr::write_volatile(self.immediate_exit as *mut u8, 1) };
         if let Some(h) = &self.handle {
             // SAFETY: the pthread_t is valid until the thread is joined, which needs `self`.
-            unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+            let r = unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+            // EAGAIN: the real-time signal queue is full; a vCPU blocked in KVM_RUN then
+            // does not see the kick until something else wakes it.
+            if r != 0 {
+                log::warn!("kicking vCPU {}: pthread_kill: errno {r}", self.index);
+            }
         }
     }
 
@@ -252,7 +257,12 @@ impl VcpuRunner {
             self.shared.cv.notify_all();
         }
         self.kick();
-        rx.recv_timeout(timeout).ok()
+        let answer = rx.recv_timeout(timeout).ok();
+        if answer.is_none() && !self.is_finished() {
+            // Starved or stuck: said here, since callers usually just report "no answer".
+            log::warn!("vCPU {} did not answer a request within {timeout:?}", self.index);
+        }
+        answer
     }
 
     /// Stop the vCPU, join its thread and give the fd back (KVM cannot destroy a vCPU;

@@ -307,6 +307,16 @@ impl Vmm {
             .unwrap_or_else(|e| panic!("waiting for {prefix}: {e}"))
     }
 
+    /// `vm.info` once every running vCPU's thread has answered (under heavy load one may
+    /// not within its 5 s and shows as `unresponsive`, with KVM's fields null).
+    pub fn info_answered(&self) -> Value {
+        self.until("every vCPU thread answers", |v| {
+            v["cpus"]
+                .as_array()
+                .is_some_and(|c| c.iter().all(|c| c["vcpu"] != "unresponsive"))
+        })
+    }
+
     /// Poll vm.info until `pred` holds.
     pub fn until(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + T;
