@@ -101,8 +101,12 @@ fn add_token(body: &mut serde_json::Value, file: Option<&std::path::Path>) -> Re
     Ok(())
 }
 
-pub fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
-    let (method, endpoint, body) = match &op {
+/// A request: method, endpoint, body.
+type Call = (&'static str, &'static str, Option<String>);
+
+/// The API call `op` stands for.
+fn call_of(op: &CtlOp) -> Result<Call, String> {
+    Ok(match op {
         CtlOp::Info { .. } => ("GET", "vm.info", None),
         CtlOp::Resize { n, cpus } => {
             let n = n.or(*cpus).unwrap_or_default();
@@ -117,15 +121,12 @@ pub fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
         CtlOp::Shutdown => ("PUT", "vm.shutdown", None),
         CtlOp::Snapshot { dir } | CtlOp::Restore { dir } => {
             // The VMM resolves paths against its own working directory: send an absolute one.
-            let dir = match vmm_reference::config::parse_restore_option(dir) {
-                Ok(d) => d,
-                Err(e) => return fail(e),
-            };
+            let dir = vmm_reference::config::parse_restore_option(dir)?;
             let url = match std::path::absolute(&dir) {
                 Ok(d) => format!("file://{}", d.display()),
-                Err(e) => return fail(format!("{}: {e}", dir.display())),
+                Err(e) => return Err(format!("{}: {e}", dir.display())),
             };
-            let (endpoint, key) = match &op {
+            let (endpoint, key) = match op {
                 CtlOp::Snapshot { .. } => ("vm.snapshot", "destination_url"),
                 _ => ("vm.restore", "source_url"),
             };
@@ -133,9 +134,7 @@ pub fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
         }
         CtlOp::ReceiveMigration { receiver, token_file } => {
             let mut b = serde_json::json!({ "receiver_url": receiver });
-            if let Err(e) = add_token(&mut b, token_file.as_deref()) {
-                return fail(e);
-            }
+            add_token(&mut b, token_file.as_deref())?;
             ("PUT", "vm.receive-migration", Some(b.to_string()))
         }
         CtlOp::Migrate {
@@ -159,12 +158,17 @@ pub fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
                     b[k] = v;
                 }
             }
-            if let Err(e) = add_token(&mut b, token_file.as_deref()) {
-                return fail(e);
-            }
+            add_token(&mut b, token_file.as_deref())?;
             ("PUT", "vm.send-migration", Some(b.to_string()))
         }
         CtlOp::CancelMigration => ("PUT", "vm.cancel-migration", None),
+    })
+}
+
+pub fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
+    let (method, endpoint, body) = match call_of(&op) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
     };
     let (status, body) = match vmm_reference::api::request(sock, method, endpoint, body.as_deref()) {
         Ok(r) => r,
