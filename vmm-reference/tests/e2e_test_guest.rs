@@ -273,11 +273,12 @@ fn a_console_client_that_stops_reading_cannot_stall_the_vcpus() {
     if !kvm_or_skip("a_console_client_that_stops_reading_cannot_stall_the_vcpus") {
         return;
     }
-    // The client sends 600 `status` commands (~400 KB of replies, more than a socket buffer
-    // holds) and reads nothing. COM1 output used to block the vCPU in the socket write:
-    // pause then answered 500 and the guest stood still.
+    // The client sends 150 `status` commands (~100 KB of replies, several times the console
+    // socket's 16 KiB send buffer) and reads nothing. COM1 output used to block the vCPU in
+    // the socket write: pause then answered 500 and the guest stood still. (600 commands,
+    // one UART exit per byte, took up to 577 s in a loaded nested run: the 600 s bound.)
     let mut vm = Vmm::start("stalled-console", "boot=2,max=8");
-    for _ in 0..600 {
+    for _ in 0..REPLIES {
         vm.con.send("status").expect("send");
     }
     std::thread::sleep(Duration::from_secs(2));
@@ -293,13 +294,16 @@ fn a_console_client_that_stops_reading_cannot_stall_the_vcpus() {
     // Reading again, every reply arrives (within the 1 MiB the VMM holds) and the guest
     // answers new commands.
     let mut replies = 0;
-    while replies < 600 {
+    while replies < REPLIES {
         let l = vm.con.read_line(T).expect("a reply");
         replies += usize::from(l.starts_with("OK") && !l.contains("poweroff"));
     }
     assert_eq!(vm.status().online, 2);
     vm.poweroff();
 }
+
+/// `status` commands the stalled-console test sends.
+const REPLIES: usize = 150;
 
 /// The vCPU manager's own bound for a vCPU to answer (a stalled vCPU hits it).
 fn vcpu_manager_timeout() -> Duration {

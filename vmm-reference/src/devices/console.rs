@@ -214,6 +214,29 @@ impl Drop for SocketConsole {
     }
 }
 
+/// The kernel's send buffer of a console connection: small, since the VMM keeps what a slow
+/// client has not read in its own bounded outbox (`OUTBOX_MAX`), where it is counted and
+/// dropped beyond the bound; a large kernel buffer would only hide that.
+const CONSOLE_SNDBUF: libc::c_int = 16 * 1024;
+
+fn limit_send_buffer(conn: &std::os::unix::net::UnixStream) {
+    use std::os::fd::AsRawFd;
+    let size = CONSOLE_SNDBUF;
+    // SAFETY: a valid socket fd, and a c_int option value of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        log::warn!("console: SO_SNDBUF: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// Accept console clients on `listener` until `stop`; each new client replaces the previous
 /// one and its input goes to the serial port.
 pub fn serve_socket(
@@ -237,6 +260,7 @@ pub fn serve_socket(
         let Ok((conn, _)) = listener.accept() else {
             continue;
         };
+        limit_send_buffer(&conn);
         let Ok(reader) = conn.try_clone() else { continue };
         if console.attach(conn).is_err() {
             continue;
