@@ -275,7 +275,8 @@ fn send_options(b: SendMigration) -> Result<crate::migration::SendOptions, Respo
     }
     let mut opts = crate::migration::SendOptions::default();
     if let Some(s) = b.timeout_s {
-        opts.deadline = Duration::from_secs(s.max(1));
+        // Bounded: a deadline of u64::MAX seconds cannot be added to an Instant.
+        opts.deadline = Duration::from_secs(s.clamp(1, u64::from(u32::MAX)));
     }
     if let Some(ms) = b.downtime_ms {
         opts.precopy.downtime = Duration::from_millis(ms);
@@ -284,7 +285,7 @@ fn send_options(b: SendMigration) -> Result<crate::migration::SendOptions, Respo
         opts.precopy.max_rounds = n.max(1);
     }
     if let Some(ms) = b.timeout_ms {
-        opts.deadline = Duration::from_millis(ms.max(1));
+        opts.deadline = Duration::from_millis(ms.clamp(1, u64::from(u32::MAX) * 1000));
     }
     if let Some(s) = b.timeout_strategy {
         opts.strategy = s;

@@ -126,10 +126,12 @@ pub fn parse_cpus(s: &str) -> Result<CpuConfig, ConfigError> {
     Ok(CpuConfig { boot, max })
 }
 
-/// Split Cloud Hypervisor's `key=value,key=value` form; `None` when `s` is the bare form.
+/// Split Cloud Hypervisor's `key=value,key=value` form; `None` when `s` is the bare form
+/// (no `=`, or a path: what comes before the first `=` has a `/`).
 fn ch_pairs(s: &str) -> Option<Vec<(&str, &str)>> {
-    if !s.contains('=') {
-        return None;
+    match s.split_once('=') {
+        Some((key, _)) if !key.contains('/') => {}
+        _ => return None,
     }
     Some(
         s.split(',')
@@ -204,7 +206,7 @@ pub fn parse_serial(s: &str) -> Result<SerialMode, ConfigError> {
 /// A path option in Cloud Hypervisor's form (`path=PATH`, for `--api-socket`) or bare.
 /// `fd=N` and other keys are refused by name.
 pub fn parse_path_option(option: &str, key: &str, s: &str) -> Result<PathBuf, String> {
-    match s.split_once('=') {
+    match s.split_once('=').filter(|(k, _)| !k.contains('/')) {
         None if !s.is_empty() => Ok(s.into()),
         Some((k, p)) if k == key && !p.is_empty() && !p.contains(',') => Ok(p.into()),
         Some((k, _)) if k != key => Err(format!("{option}: not supported: {k}")),
@@ -222,7 +224,8 @@ pub fn parse_restore_option(s: &str) -> Result<PathBuf, String> {
     let mut dir = None;
     for (k, v) in pairs {
         match (k, v) {
-            ("source_url", u) if !u.is_empty() => dir = Some(strip(u)),
+            ("source_url", "") => return Err("--restore: source_url= is empty".into()),
+            ("source_url", u) => dir = Some(strip(u)),
             ("prefault", "off" | "false") => {}
             (other, _) => return Err(format!("--restore: not supported: {other}")),
         }
@@ -318,6 +321,15 @@ mod tests {
         assert_eq!(parse_restore_option("/s/d"), Ok("/s/d".into()));
         assert_eq!(parse_restore_option("file:///s/d"), Ok("/s/d".into()));
         assert_eq!(parse_restore_option("rel/dir"), Ok("rel/dir".into()));
+        assert_eq!(parse_restore_option("snaps/vm=1"), Ok("snaps/vm=1".into()));
+        assert_eq!(
+            parse_path_option("--api-socket", "path", "/run/vm=1/api.sock"),
+            Ok("/run/vm=1/api.sock".into())
+        );
+        assert_eq!(
+            parse_restore_option("source_url="),
+            Err("--restore: source_url= is empty".into())
+        );
         assert_eq!(
             parse_restore_option("source_url=file:///s,prefault=on"),
             Err("--restore: not supported: prefault".into())

@@ -29,9 +29,12 @@ impl Reg {
     /// Word `i` (0..8) of a 256-bit vector register starting here (IRR, ISR, TMR); `None`
     /// beyond the page.
     pub const fn word(self, i: usize) -> Option<Reg> {
+        if i >= 8 {
+            return None;
+        }
         match Reg::new(self.0 + 16 * i) {
-            Ok(r) if i < 8 => Some(r),
-            _ => None,
+            Ok(r) => Some(r),
+            Err(_) => None,
         }
     }
 }

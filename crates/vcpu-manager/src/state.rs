@@ -236,8 +236,10 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, opts: &RestoreOptions) -> 
     // SREGS before the LAPIC: it installs the APIC base (KVM reads the blob per that mode)
     // and CR8, whose TPR bits the LAPIC then completes.
     vcpu.set_sregs(&state.sregs).map_err(ioctl("KVM_SET_SREGS"))?;
-    // Nested state right after SREGS, which set EFER.SVME/CR4.VMXE that it requires.
+    // Nested state right after SREGS, which set EFER.SVME/CR4.VMXE that it requires; the
+    // VMX capability MSRs first, since KVM refuses to change them (EBUSY) in VMX operation.
     if let Some(n) = &state.nested_state {
+        set_msr_list(vcpu, &vmx_setup_msrs(state), "KVM_SET_MSRS(VMX capabilities)")?;
         set_nested_state(vcpu, n)?;
     }
     // TSC frequency before anything that depends on the guest TSC.
@@ -278,12 +280,14 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, opts: &RestoreOptions) -> 
             ..Default::default()
         });
     }
+    // Without the VMX ones already set before the nested state.
+    let early = state.nested_state.is_some();
     entries.extend(
         state
             .msrs
             .as_slice()
             .iter()
-            .filter(|e| e.index != MSR_IA32_TSC)
+            .filter(|e| e.index != MSR_IA32_TSC && !(early && is_vmx_setup_msr(e.index)))
             .copied(),
     );
     let msrs = Msrs::from_entries(&entries).map_err(|_| Error::Msrs("too many MSRs"))?;
@@ -310,6 +314,35 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState, opts: &RestoreOptions) -> 
         .map_err(ioctl("KVM_SET_MP_STATE"))?;
     vcpu.set_debug_regs(&state.debugregs)
         .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
+    Ok(())
+}
+
+/// IA32_FEATURE_CONTROL and the VMX capability MSRs (IA32_VMX_BASIC ..= IA32_VMX_VMFUNC):
+/// what nested VMX state is checked against. None of them exist on AMD.
+fn is_vmx_setup_msr(index: u32) -> bool {
+    index == 0x3a || (0x480..=0x491).contains(&index)
+}
+
+/// The saved values of [`is_vmx_setup_msr`]'s MSRs.
+fn vmx_setup_msrs(state: &VcpuState) -> Vec<kvm_msr_entry> {
+    let msrs = state.msrs.as_slice().iter();
+    msrs.filter(|e| is_vmx_setup_msr(e.index)).copied().collect()
+}
+
+/// Set `entries` (none: nothing to do), all or an error.
+fn set_msr_list(vcpu: &VcpuFd, entries: &[kvm_msr_entry], what: &'static str) -> Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let msrs = Msrs::from_entries(entries).map_err(|_| Error::Msrs("too many MSRs"))?;
+    let n = vcpu.set_msrs(&msrs).map_err(ioctl(what))?;
+    if n != entries.len() {
+        return Err(Error::MsrCount {
+            what,
+            done: n,
+            wanted: entries.len(),
+        });
+    }
     Ok(())
 }
 

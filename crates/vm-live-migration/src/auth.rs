@@ -34,7 +34,10 @@ pub const MIN_TOKEN_LEN: usize = 16;
 /// Longest token accepted (bytes).
 pub const MAX_TOKEN_LEN: usize = 4096;
 /// Binds a proof to this protocol, so it means nothing to any other use of the same token.
-const CONTEXT: &[u8] = b"vm-live-migration auth v1";
+// The crate's old name: these bytes are part of every proof on the wire, so they stay as
+// they were when peers of the first release computed them (the rename must not break
+// migration between old and new builds).
+const CONTEXT: &[u8] = b"vm-migration auth v1";
 
 /// A pre-shared token. Its bytes are never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -149,6 +152,19 @@ mod tests {
 
     fn token(s: &str) -> Token {
         Token::new(s.as_bytes().to_vec()).unwrap()
+    }
+
+    /// The proof is part of the wire protocol: a build that computed it differently (the
+    /// crate's rename once changed the context bytes) could not migrate to or from another.
+    /// The value is HMAC-SHA256(token, "vm-migration auth v1" || challenge), from Python's hmac.
+    #[test]
+    fn the_proof_is_what_every_build_computes() {
+        let p = prove(&token("0123456789abcdef"), &[0u8; AUTH_LEN]);
+        let hex: String = p.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "144884afab40879a226c6a3e9de56c61a658bb448592ecd65d7501a926199a21"
+        );
     }
 
     #[test]

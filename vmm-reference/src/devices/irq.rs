@@ -90,12 +90,17 @@ impl Drop for LevelIrq {
 
 impl InterruptLine for LevelIrq {
     fn set_level(&self, high: bool) -> std::io::Result<()> {
+        // The level first: a guest EOI between the irqfd write and a later store would make
+        // the resample thread see the old (low) level and drop an assertion KVM had merged
+        // into one already pending, leaving the line low while the device believes it high.
+        let was = self.level.swap(high, Ordering::SeqCst);
         if high {
-            self.irqfd.write(1)?;
+            if let Err(e) = self.irqfd.write(1) {
+                // Not asserted: the device keeps its old idea of the level and asks again.
+                self.level.store(was, Ordering::SeqCst);
+                return Err(e);
+            }
         }
-        // Only once KVM has the assertion: a failed write leaves the line low everywhere,
-        // and the device asks again.
-        self.level.store(high, Ordering::SeqCst);
         // Going low needs no action: KVM drops the line at the next EOI (resample) and the
         // resample thread does not re-assert it.
         Ok(())
