@@ -8,27 +8,10 @@ use std::sync::Arc;
 
 use kvm_bindings::{KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
 use lapic_state::{regs, ApicBase, ApicMode, KvmConventions, LapicPage};
-use vcpu_manager::{cpuid, Error, ExitAction, ExitHandler, Slot, Topology, VcpuExitReason, VcpuManager};
+use vcpu_manager::{cpuid, Error, Slot, Topology, VcpuManager};
 
 mod common;
-use common::kvm_or_skip;
-
-struct NoExits;
-impl ExitHandler for NoExits {
-    fn pio_read(&self, _: u16, _: &mut [u8]) -> ExitAction {
-        ExitAction::Continue
-    }
-    fn pio_write(&self, _: u16, _: &[u8]) -> ExitAction {
-        ExitAction::Continue
-    }
-    fn mmio_read(&self, _: u64, _: &mut [u8]) -> ExitAction {
-        ExitAction::Continue
-    }
-    fn mmio_write(&self, _: u64, _: &[u8]) -> ExitAction {
-        ExitAction::Continue
-    }
-    fn vcpu_stopped(&self, _: u32, _: &VcpuExitReason) {}
-}
+use common::{kvm_or_skip, NoExits};
 
 #[test]
 fn slots_go_absent_running_parked_and_parked_fds_are_reused_clean() {

@@ -6,9 +6,8 @@
 use kvm_bindings::{kvm_mp_state, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, KvmNestedStateBuffer, VcpuFd, VmFd};
 use lapic_state::{regs, KvmConventions, LapicPage};
-use vcpu_manager::ExitAction;
 mod common;
-use common::kvm_or_skip;
+use common::{kvm_or_skip, NoExits};
 use vcpu_manager::{
     cpuid, msr_list, restore_vcpu, save_vcpu, xsave_size, NestedState, RestoreOptions, SaveOptions, Topology,
     TscPolicy,
@@ -151,23 +150,6 @@ fn mp_states_registers_and_lapic_survive_into_a_new_vm() {
 }
 
 /// Exits go nowhere: these vCPUs are created and configured, never run.
-struct NoExits;
-
-impl vcpu_manager::ExitHandler for NoExits {
-    fn pio_read(&self, _: u16, _: &mut [u8]) -> ExitAction {
-        ExitAction::Continue
-    }
-    fn pio_write(&self, _: u16, _: &[u8]) -> ExitAction {
-        ExitAction::Continue
-    }
-    fn mmio_read(&self, _: u64, _: &mut [u8]) -> ExitAction {
-        ExitAction::Continue
-    }
-    fn mmio_write(&self, _: u64, _: &[u8]) -> ExitAction {
-        ExitAction::Continue
-    }
-    fn vcpu_stopped(&self, _: u32, _: &vcpu_manager::VcpuExitReason) {}
-}
 
 #[test]
 fn a_hot_added_vcpu_gets_the_vm_tsc_rate_not_the_hosts() {

@@ -30,3 +30,23 @@ pub fn kvm_or_skip(test: &str) -> Option<Kvm> {
         }
     }
 }
+
+/// An exit handler that lets every port and MMIO access pass and leaves other exits to the
+/// runner's default (they end the thread): for tests whose vCPUs never run guest code.
+pub struct NoExits;
+
+impl vcpu_manager::ExitHandler for NoExits {
+    fn pio_read(&self, _: u16, _: &mut [u8]) -> vcpu_manager::ExitAction {
+        vcpu_manager::ExitAction::Continue
+    }
+    fn pio_write(&self, _: u16, _: &[u8]) -> vcpu_manager::ExitAction {
+        vcpu_manager::ExitAction::Continue
+    }
+    fn mmio_read(&self, _: u64, _: &mut [u8]) -> vcpu_manager::ExitAction {
+        vcpu_manager::ExitAction::Continue
+    }
+    fn mmio_write(&self, _: u64, _: &[u8]) -> vcpu_manager::ExitAction {
+        vcpu_manager::ExitAction::Continue
+    }
+    fn vcpu_stopped(&self, _: u32, _: &vcpu_manager::VcpuExitReason) {}
+}
