@@ -134,6 +134,12 @@ if [ "$kvm_usable" = 1 ]; then
     say "KVM tests that ran: $ran (all $(echo "$expected" | wc -l) named ones among them)"
 fi
 
+# --- the REST API against its OpenAPI spec (schemathesis, PyPI) --------------------------------
+if [ "$kvm_usable" = 1 ]; then
+    part "vmm-reference/api/openapi.yaml against a running VMM (ci/schemathesis.sh)"
+    bash ci/schemathesis.sh
+fi
+
 # --- coverage of the library crates (their own tests, KVM ones included) ---------------------
 if [ "$kvm_usable" = 1 ]; then
     part "line coverage of the four library crates against ci/coverage-floor.txt (ci/coverage.sh)"

@@ -54,6 +54,8 @@ pub struct Response {
     pub status: u16,
     /// JSON body (may be empty).
     pub body: String,
+    /// The `Allow` header of a 405: the one method the endpoint answers.
+    pub allow: Option<&'static str>,
 }
 
 impl Response {
@@ -61,6 +63,7 @@ impl Response {
         Response {
             status,
             body: serde_json::to_string(v).unwrap_or_else(|_| "{}".into()),
+            allow: None,
         }
     }
     fn error(status: u16, msg: impl std::fmt::Display) -> Response {
@@ -70,7 +73,41 @@ impl Response {
         Response {
             status: 204,
             body: String::new(),
+            allow: None,
         }
+    }
+}
+
+/// Every endpoint under `/api/v1/` and the one method it answers. The 405 answers' `Allow`
+/// header comes from here, and a test checks that `api/openapi.yaml` describes exactly these.
+pub const ENDPOINTS: &[(&str, &str)] = &[
+    ("vmm.ping", "GET"),
+    ("vm.info", "GET"),
+    ("vm.resize", "PUT"),
+    ("vm.add-cpu", "PUT"),
+    ("vm.remove-cpu", "PUT"),
+    ("vm.cancel-removal", "PUT"),
+    ("vm.pause", "PUT"),
+    ("vm.resume", "PUT"),
+    ("vm.shutdown", "PUT"),
+    ("vm.snapshot", "PUT"),
+    ("vm.restore", "PUT"),
+    ("vm.receive-migration", "PUT"),
+    ("vm.send-migration", "PUT"),
+    ("vm.cancel-migration", "PUT"),
+];
+
+/// The endpoint `path` names, if `method` is the one it answers: 404 for no endpoint, 405
+/// (with `Allow`) for another method.
+fn endpoint<'a>(path: &'a str, method: &str) -> Result<&'a str, Response> {
+    let op = path.strip_prefix("/api/v1/").unwrap_or("");
+    match ENDPOINTS.iter().find(|(name, _)| *name == op) {
+        None => Err(Response::error(404, format!("no such endpoint {path}"))),
+        Some((_, m)) if method.eq_ignore_ascii_case(m) => Ok(op),
+        Some((_, m)) => Err(Response {
+            allow: Some(m),
+            ..Response::error(405, format!("{method} not allowed on {op}: {m} only"))
+        }),
     }
 }
 
@@ -300,17 +337,17 @@ fn body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, Response> {
 
 /// Route one request to the VM.
 pub fn handle(vm: &VmInner, req: &Request) -> Response {
-    let Some(op) = req.path.strip_prefix("/api/v1/") else {
-        return Response::error(404, format!("no such endpoint {}", req.path));
+    let op = match endpoint(&req.path, &req.method) {
+        Ok(op) => op,
+        Err(resp) => return resp,
     };
-    let want = |m: &str| req.method.eq_ignore_ascii_case(m);
     let r = match op {
-        "vm.info" if want("GET") => vm.info().map(|i| Response::json(200, &i)),
-        "vm.resize" if want("PUT") => match body::<Resize>(req).and_then(|b| b.vcpus()) {
+        "vm.info" => vm.info().map(|i| Response::json(200, &i)),
+        "vm.resize" => match body::<Resize>(req).and_then(|b| b.vcpus()) {
             Ok(n) => vm.resize(n).map(|_| Response::empty()),
             Err(resp) => return resp,
         },
-        "vm.add-cpu" if want("PUT") => {
+        "vm.add-cpu" => {
             // Optional {"id": N} selects the CPU; without a body the lowest absent one.
             let chosen = if req.body.iter().all(|b| b.is_ascii_whitespace()) {
                 vm.add_cpu()
@@ -322,18 +359,18 @@ pub fn handle(vm: &VmInner, req: &Request) -> Response {
             };
             chosen.map(|id| Response::json(200, &serde_json::json!({ "id": id })))
         }
-        "vm.remove-cpu" if want("PUT") => match body::<CpuId>(req) {
+        "vm.remove-cpu" => match body::<CpuId>(req) {
             Ok(b) => vm.remove_cpu(b.id).map(|_| Response::empty()),
             Err(resp) => return resp,
         },
-        "vm.cancel-removal" if want("PUT") => match body::<CpuId>(req) {
+        "vm.cancel-removal" => match body::<CpuId>(req) {
             Ok(b) => vm.cancel_removal(b.id).map(|_| Response::empty()),
             Err(resp) => return resp,
         },
-        "vm.pause" if want("PUT") => vm.pause().map(|_| Response::empty()),
-        "vm.resume" if want("PUT") => vm.resume_checked().map(|_| Response::empty()),
-        "vm.shutdown" if want("PUT") => vm.shutdown_checked().map(|_| Response::empty()),
-        "vm.snapshot" if want("PUT") => match body::<SnapshotReq>(req) {
+        "vm.pause" => vm.pause().map(|_| Response::empty()),
+        "vm.resume" => vm.resume_checked().map(|_| Response::empty()),
+        "vm.shutdown" => vm.shutdown_checked().map(|_| Response::empty()),
+        "vm.snapshot" => match body::<SnapshotReq>(req) {
             Ok(b) => {
                 let dir = b
                     .destination_url
@@ -348,7 +385,7 @@ pub fn handle(vm: &VmInner, req: &Request) -> Response {
             }
             Err(resp) => return resp,
         },
-        "vm.send-migration" if want("PUT") => match body::<SendMigration>(req) {
+        "vm.send-migration" => match body::<SendMigration>(req) {
             Ok(b) => {
                 let url = b.destination_url.clone();
                 match send_options(b) {
@@ -358,21 +395,8 @@ pub fn handle(vm: &VmInner, req: &Request) -> Response {
             }
             Err(resp) => return resp,
         },
-        "vm.cancel-migration" if want("PUT") => vm.cancel_migration().map(|_| Response::empty()),
-        "vm.info"
-        | "vm.resize"
-        | "vm.add-cpu"
-        | "vm.remove-cpu"
-        | "vm.cancel-removal"
-        | "vm.pause"
-        | "vm.resume"
-        | "vm.shutdown"
-        | "vm.snapshot"
-        | "vm.send-migration"
-        | "vm.cancel-migration" => {
-            return Response::error(405, format!("{} not allowed on {op}", req.method))
-        }
-        _ => return Response::error(404, format!("no such endpoint {}", req.path)),
+        "vm.cancel-migration" => vm.cancel_migration().map(|_| Response::empty()),
+        _ => return Response::error(400, format!("{op}: not an operation on a running VM")),
     };
     r.unwrap_or_else(control)
 }
@@ -385,6 +409,9 @@ fn write_response(stream: &mut impl Write, resp: &Response) -> std::io::Result<(
     );
     if !resp.body.is_empty() {
         out.push_str("Content-Type: application/json\r\n");
+    }
+    if let Some(m) = resp.allow {
+        out.push_str(&format!("Allow: {m}\r\n"));
     }
     out.push_str(&format!(
         "Content-Length: {}\r\n\r\n{}",
@@ -530,12 +557,13 @@ impl Ping {
 
 /// Route one request: VM creation for a standby VMM, everything else to the VM.
 pub fn route(target: &ApiTarget, req: &Request) -> Response {
-    let op = req.path.strip_prefix("/api/v1/").unwrap_or("");
-    let put = req.method.eq_ignore_ascii_case("PUT");
+    let op = match endpoint(&req.path, &req.method) {
+        Ok(op) => op,
+        Err(resp) => return resp,
+    };
     match op {
-        "vmm.ping" if req.method.eq_ignore_ascii_case("GET") => Response::json(200, &Ping::now()),
-        "vmm.ping" => Response::error(405, format!("{} not allowed on {op}", req.method)),
-        "vm.restore" if put => match body::<RestoreReq>(req).and_then(|b| {
+        "vmm.ping" => Response::json(200, &Ping::now()),
+        "vm.restore" => match body::<RestoreReq>(req).and_then(|b| {
             not_supported("prefault", b.prefault == Some(true))?;
             not_supported("net_fds", b.net_fds.is_some())?;
             Ok(b)
@@ -553,7 +581,7 @@ pub fn route(target: &ApiTarget, req: &Request) -> Response {
             }
             Err(resp) => resp,
         },
-        "vm.receive-migration" if put => match body::<ReceiveReq>(req) {
+        "vm.receive-migration" => match body::<ReceiveReq>(req) {
             Ok(b) => match (crate::migration::Address::parse(&b.receiver_url), token(b.token)) {
                 (Ok(addr), Ok(t)) => target.create(|sb| {
                     let mut opts = sb.incoming.clone();
@@ -567,9 +595,6 @@ pub fn route(target: &ApiTarget, req: &Request) -> Response {
             },
             Err(resp) => resp,
         },
-        "vm.restore" | "vm.receive-migration" => {
-            Response::error(405, format!("{} not allowed on {op}", req.method))
-        }
         _ => match (target.vm(), &target.standby) {
             (Some(vm), _) => handle(&vm, req),
             (None, Some(_)) => Response::error(
@@ -763,5 +788,52 @@ mod tests {
         };
         assert_eq!(read_request(&mut timed).unwrap_err().status, 408);
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    /// `api/openapi.yaml` describes exactly the endpoints and methods served (its paths are
+    /// the lines `  /NAME:`, each followed by its method line `    get:` or `    put:`).
+    #[test]
+    fn the_openapi_spec_names_every_endpoint_and_no_other() {
+        let spec = include_str!("../api/openapi.yaml");
+        let mut described = Vec::new();
+        let mut lines = spec.lines().skip_while(|l| *l != "paths:");
+        while let Some(l) = lines.next() {
+            if l == "components:" {
+                break;
+            }
+            if let Some(name) = l.strip_prefix("  /").and_then(|n| n.strip_suffix(':')) {
+                let method = lines.next().unwrap_or("").trim().trim_end_matches(':');
+                described.push((name.to_string(), method.to_ascii_uppercase()));
+            }
+        }
+        let served: Vec<(String, String)> = ENDPOINTS
+            .iter()
+            .map(|(n, m)| (n.to_string(), m.to_string()))
+            .collect();
+        assert_eq!(described, served, "openapi.yaml paths (in order) vs ENDPOINTS");
+    }
+
+    /// A method an endpoint does not answer gets 405 and `Allow`; an unknown path 404.
+    #[test]
+    fn another_method_gets_405_with_allow() {
+        let (target, _rx) =
+            ApiTarget::standby(SerialMode::Null, crate::migration::IncomingOptions::default());
+        let req = |method: &str, path: &str| Request {
+            method: method.into(),
+            path: path.into(),
+            body: Vec::new(),
+        };
+        for (name, method) in ENDPOINTS {
+            let other = if *method == "GET" { "PUT" } else { "GET" };
+            let r = route(&target, &req(other, &format!("/api/v1/{name}")));
+            assert_eq!((r.status, r.allow), (405, Some(*method)), "{other} {name}");
+            let mut out = Vec::new();
+            write_response(&mut out, &r).unwrap();
+            let text = String::from_utf8(out).unwrap();
+            assert!(text.contains(&format!("\r\nAllow: {method}\r\n")), "{text}");
+        }
+        assert_eq!(route(&target, &req("GET", "/api/v1/vm.nope")).status, 404);
+        assert_eq!(route(&target, &req("GET", "/vm.info")).status, 404);
+        assert_eq!(route(&target, &req("GET", "/api/v1/vmm.ping")).status, 200);
     }
 }
