@@ -15,6 +15,7 @@
 //! | `PUT /api/v1/vm.receive-migration` | `{"receiver_url": "unix:PATH"\|"tcp:HOST:PORT", "token": "..."}` (`token` required for `tcp:`) | 204 once the migrated VM runs (standby VMM only) |
 //! | `PUT /api/v1/vm.send-migration` | `{"destination_url": "unix:PATH"\|"tcp:HOST:PORT", "downtime_ms": 300, "max_rounds": 30, "timeout_ms": 600000` or Cloud Hypervisor's `"timeout_s": 600, "timeout_strategy": "ignore"\|"cancel"\|"throttle", "token": "..."}` (`token` required for `tcp:`; `local: true`: 400 "not supported: local") | 200, the migration report; this VMM then exits 0 |
 //! | `PUT /api/v1/vm.cancel-migration` | | 204: the outgoing migration ends and the VM runs on here; 400 if none is in progress or it is past the destination's Ack |
+//! | `GET /api/v1/vm.migration-status` | | 200, the current or last migration ([`crate::status::MigrationStatus`], `wire_bytes` live); answers while the migration holds the vCPUs; 400 if none has run |
 //!
 //! Errors come back as `{"error": "..."}`. A malformed request gets a 4xx and the VM keeps
 //! running. The server is small on purpose: httparse parses, one request per connection, the
@@ -95,6 +96,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("vm.receive-migration", "PUT"),
     ("vm.send-migration", "PUT"),
     ("vm.cancel-migration", "PUT"),
+    ("vm.migration-status", "GET"),
 ];
 
 /// The endpoint `path` names, if `method` is the one it answers: 404 for no endpoint, 405
@@ -396,6 +398,11 @@ pub fn handle(vm: &VmInner, req: &Request) -> Response {
             Err(resp) => return resp,
         },
         "vm.cancel-migration" => vm.cancel_migration().map(|_| Response::empty()),
+        // Lock-free (no vCPU lock, unlike vm.info): answers while a migration holds the vCPUs.
+        "vm.migration-status" => match vm.migration_status() {
+            Some(st) => Ok(Response::json(200, &st)),
+            None => Err(ControlError::BadRequest("no migration has run on this VM".into())),
+        },
         _ => return Response::error(400, format!("{op}: not an operation on a running VM")),
     };
     r.unwrap_or_else(control)

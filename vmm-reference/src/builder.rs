@@ -6,7 +6,7 @@
 //! then connects the interrupt lines and starts the eject worker.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
 use acpi_cpu_hotplug::HotplugLayout;
@@ -248,6 +248,7 @@ impl Vm {
             ending: AtomicBool::new(false),
             migration_ctl: AtomicU8::new(0),
             migration: Mutex::new(None),
+            wire_bytes: AtomicU64::new(0),
             vm: Mutex::new(m.vm),
             mem: m.mem,
             kvm: m.kvm,

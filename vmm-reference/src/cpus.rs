@@ -266,7 +266,7 @@ impl VmInner {
             reused_vcpu_fds: vcpus.reused(),
             parked_vcpu_fds: vcpus.parked() as u32,
             cpus,
-            migration: self.migration.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            migration: self.migration_status(),
             failed_vcpus: self
                 .exits
                 .failed

@@ -110,8 +110,12 @@ pub struct MigrationStatus {
     pub phase: &'static str,
     /// Pre-copy rounds finished.
     pub rounds: u32,
-    /// Bytes of RAM sent so far.
+    /// Bytes of RAM sent in the finished rounds.
     pub bytes_sent: u64,
+    /// Source: bytes written to the destination so far, frames and state included, counted
+    /// as they go out (live within a round; `vm.migration-status` reads it without waiting
+    /// for the vCPUs). 0 on the destination.
+    pub wire_bytes: u64,
     /// Dirty rate of the last round (pages/s).
     pub dirty_rate: f64,
     /// Expected downtime after the last round (ms).

@@ -4,7 +4,7 @@
 //! Building one is the `builder` module's; CPU control is the `cpus` module's.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -66,6 +66,9 @@ pub struct VmInner {
     pub(crate) migration_ctl: AtomicU8,
     /// Progress of the current or last migration.
     pub(crate) migration: Mutex<Option<MigrationStatus>>,
+    /// Bytes the current or last outgoing migration wrote to its link (see
+    /// [`MigrationStatus::wire_bytes`]).
+    pub(crate) wire_bytes: AtomicU64,
     pub(crate) vm: Mutex<VmFd>,
     pub(crate) mem: GuestMemory,
     pub(crate) kvm: Kvm,

@@ -458,6 +458,92 @@ fn a_migration_that_does_not_converge_follows_its_timeout_strategy() {
     dst.poweroff();
 }
 
+/// `ctl migrate` shows the migration as it goes (a plain line per round when stderr is not a
+/// terminal) and prints the report on stdout; `vm.migration-status` answers all along, also
+/// while throttling holds the vCPUs (when `vm.info` may answer 429), with `wire_bytes` that
+/// only grow.
+#[test]
+fn ctl_migrate_shows_progress_and_the_status_answers_throughout() {
+    if !kvm_or_skip("ctl_migrate_shows_progress_and_the_status_answers_throughout") {
+        return;
+    }
+    let mut vm = Vmm::start("progress", "boot=2,max=4");
+    let (s, v) = vm.api("GET", "vm.migration-status", None);
+    assert_eq!(s, 400, "no migration has run: {v}");
+    assert_eq!(vm.guest("dirty start 4096").last().unwrap(), "OK");
+    let dir = temp_dir("progress-net");
+    let (sock, slow) = (dir.join("dst.sock"), dir.join("dst-slow.sock"));
+    let dst = Vmm::spawn_unattached(&dir, "dst", &["--incoming", &format!("unix:{}", sock.display())]);
+    wait_for_path(&sock);
+    // Memory frames 100 ms late: round 0 does not converge to 0 ms, so throttled rounds follow.
+    let late = |m: &Message| match m {
+        Message::Memory(_) => Act::Hold(Duration::from_millis(100)),
+        _ => Act::Pass,
+    };
+    let proxy = cutting_proxy(&slow, sock, late);
+    let api = vm.api.to_str().unwrap().to_string();
+    let to = format!("unix:{}", slow.display());
+    let mut ctl = std::process::Command::new(vmm_bin())
+        .args(["ctl", "--api-socket", &api, "migrate", &to, "--downtime-ms", "0"])
+        .args(["--max-rounds", "1", "--timeout-strategy", "throttle"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ctl");
+    let (mut seen, mut info_busy) = (Vec::<Value>::new(), 0);
+    let deadline = Instant::now() + T;
+    while ctl.try_wait().expect("ctl").is_none() {
+        assert!(Instant::now() < deadline, "the migration did not end in {T:?}");
+        // The source exits once the destination has the VM: a refused connect ends the watch.
+        let Ok((s, body)) = vmm_reference::api::request(&vm.api, "GET", "vm.migration-status", None) else {
+            break;
+        };
+        match s {
+            200 => seen.push(serde_json::from_str(&body).expect("JSON")),
+            400 if seen.is_empty() => {}
+            _ => panic!("vm.migration-status answered {s} during the migration: {body}"),
+        }
+        if let Ok((429, _)) = vmm_reference::api::request(&vm.api, "GET", "vm.info", None) {
+            info_busy += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = wait_child(&mut ctl, T);
+    let _ = proxy.join();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ctl migrate failed: {stderr}");
+    eprintln!(
+        "{} status answers, vm.info busy {info_busy} times; ctl's stderr:\n{stderr}",
+        seen.len()
+    );
+    let wire: Vec<u64> = seen.iter().map(|v| v["wire_bytes"].as_u64().unwrap()).collect();
+    assert!(
+        wire.windows(2).all(|w| w[0] <= w[1]),
+        "wire_bytes went back: {wire:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|v| v["phase"] == "precopy" && v["wire_bytes"].as_u64() > Some(0)),
+        "no live pre-copy status: {seen:?}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("migration: ")).collect();
+    // Round 0 alone takes 400 ms of held frames: the 200 ms poll sees pre-copy at least once.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(" precopy ") && l.contains("(max 1)  sent ")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\r'), "a redrawn line on a pipe: {stderr:?}");
+    assert!(stderr.contains("\nmigrated: "), "no closing summary: {stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("the report on stdout");
+    assert!(report["rounds"].as_array().unwrap().len() > 1, "{report}");
+    vm.exits_cleanly();
+    let mut dst = dst.attach();
+    assert!(dst.guest("dirty check").last().unwrap().contains(" bad=0 "));
+    dst.poweroff();
+}
+
 /// A TCP destination runs a VM only from a peer that proves it holds the pre-shared token
 /// (a wrong one is refused and the destination listens on), refuses frames it has not
 /// authenticated before reading them, and refuses a VM larger than its memory cap before

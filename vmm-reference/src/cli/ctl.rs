@@ -3,8 +3,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::Subcommand;
+
+use vm_live_migration::protocol::PrecopyOptions;
 
 use super::fail;
 
@@ -68,7 +72,9 @@ pub enum CtlOp {
         token_file: Option<PathBuf>,
     },
     /// Live-migrate the VM to a VMM started with `run --incoming ADDR` (or a standby VMM
-    /// doing `ctl receive-migration ADDR`). Also ch-remote's `send-migration URL`.
+    /// doing `ctl receive-migration ADDR`). Also ch-remote's `send-migration URL`. Shows
+    /// rounds, bytes, dirty rate and expected downtime on stderr as it goes (a bar on a
+    /// terminal, a line per round otherwise); the report comes on stdout.
     #[command(alias = "send-migration")]
     Migrate {
         /// unix:PATH or tcp:HOST:PORT.
@@ -170,7 +176,23 @@ pub fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let (status, body) = match vmm_reference::api::request(sock, method, endpoint, body.as_deref()) {
+    let progress = match &op {
+        CtlOp::Migrate { max_rounds, .. } => {
+            let done = Arc::new(AtomicBool::new(false));
+            let max = max_rounds.unwrap_or_else(|| PrecopyOptions::default().max_rounds);
+            Some((
+                super::progress::watch(sock.to_path_buf(), max, done.clone()),
+                done,
+            ))
+        }
+        _ => None,
+    };
+    let answer = vmm_reference::api::request(sock, method, endpoint, body.as_deref());
+    if let Some((watcher, done)) = progress {
+        done.store(true, Ordering::SeqCst);
+        let _ = watcher.join();
+    }
+    let (status, body) = match answer {
         Ok(r) => r,
         Err(e) => return fail(format!("--api-socket {}: {e}", sock.display())),
     };
@@ -187,6 +209,12 @@ pub fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
             Ok(v) => print!("{}", info_table(&v)),
             Err(e) => return fail(format!("bad vm.info reply: {e}")),
         },
+        CtlOp::Migrate { .. } => {
+            if let Ok(report) = serde_json::from_str::<serde_json::Value>(&body) {
+                eprintln!("{}", super::progress::summary(&report));
+            }
+            println!("{body}");
+        }
         _ if !body.is_empty() => println!("{body}"),
         _ => {}
     }

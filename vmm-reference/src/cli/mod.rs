@@ -3,6 +3,7 @@
 
 pub mod ctl;
 pub mod demo;
+pub mod progress;
 pub mod run;
 
 use std::process::ExitCode;

@@ -5,7 +5,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 /// A byte stream to the peer whose blocking calls can be bounded.
@@ -143,6 +143,8 @@ pub(crate) struct Link<'a> {
     cancel: &'a AtomicU8,
     /// Past the commit, or saying a last word: a cancel no longer applies.
     uncancellable: bool,
+    /// Where the bytes written are counted, for progress reports.
+    written: Option<&'a AtomicU64>,
 }
 
 impl<'a> Link<'a> {
@@ -158,7 +160,14 @@ impl<'a> Link<'a> {
             stall,
             cancel,
             uncancellable: false,
+            written: None,
         }
+    }
+
+    /// Count every byte written into `counter`, as it goes out.
+    pub(crate) fn counting(mut self, counter: &'a AtomicU64) -> Self {
+        self.written = Some(counter);
+        self
     }
 
     /// Give the link [`LAST_WORDS`] for one more message, whatever the deadline and a
@@ -211,7 +220,11 @@ impl Read for Link<'_> {
 
 impl Write for Link<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.step(|s| s.write(buf))
+        let n = self.step(|s| s.write(buf))?;
+        if let Some(c) = self.written {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.step(|s| s.flush())

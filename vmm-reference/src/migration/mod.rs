@@ -303,10 +303,21 @@ impl VmInner {
         let mut s = st.take().unwrap_or_default();
         if phase == "connecting" {
             s = MigrationStatus::default();
+            self.wire_bytes.store(0, Ordering::SeqCst);
         }
         s.phase = phase;
         s.error = error;
         *st = Some(s);
+    }
+
+    /// The current or last migration as `vm.info` and `vm.migration-status` show it. Takes
+    /// no vCPU lock: it answers while a migration holds the vCPUs.
+    pub fn migration_status(&self) -> Option<MigrationStatus> {
+        let mut st = self.migration.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        if !matches!(st.phase, "awaiting-complete" | "received" | "incomplete") {
+            st.wire_bytes = self.wire_bytes.load(Ordering::SeqCst);
+        }
+        Some(st)
     }
 
     /// Destination: record where the incoming migration stands; while `migrating`, control
@@ -402,7 +413,8 @@ impl VmInner {
         let conn = addr
             .connect(opts.stall.min(opts.deadline))
             .map_err(|e| ControlError::BadRequest(format!("connecting to {addr:?}: {e}")))?;
-        let mut link = Link::new(conn, start + opts.deadline, opts.stall, &self.migration_ctl);
+        let mut link = Link::new(conn, start + opts.deadline, opts.stall, &self.migration_ctl)
+            .counting(&self.wire_bytes);
         if let (true, Some(token)) = (addr.needs_token(), &opts.token) {
             auth::answer(&mut link, token).map_err(peer_error("the token challenge"))?;
         }
