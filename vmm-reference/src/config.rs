@@ -31,6 +31,8 @@ pub enum SerialMode {
     File(PathBuf),
     /// A Unix stream socket the VMM listens on; the connected client is the console.
     Socket(PathBuf),
+    /// A new pseudo-terminal; people attach to its slave (`vm.info` `config.serial.file`).
+    Pty,
     /// COM1 exists, its output is discarded and it gets no input (Cloud Hypervisor's `null`
     /// and `off`: a guest that probes for COM1 still finds it).
     Null,
@@ -187,18 +189,16 @@ pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
 }
 
 /// Parse `--serial`: `stdout` or Cloud Hypervisor's `tty` (this terminal), `null` or `off`
-/// (discarded), `file=PATH`, `socket=PATH`. `pty` is refused by name.
+/// (discarded), `file=PATH`, `socket=PATH`, `pty`.
 pub fn parse_serial(s: &str) -> Result<SerialMode, ConfigError> {
     match s.split_once('=') {
         None if s == "stdout" || s == "tty" => Ok(SerialMode::Stdout),
         None if s == "null" || s == "off" => Ok(SerialMode::Null),
-        None if s == "pty" => Err(ConfigError::Serial(
-            "not supported: pty (socket=PATH gives an interactive console)".into(),
-        )),
+        None if s == "pty" => Ok(SerialMode::Pty),
         Some(("file", p)) if !p.is_empty() => Ok(SerialMode::File(p.into())),
         Some(("socket", p)) if !p.is_empty() => Ok(SerialMode::Socket(p.into())),
         _ => Err(ConfigError::Serial(format!(
-            "{s:?} is not one of tty, stdout, null, off, file=PATH, socket=PATH"
+            "{s:?} is not one of tty, stdout, null, off, pty, file=PATH, socket=PATH"
         ))),
     }
 }
@@ -337,7 +337,7 @@ mod tests {
         assert_eq!(parse_serial("tty"), Ok(SerialMode::Stdout));
         assert_eq!(parse_serial("off"), Ok(SerialMode::Null));
         assert_eq!(parse_serial("null"), Ok(SerialMode::Null));
-        assert!(parse_serial("pty").is_err_and(|e| e.to_string().contains("not supported: pty")));
+        assert_eq!(parse_serial("pty"), Ok(SerialMode::Pty));
     }
 
     #[test]

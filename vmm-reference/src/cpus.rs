@@ -251,6 +251,7 @@ impl VmInner {
                 memory: MemoryConfig {
                     size: self.mem.iter().map(|r| r.len()).sum(),
                 },
+                serial: self.devices.serial_config(),
             },
             max_vcpus: self.topology.max_vcpus(),
             present_vcpus: slots.iter().filter(|s| s.present).count() as u32,

@@ -83,6 +83,19 @@ pub struct VmInfoConfig {
     pub cpus: CpusConfig,
     /// `{"size": BYTES}`.
     pub memory: MemoryConfig,
+    /// COM1's console: `{"mode": "Pty", "file": "/dev/pts/3", "socket": null}`.
+    pub serial: SerialConfig,
+}
+
+/// COM1's console in Cloud Hypervisor's names.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct SerialConfig {
+    /// `Tty`, `Null`, `File`, `Socket` or `Pty`.
+    pub mode: &'static str,
+    /// The file written (`File`), or the pty's slave to attach to (`Pty`).
+    pub file: Option<String>,
+    /// The socket listened on (`Socket`).
+    pub socket: Option<String>,
 }
 
 /// CPU counts in Cloud Hypervisor's names.

@@ -233,7 +233,6 @@ fn cloud_hypervisor_flags_and_requests_work_or_are_refused_by_name() {
     if !kvm_or_skip("cloud_hypervisor_flags_and_requests_work_or_are_refused_by_name") {
         return;
     }
-    run_bad(&["run", "--serial", "pty"], "not supported: pty");
     run_bad(
         &["run", "--memory", "size=128M,hugepages=on"],
         "not supported: hugepages",

@@ -468,3 +468,116 @@ fn every_vmm_thread_runs_under_a_seccomp_filter() {
     vm.assert_ticking(&[0, 1]);
     vm.poweroff();
 }
+
+/// `--serial pty`: `vm.info` names the pty's slave; commands typed there are answered; a
+/// pty nobody reads cannot stall the guest (its output waits in the VMM's bounded outbox,
+/// and every reply arrives once someone reads again); detaching and attaching again works.
+#[test]
+fn a_pty_console_answers_and_an_unread_one_cannot_stall_the_guest() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if !kvm_or_skip("a_pty_console_answers_and_an_unread_one_cannot_stall_the_guest") {
+        return;
+    }
+    let dir = temp_dir("pty");
+    let api = dir.join("api.sock");
+    let api_arg = api.display().to_string();
+    let args = [
+        "--cpus",
+        "boot=2,max=8",
+        "--memory",
+        "128M",
+        "--serial",
+        "pty",
+        "--api-socket",
+        &api_arg,
+    ];
+    let mut child = spawn_vmm(&args);
+    let info = wait_for_info(&api);
+    let serial = &info["config"]["serial"];
+    assert_eq!(serial["mode"], "Pty", "{info}");
+    let path = serial["file"].as_str().expect("the pty's slave").to_string();
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(&path)
+            .expect("open the pty's slave")
+    };
+    // Typed on the pty: 150 `status` commands whose replies nobody reads for a while.
+    let mut tty = open();
+    for _ in 0..REPLIES {
+        tty.write_all(b"status\n").expect("type on the pty");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    let (s, v) = pty_api(&api, "PUT", "vm.pause");
+    assert_eq!(s, 204, "pause with an unread pty: {v}");
+    assert!(
+        t.elapsed() < vcpu_manager_timeout(),
+        "pause took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(pty_api(&api, "PUT", "vm.resume").0, 204);
+    pty_replies(&mut tty, REPLIES);
+    // Detached (every fd of the slave closed), then attached again: it still answers.
+    drop(tty);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut again = open();
+    again.write_all(b"status\n").expect("type again");
+    pty_replies(&mut again, 1);
+    again.write_all(b"poweroff\n").expect("poweroff");
+    let out = wait_child(&mut child, T);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("serial console on {path}")), "{stderr}");
+}
+
+/// Read the pty's slave until `n` replies (`OK` lines) came, within `STATUS_T`.
+fn pty_replies(f: &mut std::fs::File, n: usize) {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + STATUS_T;
+    let (mut ok, mut line) = (0, Vec::new());
+    while ok < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "{ok} of {n} replies came");
+        let mut pfd = libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the call.
+        if unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) } <= 0 {
+            continue;
+        }
+        let mut buf = [0u8; 4096];
+        let got = f.read(&mut buf).expect("read the pty");
+        for &b in &buf[..got] {
+            if b != b'\n' {
+                line.push(b);
+                continue;
+            }
+            let l = String::from_utf8_lossy(&line).trim_end().to_string();
+            ok += usize::from(l == "OK" || l.starts_with("OK "));
+            line.clear();
+        }
+    }
+}
+
+/// `vm.info` of the VMM at `api`, once it answers.
+fn wait_for_info(api: &std::path::Path) -> serde_json::Value {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Ok((200, body)) = vmm_reference::api::request(api, "GET", "vm.info", None) {
+            return serde_json::from_str(&body).expect("vm.info JSON");
+        }
+        assert!(Instant::now() < deadline, "no API at {}", api.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn pty_api(api: &std::path::Path, method: &str, ep: &str) -> (u16, String) {
+    vmm_reference::api::request(api, method, ep, None).expect("API request")
+}

@@ -1,8 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Where COM1's output goes and its input comes from: stdout, a file, or a Unix socket
-//! whose latest client is the console (bounded output, never stalling a vCPU).
+//! Where COM1's output goes and its input comes from: stdout, a file, a Unix socket whose
+//! latest client is the console, or a pseudo-terminal (the last two with bounded output that
+//! never stalls a vCPU).
 
+use std::fs::File;
 use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,8 +20,8 @@ pub enum ConsoleOut {
     Stdout(std::io::Stdout),
     /// A file.
     File(std::fs::File),
-    /// The Unix socket console (shared with the accept thread).
-    Socket(Arc<SocketConsole>),
+    /// The Unix socket or pseudo-terminal console (shared with its input thread).
+    Socket(Arc<Console>),
     /// Nowhere (`--serial null` / `off`).
     Null,
 }
@@ -57,32 +60,52 @@ const OUTBOX_MAX: usize = 1 << 20;
 struct Outbox {
     buf: Vec<u8>,
     dropped: u64,
-    client: Option<UnixStream>,
+    /// The socket's client or the pty's master.
+    client: Option<File>,
     /// The writer thread holds data it took from `buf` and has not finished sending.
     sending: bool,
 }
 
-/// A listening Unix socket whose (single, latest) client is the console. The guest's output
-/// never waits for the client: it goes into a bounded outbox (1 MiB) that a writer thread
-/// sends, so a client that stops reading cannot stall the vCPU writing to COM1. Output
-/// produced before a client connects is kept the same way and sent when it connects, so
-/// nothing the guest printed early (e.g. `READY`) is lost.
-pub struct SocketConsole {
+/// A listening Unix socket whose (single, latest) client is the console, or a
+/// pseudo-terminal's master. The guest's output never waits for the reader: it goes into a
+/// bounded outbox (1 MiB) that a writer thread sends, so a client that stops reading (or a
+/// pty nobody opened) cannot stall the vCPU writing to COM1. Output produced before a
+/// client connects is kept the same way and sent when it connects, so nothing the guest
+/// printed early (e.g. `READY`) is lost.
+pub struct Console {
+    /// The socket's path, or the pty's slave.
     path: PathBuf,
+    /// A pseudo-terminal: its master stays attached whatever a write says.
+    pty: bool,
     out: Mutex<Outbox>,
     ready: Condvar,
     lock: Mutex<Option<crate::sock::PathLock>>,
 }
 
-impl SocketConsole {
+impl Console {
     /// Bind `path` (replacing a stale socket file) and start the writer thread.
     pub fn bind(path: &Path) -> std::io::Result<(Arc<Self>, UnixListener)> {
         let (listener, lock) = crate::sock::bind_listening(path)?;
-        let console = Arc::new(SocketConsole {
-            path: path.into(),
+        let console = Console::start(path.into(), false, Some(lock))?;
+        Ok((console, listener))
+    }
+
+    /// Open a pseudo-terminal (`--serial pty`): the console, and the master for input.
+    pub fn pty() -> std::io::Result<(Arc<Self>, File)> {
+        let (master, slave) = super::pty::open()?;
+        let input = master.try_clone()?;
+        let console = Console::start(slave, true, None)?;
+        console.lock().client = Some(master);
+        Ok((console, input))
+    }
+
+    fn start(path: PathBuf, pty: bool, lock: Option<crate::sock::PathLock>) -> std::io::Result<Arc<Self>> {
+        let console = Arc::new(Console {
+            path,
+            pty,
             out: Mutex::new(Outbox::default()),
             ready: Condvar::new(),
-            lock: Mutex::new(Some(lock)),
+            lock: Mutex::new(lock),
         });
         let weak = Arc::downgrade(&console);
         std::thread::Builder::new()
@@ -91,7 +114,17 @@ impl SocketConsole {
                 crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Device);
                 write_out(&weak)
             })?;
-        Ok((console, listener))
+        Ok(console)
+    }
+
+    /// The socket's path, or the pty's slave (what people attach to).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether this is a pseudo-terminal.
+    pub fn is_pty(&self) -> bool {
+        self.pty
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Outbox> {
@@ -132,8 +165,11 @@ impl SocketConsole {
             self.ready.notify_one();
             std::thread::sleep(Duration::from_millis(2));
         }
-        let _ = std::fs::remove_file(&self.path);
-        drop(self.lock.lock().unwrap_or_else(|e| e.into_inner()).take());
+        // The lock is held for a socket only: a pty's slave is not ours to remove.
+        if let Some(lock) = self.lock.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = std::fs::remove_file(&self.path);
+            drop(lock);
+        }
     }
 
     /// Bytes of guest output dropped because the client did not keep up.
@@ -144,14 +180,14 @@ impl SocketConsole {
     fn attach(&self, s: UnixStream) -> std::io::Result<()> {
         // A bounded write: the writer thread must come back to check for a newer client.
         s.set_write_timeout(Some(Duration::from_millis(200)))?;
-        self.lock().client = Some(s);
+        self.lock().client = Some(File::from(OwnedFd::from(s)));
         self.ready.notify_one();
         Ok(())
     }
 }
 
 /// The console's writer thread: sends the outbox to the client until the console is gone.
-fn write_out(console: &Weak<SocketConsole>) {
+fn write_out(console: &Weak<Console>) {
     loop {
         let Some(c) = console.upgrade() else { return };
         let mut o = c.lock();
@@ -170,8 +206,11 @@ fn write_out(console: &Weak<SocketConsole>) {
         let sent = send_some(&mut client, &data);
         let mut o = c.lock();
         o.sending = false;
-        if sent.is_none() {
-            o.client = None;
+        match sent {
+            // A pty's master stays: its slave may be opened again.
+            None if c.pty => std::thread::sleep(PTY_RETRY),
+            None => o.client = None,
+            Some(_) => {}
         }
         // What was not sent goes back in front of what arrived meanwhile (bounded again).
         let rest = &data[sent.unwrap_or(0)..];
@@ -185,11 +224,37 @@ fn write_out(console: &Weak<SocketConsole>) {
     }
 }
 
-/// Write as much of `data` as the client takes before its write timeout: `Some(bytes)`, or
-/// `None` when the client is gone.
-fn send_some(client: &mut UnixStream, data: &[u8]) -> Option<usize> {
+/// How long the writer waits before trying a pty that failed a write (no slave open).
+const PTY_RETRY: Duration = Duration::from_millis(100);
+
+/// Wait up to `ms` for `fd` to take a write. A hung-up pty master (no slave open) reports
+/// POLLHUP at once, without POLLOUT once its buffer is full: that waits the whole time too,
+/// so the writer does not spin.
+fn wait_writable(fd: std::os::fd::RawFd, ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n > 0 && pfd.revents & libc::POLLOUT != 0 {
+        return true;
+    }
+    if n > 0 {
+        std::thread::sleep(Duration::from_millis(ms as u64));
+    }
+    false
+}
+
+/// Write as much of `data` as the client takes within 200 ms per write: `Some(bytes)`, or
+/// `None` when the client is gone (or, for a pty, failed).
+fn send_some(client: &mut File, data: &[u8]) -> Option<usize> {
     let mut off = 0;
     while off < data.len() {
+        if !wait_writable(client.as_raw_fd(), 200) {
+            return Some(off);
+        }
         match client.write(&data[off..]) {
             Ok(0) => return None,
             Ok(n) => off += n,
@@ -208,7 +273,7 @@ fn send_some(client: &mut UnixStream, data: &[u8]) -> Option<usize> {
     Some(off)
 }
 
-impl Drop for SocketConsole {
+impl Drop for Console {
     fn drop(&mut self) {
         self.close();
     }
@@ -220,7 +285,6 @@ impl Drop for SocketConsole {
 const CONSOLE_SNDBUF: libc::c_int = 16 * 1024;
 
 fn limit_send_buffer(conn: &std::os::unix::net::UnixStream) {
-    use std::os::fd::AsRawFd;
     let size = CONSOLE_SNDBUF;
     // SAFETY: a valid socket fd, and a c_int option value of the size given.
     let r = unsafe {
@@ -237,15 +301,25 @@ fn limit_send_buffer(conn: &std::os::unix::net::UnixStream) {
     }
 }
 
+/// Feed what is typed on a pty into the serial port until `stop`. With no slave open, reads
+/// of the master fail (EIO): they are tried again every 100 ms, so a later `screen
+/// /dev/pts/N` gets a working console.
+pub fn serve_pty(master: &File, serial: &Arc<Mutex<SerialDevice>>, stop: &AtomicBool) {
+    use std::os::fd::AsFd;
+    while !stop.load(Ordering::Relaxed) {
+        pump_input(serial, master.as_fd(), stop);
+        std::thread::sleep(PTY_RETRY);
+    }
+}
+
 /// Accept console clients on `listener` until `stop`; each new client replaces the previous
 /// one and its input goes to the serial port.
 pub fn serve_socket(
-    console: Arc<SocketConsole>,
+    console: Arc<Console>,
     listener: UnixListener,
     serial: Arc<Mutex<SerialDevice>>,
     stop: Arc<AtomicBool>,
 ) {
-    use std::os::fd::AsRawFd;
     // Polled, not a blocking accept: the thread ends with the VM (`stop`) instead of holding
     // the console and COM1 until the process exits.
     while !stop.load(Ordering::Relaxed) {
@@ -268,5 +342,47 @@ pub fn serve_socket(
         let serial = serial.clone();
         let stop = stop.clone();
         std::thread::spawn(move || pump_input(&serial, reader, &stop));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    /// A pty nobody opened takes what its kernel buffer holds, the outbox 1 MiB more, and
+    /// drops (and counts) the rest; queueing never waits. Someone who opens the slave later
+    /// gets what was kept, in order.
+    #[test]
+    fn an_unread_pty_is_bounded_and_keeps_what_it_can() {
+        let (console, _input) = Console::pty().expect("a pty");
+        let t = std::time::Instant::now();
+        let total = 3 * OUTBOX_MAX;
+        for i in 0..total / 1024 {
+            console.output(&[b'a' + (i % 26) as u8; 1024]);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "queueing waited: {:?}",
+            t.elapsed()
+        );
+        // The writer thread moves what the pty takes out of the outbox, then it stays full.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while console.lock().sending && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let dropped = console.dropped() as usize;
+        assert!(dropped >= total - 2 * OUTBOX_MAX, "dropped {dropped} of {total}");
+        assert!(dropped < total, "everything dropped");
+        let mut slave = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(console.path())
+            .expect("the slave");
+        let mut first = [0u8; 2048];
+        slave.read_exact(&mut first).expect("what was kept");
+        assert!(first[..1024].iter().all(|b| *b == b'a'), "oldest first");
+        assert!(first[1024..].iter().all(|b| *b == b'b'));
     }
 }

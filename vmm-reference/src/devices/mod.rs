@@ -12,6 +12,7 @@
 
 pub mod console;
 pub mod irq;
+mod pty;
 pub mod serial;
 
 use std::os::unix::net::UnixListener;
@@ -28,7 +29,7 @@ use vm_device::device_manager::{IoManager, PioManager};
 use vm_device::DevicePio;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use console::{serve_socket, ConsoleOut, SocketConsole};
+pub use console::{serve_pty, serve_socket, Console, ConsoleOut};
 pub use irq::LevelIrq;
 pub use serial::{pump_input, EventFdTrigger, SerialDevice};
 
@@ -66,7 +67,9 @@ pub struct Devices {
     serial_irq: EventFd,
     /// The SCI, level-triggered through irqfd + resamplefd.
     sci: Arc<LevelIrq>,
-    console: Option<Arc<SocketConsole>>,
+    console: Option<Arc<Console>>,
+    /// What `--serial` asked for.
+    serial_mode: SerialMode,
     /// Ends the console input threads.
     stop: Arc<AtomicBool>,
 }
@@ -118,21 +121,28 @@ impl Devices {
             serial_irq,
             sci,
             console: console.as_ref().map(|(c, _)| c.clone()),
+            serial_mode: ctx.serial.clone(),
             stop,
         };
-        devices.start_input(ctx.serial, console.map(|(_, l)| l))?;
+        devices.start_input(ctx.serial, console.map(|(_, input)| input))?;
         Ok(devices)
     }
 
-    /// The thread that feeds console input into COM1: a socket's clients, or stdin.
-    fn start_input(&self, mode: &SerialMode, listener: Option<UnixListener>) -> Result<(), VmmError> {
+    /// The thread that feeds console input into COM1: a socket's clients, a pty, or stdin.
+    fn start_input(&self, mode: &SerialMode, input: Option<ConsoleInput>) -> Result<(), VmmError> {
         let (s, st) = (self.serial.clone(), self.stop.clone());
-        let spawned = match (&self.console, listener) {
-            (Some(c), Some(l)) => {
+        let spawned = match (&self.console, input) {
+            (Some(c), Some(ConsoleInput::Socket(l))) => {
                 let c = c.clone();
                 std::thread::Builder::new().name("console".into()).spawn(move || {
                     crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Device);
                     serve_socket(c, l, s, st)
+                })
+            }
+            (Some(_), Some(ConsoleInput::Pty(master))) => {
+                std::thread::Builder::new().name("console".into()).spawn(move || {
+                    crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Device);
+                    serve_pty(&master, &s, &st)
                 })
             }
             _ if *mode == SerialMode::Stdout => {
@@ -147,6 +157,19 @@ impl Devices {
             what: "console input thread".into(),
             source,
         })
+    }
+
+    /// COM1's console as `vm.info` reports it (a pty's slave path among it).
+    pub fn serial_config(&self) -> crate::status::SerialConfig {
+        let path = |p: &std::path::Path| Some(p.display().to_string());
+        let (mode, file, socket) = match &self.serial_mode {
+            SerialMode::Stdout => ("Tty", None, None),
+            SerialMode::Null => ("Null", None, None),
+            SerialMode::File(p) => ("File", path(p), None),
+            SerialMode::Socket(p) => ("Socket", None, path(p)),
+            SerialMode::Pty => ("Pty", self.console.as_ref().and_then(|c| path(c.path())), None),
+        };
+        crate::status::SerialConfig { mode, file, socket }
     }
 
     /// Attach the interrupt lines to `vm`. Last in a build: the IOAPIC state and every LAPIC
@@ -257,11 +280,19 @@ fn acpi_device(
     }
 }
 
-/// COM1's output sink, and for a socket console the console and its listener.
-#[allow(clippy::type_complexity)]
-fn console_out(
-    mode: &SerialMode,
-) -> Result<(ConsoleOut, Option<(Arc<SocketConsole>, UnixListener)>), VmmError> {
+/// Where a socket or pty console's input comes from.
+enum ConsoleInput {
+    /// The socket's clients, accepted on it.
+    Socket(UnixListener),
+    /// The pty's master.
+    Pty(std::fs::File),
+}
+
+/// A socket or pty console and where its input comes from.
+type InteractiveConsole = (Arc<Console>, ConsoleInput);
+
+/// COM1's output sink, and for a socket or pty console the console and its input.
+fn console_out(mode: &SerialMode) -> Result<(ConsoleOut, Option<InteractiveConsole>), VmmError> {
     Ok(match mode {
         SerialMode::Stdout => (ConsoleOut::Stdout(std::io::stdout()), None),
         SerialMode::Null => (ConsoleOut::Null, None),
@@ -277,11 +308,24 @@ fn console_out(
             (ConsoleOut::File(f), None)
         }
         SerialMode::Socket(p) => {
-            let (c, l) = SocketConsole::bind(p).map_err(|source| VmmError::Io {
+            let (c, l) = Console::bind(p).map_err(|source| VmmError::Io {
                 what: format!("--serial socket={}", p.display()),
                 source,
             })?;
-            (ConsoleOut::Socket(c.clone()), Some((c, l)))
+            (ConsoleOut::Socket(c.clone()), Some((c, ConsoleInput::Socket(l))))
+        }
+        SerialMode::Pty => {
+            let (c, master) = Console::pty().map_err(|source| VmmError::Io {
+                what: "--serial pty".into(),
+                source,
+            })?;
+            // People need the slave's path to attach: say it whatever the log level.
+            eprintln!("vmm-reference: serial console on {}", c.path().display());
+            log::info!("serial console on {}", c.path().display());
+            (
+                ConsoleOut::Socket(c.clone()),
+                Some((c, ConsoleInput::Pty(master))),
+            )
         }
     })
 }
