@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 #
 # Check vmm-reference/api/openapi.yaml against a running VMM with schemathesis (PyPI, pinned,
-# in a venv under target/), so the spec and the server cannot drift apart. Every check runs
+# in target/ci-venv), so the spec and the server cannot drift apart. Every check runs
 # (settings: vmm-reference/api/schemathesis.toml) on every operation but the three that end or
 # copy the VM somewhere a generated URL says (vm.shutdown, vm.snapshot, vm.send-migration).
 # Afterwards the VM must still run with no failed vCPU, and end cleanly on vm.shutdown.
@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=4.32.5
-venv=target/schemathesis-venv
+venv=target/ci-venv
 if ! "$venv/bin/st" --version 2>/dev/null | grep -qF "$version"; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q "schemathesis==$version"

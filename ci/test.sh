@@ -138,6 +138,10 @@ fi
 if [ "$kvm_usable" = 1 ]; then
     part "vmm-reference/api/openapi.yaml against a running VMM (ci/schemathesis.sh)"
     bash ci/schemathesis.sh
+    # The benchmarks' SVG plots and HTML index render in headless Chromium (a debug build:
+    # the pictures are checked here, not the numbers).
+    part "benchmark plots rendered in headless Chromium (ci/bench-report.sh, dev profile)"
+    BENCH_PROFILE=dev bash ci/bench-report.sh
 fi
 
 # --- coverage of the library crates (their own tests, KVM ones included) ---------------------

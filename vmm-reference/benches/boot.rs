@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use vmm_reference::console::GuestConsole;
 
 mod common;
-use common::{env_count, kvm_or_skip, pct, qemu_command, qemu_peer, record_row};
+use common::{backend, env_count, kvm_or_skip, pct, qemu_command, qemu_peer, record_row, report};
 
 fn status_kib(pid: u32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -58,12 +58,13 @@ fn main() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     let qemu = qemu_peer().map(|q| qemu_runs(&q, runs, &cpus));
-    println!("\nboot benchmark: test guest, --cpus {cpus} --memory 256M, {runs} runs, median (p90)");
+    let mut t =
+        format!("boot benchmark: test guest, --cpus {cpus} --memory 256M, {runs} runs, median (p90)\n");
     let peer = match &qemu {
         Some(Ok(_)) => "QEMU 7.2 (SeaBIOS, PVH)",
         _ => "",
     };
-    println!("{:<34} {:>22} {:>24}", "metric", "vmm-reference", peer);
+    t += &format!("{:<34} {:>22} {:>24}\n", "metric", "vmm-reference", peer);
     let mut rows = [
         ("process start -> READY (ms)", ready),
         ("poweroff -> process exit (ms)", exit),
@@ -73,11 +74,11 @@ fn main() {
     let mut peer_rows: Vec<Vec<f64>> = match qemu {
         Some(Ok(q)) => q,
         Some(Err(e)) => {
-            println!("(QEMU peer failed: {e})");
+            t += &format!("(QEMU peer failed: {e})\n");
             Vec::new()
         }
         None => {
-            println!("(no QEMU column: `bash ci/qemu-peer.sh` unpacks Debian's qemu-system-x86 into target/qemu-peer)");
+            t += "(no QEMU column: `bash ci/qemu-peer.sh` unpacks Debian's qemu-system-x86 into target/qemu-peer)\n";
             Vec::new()
         }
     };
@@ -88,8 +89,29 @@ fn main() {
             .get_mut(i)
             .map(|q| format!("{:.2} ({:.2})", pct(q, 0.5), pct(q, 0.9)))
             .unwrap_or_default();
-        println!("{name:<34} {ours:>22} {theirs:>24}");
+        t += &format!("{name:<34} {ours:>22} {theirs:>24}\n");
     }
+    println!("\n{t}");
+    report::save("boot", "txt", &t);
+    let mut series = vec![report::Series {
+        name: "vmm-reference",
+        values: &rows[0].1,
+    }];
+    if let Some(q) = peer_rows.first() {
+        series.push(report::Series {
+            name: "QEMU 7.2 (SeaBIOS, PVH)",
+            values: q,
+        });
+    }
+    let title = format!(
+        "boot: process start -> guest READY, --cpus {cpus} ({})",
+        backend()
+    );
+    report::save(
+        "boot-ready",
+        "svg",
+        &report::ecdf(&title, "latency (ms)", &series),
+    );
 }
 
 /// The same runs under QEMU: `-kernel` boots the test guest through its PVH note (SeaBIOS),

@@ -22,7 +22,7 @@ use vmm_reference::vm::Vm;
 
 mod common;
 use common::qmp::Qmp;
-use common::{backend, env_count, kvm_or_skip, pct, qemu_command, qemu_peer, record_row};
+use common::{backend, env_count, kvm_or_skip, pct, qemu_command, qemu_peer, record_row, report};
 
 const T: Duration = Duration::from_secs(60);
 /// Bound of a `status` reply: one UART exit per byte, slow with many ticking CPUs in L1.
@@ -121,13 +121,14 @@ fn main() {
     vm.wait(Some(T));
     let _ = std::fs::remove_dir_all(&dir);
 
-    println!(
-        "\nvmm-reference CPU hotplug benchmark (test guest, {})",
-        backend()
-    );
-    println!(
-        "{:<48} {:>5} {:>10} {:>10} {:>10}",
-        "metric", "n", "median", "p99", "max"
+    let mut t = format!(
+        "vmm-reference CPU hotplug benchmark (test guest, {})\n{:<48} {:>5} {:>10} {:>10} {:>10}\n",
+        backend(),
+        "metric",
+        "n",
+        "median",
+        "p99",
+        "max"
     );
     for (name, v) in [
         ("API add-cpu -> online in guest (ms)", &mut online),
@@ -137,25 +138,66 @@ fn main() {
     ] {
         let (med, p99, max) = stats(v);
         record_row("hotplug", name, med, v.len());
-        println!("{name:<48} {:>5} {med:>10.2} {p99:>10.2} {max:>10.2}", v.len());
+        t += &format!("{name:<48} {:>5} {med:>10.2} {p99:>10.2} {max:>10.2}\n", v.len());
     }
     record_row("hotplug", "resize 2 -> 64, all online (ms)", grow, 1);
-    println!("{:<48} {:>5} {grow:>10.1}", "resize 2 -> 64, all online (ms)", 1);
+    t += &format!(
+        "{:<48} {:>5} {grow:>10.1}\n",
+        "resize 2 -> 64, all online (ms)", 1
+    );
+    let (mut q_on, mut q_off) = (Vec::new(), Vec::new());
     match qemu_peer().map(|q| qemu_hotplug(&q, samples)) {
         Some(Ok((mut on, mut off))) => {
-            println!("QEMU 7.2 (Debian), same guest image, QMP (a new CPU each sample: re-adding a removed one fails there):");
+            t += "QEMU 7.2 (Debian), same guest image, QMP (a new CPU each sample: re-adding a removed one fails there):\n";
             for (name, v) in [
                 ("QMP device_add -> online in guest (ms)", &mut on),
                 ("QMP device_del -> DEVICE_DELETED (ms)", &mut off),
             ] {
                 let (med, p99, max) = stats(v);
-                println!("{name:<48} {:>5} {med:>10.2} {p99:>10.2} {max:>10.2}", v.len());
+                t += &format!("{name:<48} {:>5} {med:>10.2} {p99:>10.2} {max:>10.2}\n", v.len());
             }
+            (q_on, q_off) = (on, off);
         }
-        Some(Err(e)) => println!("(QEMU peer failed: {e})"),
-        None => println!(
-            "(no QEMU rows: `bash ci/qemu-peer.sh` unpacks Debian's qemu-system-x86 into target/qemu-peer)"
+        Some(Err(e)) => t += &format!("(QEMU peer failed: {e})\n"),
+        None => t +=
+            "(no QEMU rows: `bash ci/qemu-peer.sh` unpacks Debian's qemu-system-x86 into target/qemu-peer)\n",
+    }
+    println!("\n{t}");
+    report::save("hotplug", "txt", &t);
+    for (name, title, ours, ours_what, theirs, theirs_what) in [
+        (
+            "hotplug-add",
+            "CPU hot-add: request -> CPU online in the guest",
+            &online,
+            "API add-cpu",
+            &q_on,
+            "QMP device_add",
         ),
+        (
+            "hotplug-remove",
+            "CPU hot-remove: request -> eject complete",
+            &eject,
+            "API remove-cpu",
+            &q_off,
+            "QMP device_del",
+        ),
+    ] {
+        let (a, b) = (
+            format!("vmm-reference, {ours_what}"),
+            format!("QEMU 7.2, {theirs_what}"),
+        );
+        let mut series = vec![report::Series {
+            name: &a,
+            values: ours,
+        }];
+        if !theirs.is_empty() {
+            series.push(report::Series {
+                name: &b,
+                values: theirs,
+            });
+        }
+        let title = format!("{title} ({})", backend());
+        report::save(name, "svg", &report::ecdf(&title, "latency (ms)", &series));
     }
 }
 

@@ -20,7 +20,7 @@ use vmm_reference::api::request;
 use vmm_reference::console::GuestConsole;
 
 mod common;
-use common::{backend, env_count, kvm_or_skip, pct, record_row};
+use common::{backend, env_count, kvm_or_skip, pct, record_row, report};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -71,8 +71,15 @@ fn stats(v: &mut [f64]) -> (f64, f64) {
     (pct(v, 0.5), pct(v, 1.0))
 }
 
-/// Migrate `src` to a new process; returns (the new process, total ms, downtime ms, rounds).
-fn migrate(dir: &Path, src: Proc, n: usize) -> (Proc, f64, f64, usize) {
+/// Migrate `src` to a new process aiming at `downtime_ms` in at most `max_rounds` pre-copy
+/// rounds; returns (the new process, total ms, downtime ms, the report's pre-copy rounds).
+fn migrate(
+    dir: &Path,
+    src: Proc,
+    n: usize,
+    downtime_ms: u64,
+    max_rounds: u32,
+) -> (Proc, f64, f64, Vec<serde_json::Value>) {
     let mig = dir.join(format!("mig{n}.sock"));
     let incoming = format!("unix:{}", mig.display());
     let (child, api, con) = spawn(dir, &format!("dst{n}"), &["--incoming", &incoming]);
@@ -81,13 +88,15 @@ fn migrate(dir: &Path, src: Proc, n: usize) -> (Proc, f64, f64, usize) {
         assert!(Instant::now() < deadline, "destination never listened");
         std::thread::sleep(Duration::from_millis(2));
     }
-    let body = serde_json::json!({ "destination_url": incoming, "downtime_ms": 50 }).to_string();
+    let body = serde_json::json!({ "destination_url": incoming, "downtime_ms": downtime_ms,
+        "max_rounds": max_rounds })
+    .to_string();
     let r = call(&src.api, "PUT", "vm.send-migration", Some(&body));
     let mut old = src.child;
     let _ = old.wait();
     let total = r["total_ms"].as_f64().unwrap_or(f64::NAN);
     let down = r["downtime_ms"].as_f64().unwrap_or(f64::NAN);
-    let rounds = r["rounds"].as_array().map_or(0, |a| a.len());
+    let rounds = r["rounds"].as_array().cloned().unwrap_or_default();
     let mut p = attach(child, api, &con);
     let check = p.con.command("dirty check", T).expect("dirty check");
     assert!(check.last().is_some_and(|l| l.contains(" bad=0 ")), "{check:?}");
@@ -132,7 +141,7 @@ fn main() {
     // Live migration, idle guest, then with the dirtying workload.
     let (mut idle_total, mut idle_down) = (Vec::new(), Vec::new());
     for i in 0..n {
-        let (p, t, d, _) = migrate(&dir, vm, i);
+        let (p, t, d, _) = migrate(&dir, vm, i, 50, 30);
         vm = p;
         idle_total.push(t);
         idle_down.push(d);
@@ -140,24 +149,31 @@ fn main() {
     ok(&mut vm, "dirty start 4096");
     let (mut busy_total, mut busy_down, mut busy_rounds) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
-        let (p, t, d, r) = migrate(&dir, vm, n + i);
+        let (p, t, d, r) = migrate(&dir, vm, n + i, 50, 30);
         vm = p;
         busy_total.push(t);
         busy_down.push(d);
-        busy_rounds.push(r as f64);
+        busy_rounds.push(r.len() as f64);
     }
+    // For the per-round plot: with a 0 ms target pre-copy goes on until a round in which the
+    // guest dirtied nothing, or for 8 rounds: what each round sends and what is dirtied meanwhile.
+    let (p, _, _, r) = migrate(&dir, vm, 2 * n, 0, 8);
+    vm = p;
+    let last_rounds = r;
     ok(&mut vm, "poweroff");
     let _ = vm.child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 
-    println!("\nvmm-reference snapshot / restore / live migration (test guest, 1 GiB, 4 of 8 CPUs present, 1 offline;");
-    println!(
-        "{}; Unix socket). CH = Cloud Hypervisor on this machine kind, reference notes.",
-        backend()
-    );
-    println!(
-        "{:<46} {:>4} {:>10} {:>10} {:>16}",
-        "metric", "n", "median", "max", "CH (notes)"
+    let mut t = format!(
+        "vmm-reference snapshot / restore / live migration (test guest, 1 GiB, 4 of 8 CPUs present, 1 offline;\n\
+         {}; Unix socket). CH = Cloud Hypervisor on this machine kind, reference notes.\n\
+         {:<46} {:>4} {:>10} {:>10} {:>16}\n",
+        backend(),
+        "metric",
+        "n",
+        "median",
+        "max",
+        "CH (notes)"
     );
     let rows: [(&str, &mut Vec<f64>, &str); 7] = [
         ("snapshot: VM paused (ms)", &mut snap_ms, "1150 (total)"),
@@ -175,7 +191,48 @@ fn main() {
     for (name, v, ch) in rows {
         let (med, max) = stats(v);
         record_row("migration", name, med, v.len());
-        println!("{name:<46} {:>4} {med:>10.1} {max:>10.1} {ch:>16}", v.len());
+        t += &format!("{name:<46} {:>4} {med:>10.1} {max:>10.1} {ch:>16}\n", v.len());
     }
-    println!("{:<46} {:>4} {state_kib:>10.1}", "state.bin (KiB)", 1);
+    t += &format!("{:<46} {:>4} {state_kib:>10.1}\n", "state.bin (KiB)", 1);
+    println!("\n{t}");
+    report::save("migration", "txt", &t);
+    plot_rounds(&last_rounds);
+}
+
+/// The last dirtying migration's pre-copy rounds: bytes sent and pages dirtied per round.
+fn plot_rounds(rounds: &[serde_json::Value]) {
+    let labels: Vec<String> = (0..rounds.len()).map(|i| i.to_string()).collect();
+    let field = |k: &str, scale: f64| -> Vec<f64> {
+        rounds
+            .iter()
+            .map(|r| r[k].as_f64().unwrap_or(0.0) / scale)
+            .collect()
+    };
+    let (mib, pages) = (field("bytes", (1 << 20) as f64), field("dirtied_pages", 1.0));
+    let title = |what: &str| {
+        format!(
+            "live migration, dirtying guest, 0 ms target: {what} per round ({})",
+            backend()
+        )
+    };
+    let bytes = report::bars(
+        &title("RAM sent"),
+        ("round", "MiB"),
+        &labels,
+        &[report::Series {
+            name: "sent (MiB)",
+            values: &mib,
+        }],
+    );
+    report::save("migration-rounds-bytes", "svg", &bytes);
+    let dirty = report::bars(
+        &title("pages dirtied"),
+        ("round", "pages"),
+        &labels,
+        &[report::Series {
+            name: "dirtied while the round was sent",
+            values: &pages,
+        }],
+    );
+    report::save("migration-rounds-dirty", "svg", &dirty);
 }

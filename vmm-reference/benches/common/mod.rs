@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod qmp;
+pub mod report;
 
 /// Whether `/dev/kvm` can be opened; prints why `bench` is skipped when it cannot.
 pub fn kvm_or_skip(bench: &str) -> bool {
@@ -61,11 +62,17 @@ pub fn qemu_command(qemu: &std::path::Path, boot: u32, max: u32, mem_mib: u32) -
     {
         c.arg("-L").arg(d);
     }
+    // PVM only: it refuses QEMU's write of IA32_ARCH_CAPABILITIES (MSR 0x10a) and QEMU
+    // aborts, so that CPUID bit is left off there.
+    let cpu = match std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        true => "host,arch-capabilities=off",
+        false => "host",
+    };
     c.args([
         "-accel",
         "kvm",
         "-cpu",
-        "host",
+        cpu,
         "-nographic",
         "-nodefaults",
         "-no-reboot",
