@@ -163,6 +163,8 @@ ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 # packed under /tmp (a checkout in /tmp puts the test binaries there).
 chmod 1777 /tmp
 mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
+# Pseudo-terminals (/dev/ptmx needs a devpts on /dev/pts): `--serial pty` opens one.
+mkdir -p /dev/pts && mount -t devpts -o ptmxmode=0666 devpts /dev/pts
 ulimit -n 65536
 for m in $(cat /modules/order); do insmod /modules/$m || echo "nested: insmod $m failed"; done
 if [ ! -c /dev/kvm ]; then echo "nested: no /dev/kvm in L1"; echo "@@NESTED-EXIT 125"; poweroff -f; fi

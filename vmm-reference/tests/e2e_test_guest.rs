@@ -492,8 +492,8 @@ fn a_pty_console_answers_and_an_unread_one_cannot_stall_the_guest() {
         "--api-socket",
         &api_arg,
     ];
-    let mut child = spawn_vmm(&args);
-    let info = wait_for_info(&api);
+    let mut child = KillOnDrop(spawn_vmm(&args));
+    let info = wait_for_info(&api, &mut child.0);
     let serial = &info["config"]["serial"];
     assert_eq!(serial["mode"], "Pty", "{info}");
     let path = serial["file"].as_str().expect("the pty's slave").to_string();
@@ -507,6 +507,7 @@ fn a_pty_console_answers_and_an_unread_one_cannot_stall_the_guest() {
     };
     // Typed on the pty: 150 `status` commands whose replies nobody reads for a while.
     let mut tty = open();
+    pty_replies(&mut tty, 1, |l| l.starts_with("READY"));
     for _ in 0..REPLIES {
         tty.write_all(b"status\n").expect("type on the pty");
     }
@@ -520,29 +521,45 @@ fn a_pty_console_answers_and_an_unread_one_cannot_stall_the_guest() {
         t.elapsed()
     );
     assert_eq!(pty_api(&api, "PUT", "vm.resume").0, 204);
-    pty_replies(&mut tty, REPLIES);
-    // Detached (every fd of the slave closed), then attached again: it still answers.
+    pty_replies(&mut tty, REPLIES, is_ok);
+    // Detached (every fd of the slave closed), then attached again: it still answers, and a
+    // terminal's Enter (CR) ends a command as LF does.
     drop(tty);
     std::thread::sleep(Duration::from_millis(300));
     let mut again = open();
-    again.write_all(b"status\n").expect("type again");
-    pty_replies(&mut again, 1);
-    again.write_all(b"poweroff\n").expect("poweroff");
-    let out = wait_child(&mut child, T);
+    again.write_all(b"status\r").expect("type again");
+    pty_replies(&mut again, 1, is_ok);
+    again.write_all(b"poweroff\r").expect("poweroff");
+    let out = wait_child(&mut child.0, T);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("serial console on {path}")), "{stderr}");
 }
 
-/// Read the pty's slave until `n` replies (`OK` lines) came, within `STATUS_T`.
-fn pty_replies(f: &mut std::fs::File, n: usize) {
+/// A VMM process killed when the test ends, passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn is_ok(l: &str) -> bool {
+    l == "OK" || l.starts_with("OK ")
+}
+
+/// Read the pty's slave until `n` lines `want` came, each within `STATUS_T` of the one before
+/// (a `status` reply takes about a second in a loaded nested run).
+fn pty_replies(f: &mut std::fs::File, n: usize, want: fn(&str) -> bool) {
     use std::io::Read;
     use std::os::fd::AsRawFd;
-    let deadline = Instant::now() + STATUS_T;
+    let mut deadline = Instant::now() + STATUS_T;
     let (mut ok, mut line) = (0, Vec::new());
     while ok < n {
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "{ok} of {n} replies came");
+        assert!(!left.is_zero(), "{ok} of {n} lines came");
         let mut pfd = libc::pollfd {
             fd: f.as_raw_fd(),
             events: libc::POLLIN,
@@ -560,18 +577,28 @@ fn pty_replies(f: &mut std::fs::File, n: usize) {
                 continue;
             }
             let l = String::from_utf8_lossy(&line).trim_end().to_string();
-            ok += usize::from(l == "OK" || l.starts_with("OK "));
+            if want(&l) {
+                ok += 1;
+                deadline = Instant::now() + STATUS_T;
+            }
             line.clear();
         }
     }
 }
 
-/// `vm.info` of the VMM at `api`, once it answers.
-fn wait_for_info(api: &std::path::Path) -> serde_json::Value {
+/// `vm.info` of the VMM at `api`, once it answers (the VMM's stderr if it ended first).
+fn wait_for_info(api: &std::path::Path, child: &mut std::process::Child) -> serde_json::Value {
     let deadline = Instant::now() + T;
     loop {
         if let Ok((200, body)) = vmm_reference::api::request(api, "GET", "vm.info", None) {
             return serde_json::from_str(&body).expect("vm.info JSON");
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(e) = child.stderr.as_mut() {
+                let _ = std::io::Read::read_to_string(e, &mut err);
+            }
+            panic!("the VMM ended ({status}) before its API answered: {err}");
         }
         assert!(Instant::now() < deadline, "no API at {}", api.display());
         std::thread::sleep(Duration::from_millis(20));

@@ -112,7 +112,11 @@ extern "C" {
 
 // ---------------------------------------------------------------- console output
 
+/// One byte to COM1; a line ends in CR LF, as a serial terminal (screen on a pty) expects.
 fn putc(c: u8) {
+    if c == b'\n' {
+        arch::outb(COM1, b'\r');
+    }
     arch::outb(COM1, c);
 }
 
@@ -486,12 +490,13 @@ fn command_loop() -> ! {
                 let line = &mut *addr_of_mut!(LINE);
                 let len = &mut *addr_of_mut!(LINE_LEN);
                 match ch {
-                    b'\n' => {
+                    // A terminal's Enter sends CR, a program LF: either ends the line (the
+                    // empty line between CR and LF is ignored).
+                    b'\n' | b'\r' => {
                         let n = *len;
                         *len = 0;
                         execute(line.get(..n).unwrap_or(&[]));
                     }
-                    b'\r' => {}
                     _ => {
                         if let Some(slot) = line.get_mut(*len) {
                             *slot = ch;

@@ -64,6 +64,8 @@ struct Outbox {
     client: Option<File>,
     /// The writer thread holds data it took from `buf` and has not finished sending.
     sending: bool,
+    /// Bytes the reader has taken so far.
+    sent: u64,
 }
 
 /// A listening Unix socket whose (single, latest) client is the console, or a
@@ -155,15 +157,26 @@ impl Console {
     pub fn close(&self) {
         // The guest's last words (a panic, the reply before a triple fault) go out first: the
         // writer thread gets up to a second to hand a connected client what is queued.
+        // A reader that takes nothing for 300 ms (a pty nobody opened) is not waited for.
         let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let mut last = (u64::MAX, std::time::Instant::now());
         while std::time::Instant::now() < deadline {
             let o = self.lock();
             if (o.buf.is_empty() && !o.sending) || o.client.is_none() {
                 break;
             }
+            match o.sent {
+                n if n != last.0 => last = (n, std::time::Instant::now()),
+                _ if last.1.elapsed() > Duration::from_millis(300) => break,
+                _ => {}
+            }
             drop(o);
             self.ready.notify_one();
             std::thread::sleep(Duration::from_millis(2));
+        }
+        // A pty's master goes now: an attached terminal sees the hangup with the VM's end.
+        if self.pty {
+            self.lock().client = None;
         }
         // The lock is held for a socket only: a pty's slave is not ours to remove.
         if let Some(lock) = self.lock.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -203,17 +216,16 @@ fn write_out(console: &Weak<Console>) {
         };
         o.sending = true;
         drop(o);
-        let sent = send_some(&mut client, &data);
+        let (sent, gone) = send_some(&mut client, &data, c.pty);
         let mut o = c.lock();
         o.sending = false;
-        match sent {
-            // A pty's master stays: its slave may be opened again.
-            None if c.pty => std::thread::sleep(PTY_RETRY),
-            None => o.client = None,
-            Some(_) => {}
+        o.sent += sent as u64;
+        // A pty's master stays whatever a write said: its slave may be opened again.
+        if gone && !c.pty {
+            o.client = None;
         }
         // What was not sent goes back in front of what arrived meanwhile (bounded again).
-        let rest = &data[sent.unwrap_or(0)..];
+        let rest = &data[sent..];
         if !rest.is_empty() {
             let newer = std::mem::take(&mut o.buf);
             let keep = OUTBOX_MAX.min(rest.len() + newer.len());
@@ -221,16 +233,22 @@ fn write_out(console: &Weak<Console>) {
             o.dropped += (o.buf.len() - keep) as u64;
             o.buf.truncate(keep);
         }
+        drop(o);
+        if gone && c.pty {
+            // Not under the lock: vCPUs queue output meanwhile.
+            std::thread::sleep(PTY_RETRY);
+        }
     }
 }
 
 /// How long the writer waits before trying a pty that failed a write (no slave open).
 const PTY_RETRY: Duration = Duration::from_millis(100);
 
-/// Wait up to `ms` for `fd` to take a write. A hung-up pty master (no slave open) reports
-/// POLLHUP at once, without POLLOUT once its buffer is full: that waits the whole time too,
-/// so the writer does not spin.
-fn wait_writable(fd: std::os::fd::RawFd, ms: i32) -> bool {
+/// Wait up to `ms` for `fd` to take a write (or, for a socket, to have hung up: the write
+/// then fails and the client is dropped). A pty master whose slave was closed reports POLLHUP
+/// at once, without POLLOUT once its buffer is full: that waits the whole time, as does a
+/// failing poll, so the writer does not spin.
+fn wait_writable(fd: std::os::fd::RawFd, ms: i32, pty: bool) -> bool {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLOUT,
@@ -238,25 +256,27 @@ fn wait_writable(fd: std::os::fd::RawFd, ms: i32) -> bool {
     };
     // SAFETY: `pfd` is one valid pollfd for the duration of the call.
     let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if n > 0 && pfd.revents & libc::POLLOUT != 0 {
-        return true;
+    let hung_up = pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0;
+    match n {
+        0 => false,
+        n if n > 0 && (pfd.revents & libc::POLLOUT != 0 || (hung_up && !pty)) => true,
+        _ => {
+            std::thread::sleep(Duration::from_millis(ms as u64));
+            false
+        }
     }
-    if n > 0 {
-        std::thread::sleep(Duration::from_millis(ms as u64));
-    }
-    false
 }
 
-/// Write as much of `data` as the client takes within 200 ms per write: `Some(bytes)`, or
-/// `None` when the client is gone (or, for a pty, failed).
-fn send_some(client: &mut File, data: &[u8]) -> Option<usize> {
+/// Write as much of `data` as the client takes within 200 ms per write: the bytes sent, and
+/// whether the client is gone (for a pty: a write failed).
+fn send_some(client: &mut File, data: &[u8], pty: bool) -> (usize, bool) {
     let mut off = 0;
     while off < data.len() {
-        if !wait_writable(client.as_raw_fd(), 200) {
-            return Some(off);
+        if !wait_writable(client.as_raw_fd(), 200, pty) {
+            return (off, false);
         }
         match client.write(&data[off..]) {
-            Ok(0) => return None,
+            Ok(0) => return (off, true),
             Ok(n) => off += n,
             Err(e)
                 if matches!(
@@ -264,13 +284,13 @@ fn send_some(client: &mut File, data: &[u8]) -> Option<usize> {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Some(off)
+                return (off, false)
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
+            Err(_) => return (off, true),
         }
     }
-    Some(off)
+    (off, false)
 }
 
 impl Drop for Console {
