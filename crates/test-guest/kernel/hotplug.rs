@@ -77,7 +77,10 @@ pub fn init(base: u16, gpe0: u16, gpe0_len: u8, sci: u16, ioapic: u64, bsp_apic_
 }
 
 /// Enable or disable the CPU hotplug GPE. Events raised while it is off stay pending in
-/// GPE0_STS; enabling it then asserts the (level) SCI at once.
+/// GPE0_STS; enabling it then asserts the (level) SCI at once. Off also drops a scan an SCI
+/// asked for: a scan polls the device, so it can take an event before that event's SCI is
+/// handled, and the late SCI leaves a scan pending that would take events raised after
+/// `gpe off` (seen under load). No event is seen while the GPE is off; on looks at once.
 pub fn set_gpe_enabled(on: bool) {
     let gpe0 = GPE0.load(Ordering::Relaxed) as u16;
     if gpe0 != 0 {
@@ -85,6 +88,7 @@ pub fn set_gpe_enabled(on: bool) {
             gpe0 + GPE0_HALF.load(Ordering::Relaxed) as u16,
             if on { GPE_CPU_HOTPLUG } else { 0 },
         );
+        SCAN_PENDING.store(on, Ordering::SeqCst);
     }
 }
 
