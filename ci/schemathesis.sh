@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 version=4.32.5
 venv=target/ci-venv
 if ! "$venv/bin/st" --version 2>/dev/null | grep -qF "$version"; then
-    python3 -m venv "$venv"
+    bash ci/venv.sh "$venv"
     "$venv/bin/pip" install -q "schemathesis==$version"
 fi
 if ! command -v socat >/dev/null 2>&1; then
@@ -26,7 +26,14 @@ vmm=target/debug/vmm-reference
 
 dir=$(mktemp -d)
 vmm_pid="" shim_pid=""
+fail() {
+    echo "--- the VMM's stderr (last 30 lines) ---" >&2
+    tail -30 "$dir/vmm.log" >&2 || true
+    echo "error: $*" >&2
+    exit 1
+}
 cleanup() {
+    set +e
     [ -n "$shim_pid" ] && kill "$shim_pid" 2>/dev/null
     [ -n "$vmm_pid" ] && kill -9 "$vmm_pid" 2>/dev/null
     rm -rf "$dir"
@@ -35,12 +42,22 @@ trap cleanup EXIT
 sock=$dir/api.sock
 "$vmm" run --cpus boot=2,max=4 --memory 64M --api-socket "$sock" --serial null 2>"$dir/vmm.log" &
 vmm_pid=$!
-for _ in $(seq 300); do [ -S "$sock" ] && break; sleep 0.1; done
-[ -S "$sock" ] || { cat "$dir/vmm.log" >&2; echo "error: the VMM made no API socket in 30 s" >&2; exit 1; }
+for _ in $(seq 300); do
+    [ -S "$sock" ] && break
+    kill -0 "$vmm_pid" 2>/dev/null || fail "the VMM ended before it made its API socket"
+    sleep 0.1
+done
+[ -S "$sock" ] || fail "the VMM made no API socket in 30 s"
+# socat listens on a port the kernel picks (port 0 is not an option for it): a free one is
+# taken and handed over; if another process grabs it meanwhile, socat fails and we say so.
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-socat "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$sock" &
+socat "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$sock" 2>"$dir/socat.log" &
 shim_pid=$!
-for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $port))" 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 100); do
+    python3 -c "import socket; socket.create_connection(('127.0.0.1', $port))" 2>/dev/null && break
+    kill -0 "$shim_pid" 2>/dev/null || { cat "$dir/socat.log" >&2; fail "socat could not listen on port $port"; }
+    sleep 0.1
+done
 
 st_rc=0
 "$venv/bin/st" --config-file vmm-reference/api/schemathesis.toml run vmm-reference/api/openapi.yaml \
@@ -50,26 +67,35 @@ st_rc=0
     --report junit --report-dir target/schemathesis --no-color || st_rc=$?
 
 # The VM survived what schemathesis sent: it runs (resumed if a generated request paused it),
-# no vCPU thread failed, and vm.shutdown ends the VMM with status 0.
-ctl() { timeout 30 "$vmm" ctl --api-socket "$sock" "$@"; }
-ctl resume >/dev/null
-info=$(ctl info --json)
+# no vCPU thread failed, and vm.shutdown ends the VMM with status 0. ctl exits 75 on a 429
+# (busy: a generated removal may still be under way), which is retried.
+ctl() {
+    local rc
+    for _ in $(seq 10); do
+        rc=0
+        timeout 30 "$vmm" ctl --api-socket "$sock" "$@" || rc=$?
+        [ "$rc" = 75 ] || return "$rc"
+        sleep 1
+    done
+    return "$rc"
+}
+kill -0 "$vmm_pid" 2>/dev/null || fail "the VMM ended during the schemathesis run"
+ctl resume >/dev/null || fail "vm.resume after schemathesis failed"
+info=$(ctl info --json) || fail "vm.info after schemathesis failed"
 echo "$info" | python3 -c '
 import json, sys
 i = json.load(sys.stdin)
 assert i["state"] == "Running", i["state"]
 assert not i["failed_vcpus"], i["failed_vcpus"]
 print("after schemathesis: %s, %d of %d CPUs present" % (i["state"], i["present_vcpus"], i["max_vcpus"]))
-' || { echo "error: the VM is not well after schemathesis: $info" >&2; exit 1; }
-ctl shutdown >/dev/null
+' || fail "the VM is not well after schemathesis: $info"
+ctl shutdown >/dev/null || fail "vm.shutdown failed"
+if ! timeout 30 tail --pid="$vmm_pid" -f /dev/null; then
+    fail "the VMM did not end within 30 s of vm.shutdown"
+fi
 vmm_rc=0
-timeout 30 tail --pid="$vmm_pid" -f /dev/null || vmm_rc=timeout
 wait "$vmm_pid" || vmm_rc=$?
 vmm_pid=""
-if [ "$vmm_rc" != 0 ]; then
-    tail -20 "$dir/vmm.log" >&2
-    echo "error: the VMM did not end cleanly after vm.shutdown ($vmm_rc)" >&2
-    exit 1
-fi
+[ "$vmm_rc" = 0 ] || fail "the VMM ended with status $vmm_rc after vm.shutdown"
 [ "$st_rc" = 0 ] || { echo "error: schemathesis found the failures above (reports: target/schemathesis/)" >&2; exit 1; }
 echo "schemathesis: no failures; the VM ran on and shut down cleanly"

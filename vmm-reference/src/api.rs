@@ -685,15 +685,28 @@ pub fn serve(listener: UnixListener, target: Arc<ApiTarget>) {
     }
 }
 
-/// Client side: send one request over the socket at `path`; returns (status, body).
+/// Client side: send one request over the socket at `path`, awaiting the answer up to 300 s;
+/// returns (status, body).
 pub fn request(
     path: &std::path::Path,
     method: &str,
     endpoint: &str,
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
+    request_within(path, method, endpoint, body, Duration::from_secs(300))
+}
+
+/// [`request`] with the answer awaited up to `wait` (a migration's answer comes when it
+/// ends, which its `timeout_ms` bounds).
+pub fn request_within(
+    path: &std::path::Path,
+    method: &str,
+    endpoint: &str,
+    body: Option<&str>,
+    wait: Duration,
+) -> std::io::Result<(u16, String)> {
     let mut s = UnixStream::connect(path)?;
-    s.set_read_timeout(Some(Duration::from_secs(300)))?;
+    s.set_read_timeout(Some(wait))?;
     let body = body.unwrap_or("");
     let req = format!(
         "{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Subcommand;
 
@@ -187,7 +188,16 @@ pub fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
         }
         _ => None,
     };
-    let answer = vmm_reference::api::request(sock, method, endpoint, body.as_deref());
+    // A migration answers when it ends: within its deadline (timeout_ms, default 600 s),
+    // plus a margin for the VMM to say so.
+    let wait = match &op {
+        CtlOp::Migrate { timeout_ms, .. } => {
+            Duration::from_millis(timeout_ms.unwrap_or(600_000).min(u64::from(u32::MAX) * 1000))
+                + Duration::from_secs(60)
+        }
+        _ => Duration::from_secs(300),
+    };
+    let answer = vmm_reference::api::request_within(sock, method, endpoint, body.as_deref(), wait);
     if let Some((watcher, done)) = progress {
         done.store(true, Ordering::SeqCst);
         let _ = watcher.join();
