@@ -24,7 +24,7 @@ apt_install() {
 command -v chromium >/dev/null 2>&1 || apt_install chromium
 venv=target/ci-venv
 "$venv/bin/python" -c 'import PIL' 2>/dev/null || {
-    python3 -m venv "$venv"
+    bash ci/venv.sh "$venv"
     "$venv/bin/pip" install -q "pillow==13.0.0"
 }
 bash ci/qemu-peer.sh >/dev/null
@@ -32,7 +32,7 @@ bash ci/qemu-peer.sh >/dev/null
 rm -rf "$report"
 mkdir -p "$report"
 printf 'Built with the %s profile on %s, %s.%s\n' "$profile" "$(uname -r)" "$(date -u +%F)" \
-    "$([ "$profile" = bench ] || echo ' Debug build: the numbers show the plots work, not how fast anything is.')" \
+    "$([ "$profile" = bench ] || echo ' Not the release build: the numbers show the plots work, not how fast anything is.')" \
     >"$report/about.txt"
 BOOT_BENCH_RUNS="${BOOT_BENCH_RUNS:-5}" HOTPLUG_BENCH_SAMPLES="${HOTPLUG_BENCH_SAMPLES:-5}" \
 MIGRATION_BENCH_SAMPLES="${MIGRATION_BENCH_SAMPLES:-1}" BENCH_REPORT_DIR="$report" \
@@ -41,8 +41,13 @@ MIGRATION_BENCH_SAMPLES="${MIGRATION_BENCH_SAMPLES:-1}" BENCH_REPORT_DIR="$repor
 shots="$report/screenshots"
 mkdir -p "$shots"
 shoot() { # file, width, height
-    timeout 60 chromium --headless --no-sandbox --disable-gpu --hide-scrollbars \
-        --window-size="$2,$3" --screenshot="$shots/$(basename "$1").png" "file://$1" >/dev/null 2>&1
+    local log="$shots/$(basename "$1").log"
+    timeout 60 chromium --headless --no-sandbox --disable-gpu --disable-dev-shm-usage --hide-scrollbars \
+        --window-size="$2,$3" --screenshot="$shots/$(basename "$1").png" "file://$1" >"$log" 2>&1 || {
+        tail -5 "$log" >&2
+        echo "error: headless Chromium could not screenshot $1" >&2
+        exit 1
+    }
 }
 shoot "$report/index.html" 1000 3000
 for svg in "$report"/*.svg; do shoot "$svg" 760 480; done
@@ -53,7 +58,7 @@ report = pathlib.Path(sys.argv[1])
 OURS, QEMU = (0x1f, 0x77, 0xb4), (0xff, 0x7f, 0x0e)
 def near(p, c):
     return sum(abs(a - b) for a, b in zip(p[:3], c)) < 40
-def check(png, colours):
+def check(png, colours, plot_top=0):
     img = Image.open(png).convert("RGB")
     px = list(img.get_flattened_data())
     ink = sum(1 for p in px if sum(p) < 3 * 235)
@@ -61,18 +66,30 @@ def check(png, colours):
     problems = []
     if ink < 0.01 * len(px) or distinct < 3:
         problems.append(f"blank ({ink} of {len(px)} pixels drawn, {distinct} colours)")
+    # A series counts only where it is drawn: below the legend, whose swatches (140 pixels
+    # each) are in the series colours too.
+    w = img.width
+    below = px[plot_top * w:]
     for name, c in colours:
-        if sum(1 for p in px if near(p, c)) < 100:
-            problems.append(f"no {name} series")
+        if sum(1 for p in below if near(p, c)) < 300:
+            problems.append(f"no {name} series drawn")
     return problems
+# The plot area starts below the title (40 px) and one 18 px legend row per series.
+def plot_top(n_series):
+    return 40 + 18 * n_series + 8
 svgs = sorted(report.glob("*.svg"))
 expected = {"boot-ready", "hotplug-add", "hotplug-remove", "migration-rounds-bytes", "migration-rounds-dirty"}
 failed = [f"missing plot {n}.svg" for n in sorted(expected - {s.stem for s in svgs})]
+# QEMU's series is required where its benchmark's table says the QEMU peer ran.
+def qemu_ran(bench):
+    t = (report / f"{bench}.txt").read_text() if (report / f"{bench}.txt").exists() else ""
+    return "QEMU 7.2" in t and "QEMU peer failed" not in t and "no QEMU" not in t
 for svg in svgs:
     colours = [("vmm-reference", OURS)]
-    if svg.stem in ("boot-ready", "hotplug-add", "hotplug-remove"):
+    if svg.stem in ("boot-ready", "hotplug-add", "hotplug-remove") and qemu_ran(svg.stem.split("-")[0]):
         colours.append(("QEMU", QEMU))
-    failed += [f"{svg.name}: {p}" for p in check(report / "screenshots" / f"{svg.name}.png", colours)]
+    top = plot_top(len(colours))
+    failed += [f"{svg.name}: {p}" for p in check(report / "screenshots" / f"{svg.name}.png", colours, top)]
 failed += [f"index.html: {p}" for p in check(report / "screenshots" / "index.html.png", [("vmm-reference", OURS)])]
 for f in failed:
     print("error:", f, file=sys.stderr)

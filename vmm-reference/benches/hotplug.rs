@@ -73,7 +73,12 @@ fn main() {
         let t = Instant::now();
         let (s, _) = request(&api, "PUT", "vm.remove-cpu", Some(r#"{"id":2}"#)).unwrap();
         assert_eq!(s, 204);
+        let deadline = Instant::now() + T;
         loop {
+            assert!(
+                Instant::now() < deadline,
+                "CPU 2's eject did not complete in {T:?}"
+            );
             let v = info(&api);
             if v["cpus"][2]["vcpu"] == "parked"
                 && v["pending_removals"].as_array().is_some_and(|a| a.is_empty())

@@ -62,8 +62,8 @@ pub fn qemu_command(qemu: &std::path::Path, boot: u32, max: u32, mem_mib: u32) -
     {
         c.arg("-L").arg(d);
     }
-    // PVM only: it refuses QEMU's write of IA32_ARCH_CAPABILITIES (MSR 0x10a) and QEMU
-    // aborts, so that CPUID bit is left off there.
+    // PVM only: it refuses the IA32_ARCH_CAPABILITIES value (MSR 0x10a) QEMU writes for
+    // `-cpu host`, and QEMU aborts; with the feature off QEMU writes 0, which PVM takes.
     let cpu = match std::path::Path::new("/sys/module/kvm_pvm").exists() {
         true => "host,arch-capabilities=off",
         false => "host",
