@@ -80,7 +80,8 @@ pub fn init(base: u16, gpe0: u16, gpe0_len: u8, sci: u16, ioapic: u64, bsp_apic_
 /// GPE0_STS; enabling it then asserts the (level) SCI at once. Off also drops a scan an SCI
 /// asked for: a scan polls the device, so it can take an event before that event's SCI is
 /// handled, and the late SCI leaves a scan pending that would take events raised after
-/// `gpe off` (seen under load). No event is seen while the GPE is off; on looks at once.
+/// `gpe off` (seen under load); [`on_sci`] ignores SCIs while the GPE is off. No event is
+/// seen while the GPE is off; on looks at once.
 pub fn set_gpe_enabled(on: bool) {
     let gpe0 = GPE0.load(Ordering::Relaxed) as u16;
     if gpe0 != 0 {
@@ -92,10 +93,16 @@ pub fn set_gpe_enabled(on: bool) {
     }
 }
 
-/// SCI handler body (BSP): acknowledge GPE 2 and leave the scan to the main loop.
+/// SCI handler body (BSP): acknowledge GPE 2 and leave the scan to the main loop. An SCI
+/// while GPE 2 is disabled (one KVM injected late, after `gpe off`) leaves its status set
+/// for `gpe on`, as an OS handles only the GPEs it enabled.
 pub fn on_sci() {
     SCI_COUNT.fetch_add(1, Ordering::Relaxed);
     let gpe0 = GPE0.load(Ordering::Relaxed) as u16;
+    let half = GPE0_HALF.load(Ordering::Relaxed) as u16;
+    if gpe0 != 0 && inb(gpe0 + half) & GPE_CPU_HOTPLUG == 0 {
+        return;
+    }
     if gpe0 != 0 && inb(gpe0) & GPE_CPU_HOTPLUG != 0 {
         outb(gpe0, GPE_CPU_HOTPLUG); // write 1 to clear
         SCAN_PENDING.store(true, Ordering::SeqCst);
