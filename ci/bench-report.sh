@@ -71,7 +71,7 @@ def check(png, colours, plot_top=0):
     w = img.width
     below = px[plot_top * w:]
     for name, c in colours:
-        if sum(1 for p in below if near(p, c)) < 300:
+        if sum(1 for p in below if near(p, c)) < 120:
             problems.append(f"no {name} series drawn")
     return problems
 # The plot area starts below the title (40 px) and one 18 px legend row per series.

@@ -208,7 +208,10 @@ fn write_out(console: &Weak<Console>) {
             let _ = c.ready.wait_timeout(o, Duration::from_millis(200));
             continue;
         }
-        let data = std::mem::take(&mut o.buf);
+        // At most CHUNK at a time: `sent` then moves as a slow reader takes it, which is
+        // what `close` waits on.
+        let take = o.buf.len().min(CHUNK);
+        let data: Vec<u8> = o.buf.drain(..take).collect();
         let Some(mut client) = o.client.as_ref().and_then(|s| s.try_clone().ok()) else {
             o.client = None;
             o.buf = data;
@@ -240,6 +243,9 @@ fn write_out(console: &Weak<Console>) {
         }
     }
 }
+
+/// Most output the writer thread takes from the outbox per send.
+const CHUNK: usize = 64 * 1024;
 
 /// How long the writer waits before trying a pty that failed a write (no slave open).
 const PTY_RETRY: Duration = Duration::from_millis(100);
