@@ -208,15 +208,20 @@ fn write_out(console: &Weak<Console>) {
             let _ = c.ready.wait_timeout(o, Duration::from_millis(200));
             continue;
         }
+        // The client first: if it cannot be duplicated (no fds left), the outbox stays as it
+        // is; a socket client is dropped, a pty's master is tried again later.
+        let Some(mut client) = o.client.as_ref().and_then(|s| s.try_clone().ok()) else {
+            if !c.pty {
+                o.client = None;
+            }
+            drop(o);
+            std::thread::sleep(PTY_RETRY);
+            continue;
+        };
         // At most CHUNK at a time: `sent` then moves as a slow reader takes it, which is
         // what `close` waits on.
         let take = o.buf.len().min(CHUNK);
         let data: Vec<u8> = o.buf.drain(..take).collect();
-        let Some(mut client) = o.client.as_ref().and_then(|s| s.try_clone().ok()) else {
-            o.client = None;
-            o.buf = data;
-            continue;
-        };
         o.sending = true;
         drop(o);
         let (sent, gone) = send_some(&mut client, &data, c.pty);
@@ -393,9 +398,15 @@ mod tests {
             "queueing waited: {:?}",
             t.elapsed()
         );
-        // The writer thread moves what the pty takes out of the outbox, then it stays full.
+        // The writer thread moves what the pty takes out of the outbox, then it stays full:
+        // wait until the pty has taken nothing for half a second (at most 10 s).
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while console.lock().sending && std::time::Instant::now() < deadline {
+        let mut last = (u64::MAX, std::time::Instant::now());
+        while std::time::Instant::now() < deadline && last.1.elapsed() < Duration::from_millis(500) {
+            let sent = console.lock().sent;
+            if sent != last.0 {
+                last = (sent, std::time::Instant::now());
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
         let dropped = console.dropped() as usize;
