@@ -298,7 +298,12 @@ fn failed_or_refused_migrations_leave_the_source_running() {
     assert_eq!(s, 429, "{v}");
     let (s, v) = mig.join().unwrap().unwrap();
     assert_eq!(s, 500, "{v}");
-    assert!(v.contains("acknowledgement"), "{v}");
+    // Normally the 4 s run out waiting for the Ack; on a loaded host (L1 with two busy loops
+    // on the host, CI) they can run out while the state is still being sent.
+    assert!(
+        v.contains("acknowledgement") || v.contains("deadline (timeout_ms) passed"),
+        "{v}"
+    );
     t.join().unwrap();
     ticking(&mut vm);
     // Control operations work again (the migration released the VM).
@@ -491,9 +496,15 @@ fn ctl_migrate_shows_progress_and_the_status_answers_throughout() {
         .spawn()
         .expect("ctl");
     let (mut seen, mut info_busy) = (Vec::<Value>::new(), 0);
-    let deadline = Instant::now() + T;
+    // A hang guard, not a speed bound: throttled rounds of held frames took over 30 s in L1
+    // with two busy loops on the host (CI).
+    let bound = Duration::from_secs(300);
+    let deadline = Instant::now() + bound;
     while ctl.try_wait().expect("ctl").is_none() {
-        assert!(Instant::now() < deadline, "the migration did not end in {T:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the migration did not end in {bound:?}"
+        );
         // The source exits once the destination has the VM: a refused connect ends the watch.
         let Ok((s, body)) = vmm_reference::api::request(&vm.api, "GET", "vm.migration-status", None) else {
             break;
