@@ -9,7 +9,7 @@
 //! | `PUT /api/v1/vm.add-cpu` | optional `{"id": N}` | 200 `{"id": N}` (lowest absent CPU without a body) |
 //! | `PUT /api/v1/vm.remove-cpu` | `{"id": N}` | 204; 400 for CPU 0 or an absent CPU; 429 if already pending (a removal the guest refused is raised again) |
 //! | `PUT /api/v1/vm.cancel-removal` | `{"id": N}` | 204; 400 if no removal of N is pending; 429 while the guest carries it out |
-//! | `PUT /api/v1/vm.pause`, `vm.resume`, `vm.shutdown` | | 204 (429 during a snapshot or migration) |
+//! | `PUT /api/v1/vm.pause`, `vm.resume`, `vm.shutdown` | | 204 (429 during a snapshot or migration, or when a vCPU did not stop within `VCPU_TIMEOUT`: the VM runs on) |
 //! | `PUT /api/v1/vm.snapshot` | `{"destination_url": "file:///DIR"}` (or a plain path) | 200 `{"state_bytes": N, "paused_ms": T}` |
 //! | `PUT /api/v1/vm.restore` | `{"source_url": "file:///DIR"}` (`prefault: true`, `net_fds`: 400 "not supported: FIELD") | 204 (standby VMM only: `run --standby`) |
 //! | `PUT /api/v1/vm.receive-migration` | `{"receiver_url": "unix:PATH"\|"tcp:HOST:PORT", "token": "..."}` (`token` required for `tcp:`) | 204 once the migrated VM runs (standby VMM only) |

@@ -341,7 +341,7 @@ impl VmInner {
         self.not_migrating()?;
         let held = self.lock_vcpus_or_busy()?;
         let mut paused = PauseGuard::new(&self.vcpus, held, self.paused.load(Ordering::SeqCst))
-            .map_err(|e| ControlError::Internal(e.to_string()))?;
+            .map_err(ControlError::pausing)?;
         let mut vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
         // On failure nothing was switched: the old VM runs on as before.
         let (fresh, new_vm, times) = self.build_replacement(paused.manager(), &vm)?;

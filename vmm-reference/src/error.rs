@@ -59,3 +59,33 @@ pub enum ControlError {
     #[error("{0}")]
     Internal(String),
 }
+
+impl ControlError {
+    /// A failed pause of every vCPU: a vCPU that did not stop in time is busy (429, the VM
+    /// runs on and the caller may try again: a loaded host or a long exit delays it), anything
+    /// else is ours (500).
+    pub fn pausing(e: vcpu_manager::Error) -> Self {
+        match e {
+            vcpu_manager::Error::PauseTimeout(_) => Self::Busy(format!("{e}; the VM runs on, try again")),
+            other => Self::Internal(format!("pausing: {other}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A vCPU that misses the pause bound (a loaded host) is a reason to try again, not a
+    /// failure of the VMM: concurrent clients got 500 "vCPU 0 did not pause in time".
+    #[test]
+    fn a_late_pause_is_busy_and_other_failures_are_internal() {
+        let late = ControlError::pausing(vcpu_manager::Error::PauseTimeout(3));
+        assert!(
+            matches!(&late, ControlError::Busy(m) if m.contains("vCPU 3")),
+            "{late:?}"
+        );
+        let lost = ControlError::pausing(vcpu_manager::Error::ThreadPanicked(1));
+        assert!(matches!(lost, ControlError::Internal(_)), "{lost:?}");
+    }
+}

@@ -121,8 +121,7 @@ impl VmInner {
         // Kept paused on success; a pause that half failed resumes the vCPUs it paused. The
         // flag is set while the guard still holds the lock, so no add-cpu or transplant
         // waiting for it sees a paused VM as running.
-        let paused =
-            PauseGuard::new(&self.vcpus, vcpus, false).map_err(|e| ControlError::Internal(e.to_string()))?;
+        let paused = PauseGuard::new(&self.vcpus, vcpus, false).map_err(ControlError::pausing)?;
         self.paused.store(true, Ordering::SeqCst);
         paused.keep();
         Ok(())
@@ -215,7 +214,7 @@ impl VmInner {
         let held = self.lock_vcpus();
         let user_paused = self.paused.load(Ordering::SeqCst);
         let result = PauseGuard::new(&self.vcpus, held, user_paused)
-            .map_err(|e| ControlError::Internal(e.to_string()))
+            .map_err(ControlError::pausing)
             .and_then(|mut paused| {
                 let saved = self.save_paused(paused.manager())?;
                 // RAM while the vCPUs are still paused (the guard drops after this): the

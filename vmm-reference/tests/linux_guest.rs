@@ -192,7 +192,7 @@ fn linux_keeps_its_timer_and_onlines_hot_added_cpus() {
     for round in 0..21 {
         let (st, body) = g.0.api("PUT", "vm.remove-cpu", Some(r#"{"id":2}"#));
         assert_eq!(st, 204, "round {round}: {body}");
-        g.0.until("CPU 2 parked", |v| {
+        g.0.until_within("CPU 2 parked", BOOT, |v| {
             cpu(v, 2)["vcpu"] == "parked" && v["pending_removals"].as_array().is_some_and(|a| a.is_empty())
         });
         g.until("CPU 2 gone", |s| s.present == [0, 1, 3] && s.online == [0, 1, 3]);
@@ -229,7 +229,7 @@ fn linux_without_tsc_deadline_takes_pit_ticks_on_the_madt_pin() {
     // the LAPIC timer passed Linux's check is not asserted: under host load the check compares
     // two late TCG timers and can fail, and Linux then keeps ticking from the PIT.)
     let a = g.status();
-    let slept = g.0.con.command("sleep 0.5", Duration::from_secs(30));
+    let slept = g.0.con.command("sleep 0.5", BOOT);
     assert!(
         slept.as_ref().is_ok_and(|l| l.last().is_some_and(|l| l == "OK")),
         "no timer fires: {slept:?}; {:?}",
@@ -272,7 +272,7 @@ fn linux_ejecting_a_cpu_on_its_own_gets_it_back() {
     g.cmd("online 2");
     g.assert_ticking();
     assert_eq!(g.0.api("PUT", "vm.remove-cpu", Some(r#"{"id":2}"#)).0, 204);
-    g.0.until("CPU 2 parked", |v| cpu(v, 2)["vcpu"] == "parked");
+    g.0.until_within("CPU 2 parked", BOOT, |v| cpu(v, 2)["vcpu"] == "parked");
     g.until("CPU 2 gone", |s| s.present == [0, 1]);
     g.0.con.send("poweroff").expect("send poweroff");
     g.0.exits_cleanly();
@@ -394,7 +394,7 @@ fn pending_events_once_then_everything_works(g: &mut Linux) {
     g.assert_ticking();
     assert_eq!(g.0.api("PUT", "vm.remove-cpu", Some(r#"{"id":2}"#)).0, 204);
     g.until("CPU 2 removed", |s| s.present == [0, 1, 3, 5, 6]);
-    g.0.until("CPU 2 parked", |v| cpu(v, 2)["vcpu"] == "parked");
+    g.0.until_within("CPU 2 parked", BOOT, |v| cpu(v, 2)["vcpu"] == "parked");
     g.0.con.send("poweroff").expect("send poweroff");
 }
 

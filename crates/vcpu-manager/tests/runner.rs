@@ -91,7 +91,9 @@ impl ExitHandler for Collect {
         if Some(port) == self.panic_on {
             panic!("handler bug on port {port:#x}");
         }
-        if let Some(rx) = self.block.lock().unwrap().take() {
+        // Taken out first: the lock is not held while blocking (the test watches it).
+        let block = self.block.lock().unwrap().take();
+        if let Some(rx) = block {
             let _ = rx.recv_timeout(Duration::from_secs(30));
         }
         match port {
@@ -300,7 +302,13 @@ fn stopping_a_vcpu_stuck_in_its_handler_returns_within_a_bound() {
         ..Default::default()
     });
     let r = VcpuRunner::spawn(0, fd, h.clone()).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // The handler takes the receiver just before it blocks on it: wait for that rather than a
+    // fixed sleep, which a loaded host can outlast before the first exit.
+    let entered = Instant::now() + Duration::from_secs(60);
+    while h.block.lock().unwrap().is_some() {
+        assert!(Instant::now() < entered, "the vCPU never reached its handler");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let t = Instant::now();
     assert!(
         r.stop_and_join().is_none(),

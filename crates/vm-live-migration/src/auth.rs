@@ -183,8 +183,9 @@ mod tests {
         let (mut a, mut b) = UnixStream::pair().unwrap();
         let t = std::thread::spawn(move || demand(&mut a, &dest));
         let s = answer(&mut b, &src).and_then(|()| {
-            // A refusal (wrong token) follows the proof.
-            b.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+            // A refusal (wrong token) follows the proof; after a pass the destination's end
+            // closes when its thread returns, so EOF ends the read (the timeout only guards a hang).
+            b.set_read_timeout(Some(std::time::Duration::from_secs(60)))
                 .unwrap();
             match recv(&mut b, &FrameLimits::default()) {
                 Ok(Message::Refuse(why)) => Err(ProtocolError::Peer(why)),

@@ -387,6 +387,9 @@ mod tests {
     /// gets what was kept, in order.
     #[test]
     fn an_unread_pty_is_bounded_and_keeps_what_it_can() {
+        let _alone = crate::devices::DEVICE_THREADS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let (console, _input) = Console::pty().expect("a pty");
         let t = std::time::Instant::now();
         let total = 3 * OUTBOX_MAX;

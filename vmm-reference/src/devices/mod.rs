@@ -344,6 +344,11 @@ where
     })
 }
 
+/// Held by the unit tests that start device threads: one of them counts this process's
+/// threads by name, which another test's console writer would throw off.
+#[cfg(test)]
+pub(crate) static DEVICE_THREADS: Mutex<()> = Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,11 +376,20 @@ mod tests {
     /// ended: they held COM1 and the SCI until the process exited.
     #[test]
     fn closed_devices_leave_no_thread_behind() {
+        let _alone = DEVICE_THREADS.lock().unwrap_or_else(|e| e.into_inner());
         let names = ["console", "console-out", "irq9-resample"];
         let dir = std::env::temp_dir().join(format!("devices-close-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let mode = SerialMode::Socket(dir.join("con.sock"));
-        let before = threads(&names);
+        let wait_for = |want: &dyn Fn(usize) -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !want(threads(&names)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            threads(&names)
+        };
+        // A console another test closed may still be ending its writer thread.
+        let before = wait_for(&|n| n == 0);
         let ctx = DeviceContext {
             topology: Topology::new(2),
             serial: &mode,
@@ -383,13 +397,6 @@ mod tests {
             hotplug: Arc::new(Nobody),
         };
         let devices = Devices::new(ctx, 1).expect("devices");
-        let wait_for = |want: &dyn Fn(usize) -> bool| {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !want(threads(&names)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            threads(&names)
-        };
         assert_eq!(
             wait_for(&|n| n >= before + 3),
             before + 3,

@@ -457,7 +457,7 @@ impl VmInner {
         let paused_at = Instant::now();
         // Resumes the vCPUs on any failure from here; kept once the destination has the VM.
         let mut paused = PauseGuard::new(&self.vcpus, self.lock_vcpus(), self.paused.load(Ordering::SeqCst))
-            .map_err(|e| internal("pausing")(&e))?;
+            .map_err(ControlError::pausing)?;
         let saved = self.save_paused(paused.manager())?;
         paused.unlock();
         let final_bytes = pc
