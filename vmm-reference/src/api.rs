@@ -24,6 +24,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -506,15 +507,17 @@ impl ApiTarget {
         if sb.busy.swap(true, Ordering::SeqCst) {
             return Response::error(429, "a restore or incoming migration is already in progress");
         }
-        let resp = match make(sb) {
-            Ok(vm) => {
+        // A panic on this path (a VMM bug) must not leave the standby busy for good.
+        let resp = match std::panic::catch_unwind(AssertUnwindSafe(|| make(sb))) {
+            Ok(Ok(vm)) => {
                 *self.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.control());
                 match sb.created.lock().unwrap_or_else(|e| e.into_inner()).send(vm) {
                     Ok(()) => return Response::empty(),
                     Err(_) => Response::error(500, "the VMM is shutting down"),
                 }
             }
-            Err(e) => Response::error(400, e),
+            Ok(Err(e)) => Response::error(400, e),
+            Err(_) => Response::error(500, PANICKED),
         };
         sb.busy.store(false, Ordering::SeqCst);
         resp
@@ -613,18 +616,32 @@ pub fn route(target: &ApiTarget, req: &Request) -> Response {
     }
 }
 
+/// What a request whose handling panicked gets: the VMM and its VM run on.
+const PANICKED: &str = "the request failed inside the VMM (a bug: its log says where)";
+
+/// One connection counted in [`IN_FLIGHT`] until this drops, however serving it ends.
+struct InFlight;
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn serve_one(target: &ApiTarget, mut stream: UnixStream) {
+    let _slot = InFlight;
     let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
     let mut timed = Deadline {
         stream: &stream,
         until: std::time::Instant::now() + REQUEST_DEADLINE,
     };
     let resp = match read_request(&mut timed) {
-        Ok(req) => route(target, &req),
+        // A bug reached by a request answers 500 instead of ending this thread silently.
+        Ok(req) => std::panic::catch_unwind(AssertUnwindSafe(|| route(target, &req)))
+            .unwrap_or_else(|_| Response::error(500, PANICKED)),
         Err(resp) => resp,
     };
     let _ = write_response(&mut stream, &resp);
-    IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// Wait (up to `timeout`) until no request is being served, so that the answer to the
@@ -736,6 +753,17 @@ pub fn request_within(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A restore that panicked (a peer's Hello overflowed a sum in debug builds) left the
+    /// standby answering 429 "already in progress" for good.
+    #[test]
+    fn a_panicking_restore_answers_500_and_leaves_the_standby_usable() {
+        let (target, _rx) = ApiTarget::standby(SerialMode::Null, crate::migration::IncomingOptions::new());
+        let r = target.create(|_| panic!("a bug on the restore path"));
+        assert_eq!(r.status, 500, "{r:?}");
+        let r = target.create(|_| Err("no such snapshot".into()));
+        assert_eq!(r.status, 400, "the standby is not stuck busy: {r:?}");
+    }
 
     /// The client reads an answer the server gave before it read the request (and closed):
     /// at the connection cap the VMM answers 503 at once, and a client whose write then met

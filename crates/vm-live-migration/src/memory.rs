@@ -167,11 +167,12 @@ impl MemoryLayout {
         Ok(())
     }
 
-    /// Bytes the image file must hold.
+    /// Bytes the image file must hold (`u64::MAX` for a range that wraps, which
+    /// [`MemoryLayout::validate`] refuses: this may be asked of a layout not yet validated).
     pub fn image_len(&self) -> u64 {
         self.regions
             .iter()
-            .map(|r| r.file_offset + r.len)
+            .map(|r| r.file_offset.saturating_add(r.len))
             .max()
             .unwrap_or(0)
     }
@@ -331,6 +332,21 @@ mod tests {
     fn mem() -> GuestMemoryMmap<()> {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 10), (GuestAddress(1 << 20), 32 << 10)])
             .unwrap()
+    }
+
+    /// A peer's Hello is sized before it is validated: a file range that wraps panicked
+    /// the destination (debug builds) instead of being refused.
+    #[test]
+    fn a_wrapping_file_range_is_sized_without_panic_and_refused() {
+        let layout = MemoryLayout {
+            regions: vec![RegionDesc {
+                guest_addr: 0,
+                len: 8192,
+                file_offset: u64::MAX - 4095,
+            }],
+        };
+        assert_eq!(layout.image_len(), u64::MAX);
+        assert!(layout.validate(1 << 30).is_err());
     }
 
     #[test]

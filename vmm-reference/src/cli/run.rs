@@ -240,7 +240,7 @@ fn run(start: Start, api_socket: Option<&std::path::Path>) -> ExitCode {
     let on_signal = end_on_signals(api_socket.map(|p| p.to_path_buf()));
     // Bind the API socket first, so a bad path fails before the guest starts.
     // The socket's lock lives until the VMM ends: no second VMM can take the path over.
-    let (mut listener, _api_lock) = match api_socket {
+    let (mut listener, api_lock) = match api_socket {
         Some(p) => match vmm_reference::sock::bind_listening(p) {
             Ok((l, lock)) => (Some(l), Some(lock)),
             Err(e) => return fail(format!("--api-socket {}: {e}", p.display())),
@@ -266,9 +266,8 @@ fn run(start: Start, api_socket: Option<&std::path::Path>) -> ExitCode {
     vmm_reference::seccomp::apply_or_warn(vmm_reference::seccomp::ThreadKind::Api);
     let outcome = vm.wait(None);
     vmm_reference::api::wait_idle(Duration::from_secs(5));
-    if let Some(p) = api_socket {
-        let _ = std::fs::remove_file(p);
-    }
+    // Removes the socket (if the path is still ours) and its lock.
+    drop(api_lock);
     vm.shutdown();
     exit_code(outcome)
 }

@@ -178,11 +178,9 @@ impl Console {
         if self.pty {
             self.lock().client = None;
         }
-        // The lock is held for a socket only: a pty's slave is not ours to remove.
-        if let Some(lock) = self.lock.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = std::fs::remove_file(&self.path);
-            drop(lock);
-        }
+        // The lock is held for a socket only (a pty's slave is not ours to remove); dropping
+        // it removes the socket, if the path is still ours.
+        drop(self.lock.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 
     /// Bytes of guest output dropped because the client did not keep up.

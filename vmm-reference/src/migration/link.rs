@@ -83,9 +83,9 @@ impl Address {
 pub(crate) enum Listener {
     Unix {
         listener: std::os::unix::net::UnixListener,
-        /// Held while listening: no other process takes the path over.
+        /// Held while listening: no other process takes the path over. Dropped, it removes
+        /// the socket.
         _lock: crate::sock::PathLock,
-        path: std::path::PathBuf,
     },
     Tcp(TcpListener),
 }
@@ -99,7 +99,6 @@ impl Listener {
                 Listener::Unix {
                     listener,
                     _lock: lock,
-                    path: p.clone(),
                 }
             }
             Address::Tcp(a) => Listener::Tcp(TcpListener::bind(a)?),
@@ -116,14 +115,6 @@ impl Listener {
                 Box::new(s)
             }
         })
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Listener::Unix { path, .. } = self {
-            let _ = std::fs::remove_file(path);
-        }
     }
 }
 
