@@ -7,14 +7,14 @@
 //! | `GET /api/v1/vm.info` | | 200, [`crate::status::VmInfo`] as JSON (`state`, `config` in Cloud Hypervisor's names); 429 while a snapshot or migration holds the vCPUs |
 //! | `PUT /api/v1/vm.resize` | `{"desired_vcpus": N}` (`desired_ram`, `desired_balloon`: 400 "not supported: FIELD") | 204; 429 while a removal is pending; 400 out of range |
 //! | `PUT /api/v1/vm.add-cpu` | optional `{"id": N}` | 200 `{"id": N}` (lowest absent CPU without a body) |
-//! | `PUT /api/v1/vm.remove-cpu` | `{"id": N}` | 204; 400 for CPU 0 or an absent CPU; 429 if already pending (a removal the guest refused is raised again) |
-//! | `PUT /api/v1/vm.cancel-removal` | `{"id": N}` | 204; 400 if no removal of N is pending; 429 while the guest carries it out |
+//! | `PUT /api/v1/vm.remove-cpu` | `{"id": N}` | 204; 400 for CPU 0 or an absent CPU; 429 while the guest has not taken the event yet (a removal the guest refused, or took and never finished, is raised again) |
+//! | `PUT /api/v1/vm.cancel-removal` | `{"id": N}` | 204 at any stage before the eject (a late eject from the guest is then refused and the CPU announced again); 400 if no removal of N is pending; 429 while an eject is completed |
 //! | `PUT /api/v1/vm.pause`, `vm.resume`, `vm.shutdown` | | 204 (429 during a snapshot or migration, or when a vCPU did not stop within `VCPU_TIMEOUT`: the VM runs on) |
 //! | `PUT /api/v1/vm.snapshot` | `{"destination_url": "file:///DIR"}` (or a plain path) | 200 `{"state_bytes": N, "paused_ms": T}` |
 //! | `PUT /api/v1/vm.restore` | `{"source_url": "file:///DIR"}` (`prefault: true`, `net_fds`: 400 "not supported: FIELD") | 204 (standby VMM only: `run --standby`) |
-//! | `PUT /api/v1/vm.receive-migration` | `{"receiver_url": "unix:PATH"\|"tcp:HOST:PORT", "token": "..."}` (`token` required for `tcp:`) | 204 once the migrated VM runs (standby VMM only) |
+//! | `PUT /api/v1/vm.receive-migration` | `{"receiver_url": "unix:PATH"\|"tcp:HOST:PORT", "token": "...", "timeout_ms": N}` (`token` required for `tcp:`; `timeout_ms`: how long to wait for the source to connect, default until cancelled) | 204 once the migrated VM runs (standby VMM only); 400 if it failed, timed out or was cancelled, and the standby can be used again |
 //! | `PUT /api/v1/vm.send-migration` | `{"destination_url": "unix:PATH"\|"tcp:HOST:PORT", "downtime_ms": 300, "max_rounds": 30, "timeout_ms": 600000` or Cloud Hypervisor's `"timeout_s": 600, "timeout_strategy": "ignore"\|"cancel"\|"throttle", "token": "..."}` (`token` required for `tcp:`; `local: true`: 400 "not supported: local") | 200, the migration report; this VMM then exits 0 |
-//! | `PUT /api/v1/vm.cancel-migration` | | 204: the outgoing migration ends and the VM runs on here; 400 if none is in progress or it is past the destination's Ack |
+//! | `PUT /api/v1/vm.cancel-migration` | | 204: the outgoing migration ends and the VM runs on here, or (standby VMM) the incoming one stops waiting for its source or memory; 400 if none is in progress or it is past the destination's Ack |
 //! | `GET /api/v1/vm.migration-status` | | 200, the current or last migration ([`crate::status::MigrationStatus`], `wire_bytes` live); answers while the migration holds the vCPUs; 400 if none has run |
 //!
 //! Errors come back as `{"error": "..."}`. A malformed request gets a 4xx and the VM keeps
@@ -445,6 +445,39 @@ struct Standby {
     incoming: crate::migration::IncomingOptions,
     created: Mutex<mpsc::Sender<Vm>>,
     busy: AtomicBool,
+    /// A `vm.receive-migration` runs (it can be cancelled until its VM is restored).
+    receiving: AtomicBool,
+}
+
+impl Standby {
+    /// Run `receive` as the standby's cancellable receive.
+    fn receiving<T>(&self, receive: impl FnOnce() -> T) -> T {
+        self.incoming.cancel.store(false, Ordering::SeqCst);
+        self.receiving.store(true, Ordering::SeqCst);
+        let r = receive();
+        self.receiving.store(false, Ordering::SeqCst);
+        r
+    }
+
+    /// Ask a running receive to end; whether one runs.
+    fn cancel_receive(&self) -> bool {
+        let running = self.receiving.load(Ordering::SeqCst);
+        if running {
+            self.incoming.cancel.store(true, Ordering::SeqCst);
+        }
+        running
+    }
+}
+
+/// The body of `vm.receive-migration` with its wait for a source, checked.
+fn receive_wait(b: ReceiveReq) -> Result<(ReceiveReq, Option<Duration>), Response> {
+    match b.timeout_ms {
+        Some(ms) if ms == 0 || ms > MAX_RECEIVE_WAIT_MS => Err(Response::error(
+            400,
+            format!("timeout_ms must be 1 to {MAX_RECEIVE_WAIT_MS}"),
+        )),
+        ms => Ok((b, ms.map(Duration::from_millis))),
+    }
 }
 
 impl ApiTarget {
@@ -470,6 +503,7 @@ impl ApiTarget {
                 incoming,
                 created: Mutex::new(tx),
                 busy: AtomicBool::new(false),
+                receiving: AtomicBool::new(false),
             }),
         };
         (Arc::new(t), rx)
@@ -543,7 +577,13 @@ struct ReceiveReq {
     receiver_url: String,
     #[serde(default)]
     token: Option<String>,
+    /// How long to wait for a source to connect (default: until `vm.cancel-migration`).
+    #[serde(default)]
+    timeout_ms: Option<u64>,
 }
+
+/// Longest `timeout_ms` a receive waits for its source (a day).
+const MAX_RECEIVE_WAIT_MS: u64 = 24 * 3600 * 1000;
 
 /// `GET /api/v1/vmm.ping`: Cloud Hypervisor's answer, this VMM's values.
 #[derive(serde::Serialize)]
@@ -591,19 +631,28 @@ pub fn route(target: &ApiTarget, req: &Request) -> Response {
             }
             Err(resp) => resp,
         },
-        "vm.receive-migration" => match body::<ReceiveReq>(req) {
-            Ok(b) => match (crate::migration::Address::parse(&b.receiver_url), token(b.token)) {
+        "vm.receive-migration" => match body::<ReceiveReq>(req).and_then(receive_wait) {
+            Ok((b, wait)) => match (crate::migration::Address::parse(&b.receiver_url), token(b.token)) {
                 (Ok(addr), Ok(t)) => target.create(|sb| {
                     let mut opts = sb.incoming.clone();
                     opts.token = t.or(opts.token);
+                    opts.wait = wait;
                     let publish = |vm| target.publish(vm);
-                    crate::migration::receive(&addr, &sb.serial, &opts, &publish)
+                    sb.receiving(|| crate::migration::receive(&addr, &sb.serial, &opts, &publish))
                         .map_err(|e| format!("incoming migration: {e}"))
                 }),
                 (Err(e), _) => Response::error(400, e),
                 (_, Err(resp)) => resp,
             },
             Err(resp) => resp,
+        },
+        "vm.cancel-migration" if target.vm().is_none() => match &target.standby {
+            Some(sb) if sb.cancel_receive() => Response::empty(),
+            Some(_) => Response::error(
+                400,
+                "no incoming migration is waiting for its source or its memory",
+            ),
+            None => Response::error(400, "no VM yet: waiting for the incoming migration"),
         },
         _ => match (target.vm(), &target.standby) {
             (Some(vm), _) => handle(&vm, req),

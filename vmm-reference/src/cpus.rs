@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex, Weak};
 
-use acpi_cpu_hotplug::{CpuSlot, DeviceError};
+use acpi_cpu_hotplug::{CpuSlot, DeviceError, HotplugError};
 use lapic_state::{ApicBase, ApicMode, LapicPage};
 use vcpu_manager::{Slot, VcpuManager};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -140,14 +140,14 @@ impl VmInner {
         }
         let mut pending = self.pending_removals.lock().unwrap_or_else(|e| e.into_inner());
         let mut dev = self.lock_dev();
-        let refused = dev.controller().slot(index).is_some_and(|s| s.remove_refused);
-        if pending.contains(&index) && !refused {
-            return Err(ControlError::Busy(format!(
-                "removal of CPU {index} is already in progress"
-            )));
+        let present = dev.controller().slot(index).is_some_and(|s| s.present);
+        if pending.contains(&index) && !present {
+            return Err(ControlError::Busy(format!("CPU {index} is being ejected, retry")));
         }
-        // A new removal, or a retry of one the guest refused (the event is raised again).
+        // A new removal, or a retry of one the guest refused or took and dropped (the event
+        // is raised again); busy while the guest has not taken the event yet.
         dev.request_remove(index).map_err(|e| match e {
+            DeviceError::Hotplug(e @ HotplugError::RemovalPending(_)) => ControlError::Busy(e.to_string()),
             DeviceError::Hotplug(e) => ControlError::BadRequest(e.to_string()),
             sci @ DeviceError::Sci(_) => ControlError::Internal(sci.to_string()),
         })?;
@@ -155,8 +155,8 @@ impl VmInner {
         Ok(())
     }
 
-    /// Withdraw the removal of CPU `index`: one the guest refused, or one whose event the
-    /// guest has not taken yet. The CPU stays present, as the guest left it.
+    /// Withdraw the removal of CPU `index` at any stage before its eject. The CPU stays
+    /// present; a guest that ejects it later after all is refused and told it is back.
     pub fn cancel_removal(&self, index: u32) -> Result<(), ControlError> {
         let _vcpus = self.lock_vcpus_or_busy()?;
         self.not_migrating()?;
@@ -168,7 +168,7 @@ impl VmInner {
         }
         self.lock_dev()
             .cancel_remove(index)
-            .map_err(|e| ControlError::Busy(format!("{e}: the guest is carrying it out, retry")))?;
+            .map_err(|e| ControlError::Busy(format!("{e}: the eject is being completed, retry")))?;
         pending.remove(&index);
         Ok(())
     }

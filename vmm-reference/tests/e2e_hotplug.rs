@@ -231,6 +231,40 @@ fn a_removal_the_guest_refuses_is_reported_retried_and_cancelled() {
 }
 
 #[test]
+fn a_removal_the_guest_takes_and_drops_can_be_asked_again_or_withdrawn() {
+    if !kvm_or_skip("a_removal_the_guest_takes_and_drops_can_be_asked_again_or_withdrawn") {
+        return;
+    }
+    // The guest takes CPU 2's removal event and does nothing (no eject, no _OST). That kept
+    // remove-cpu, cancel-removal, add-cpu and resize at 429 for good (snapshots too).
+    let mut vm = Vmm::start("dropped-removal", "boot=3,max=4");
+    assert_eq!(vm.guest("ignore 2"), vec!["OK"]);
+    assert_eq!(vm.api("PUT", "vm.remove-cpu", Some(r#"{"id":2}"#)).0, 204);
+    assert_eq!(vm.event("EVENT remove"), "EVENT remove cpu=2 ignored");
+    assert_eq!(vm.api("PUT", "vm.resize", Some(r#"{"desired_vcpus":4}"#)).0, 429);
+    // Asked again: the event is raised again.
+    assert_eq!(vm.api("PUT", "vm.remove-cpu", Some(r#"{"id":2}"#)).0, 204);
+    assert_eq!(vm.event("EVENT remove"), "EVENT remove cpu=2 ignored");
+    // Withdrawn: the CPU stays, online, and hotplug is free again.
+    let (s, v) = vm.api("PUT", "vm.cancel-removal", Some(r#"{"id":2}"#));
+    assert_eq!(s, 204, "{v}");
+    let info = vm.info();
+    assert_eq!(info["pending_removals"], serde_json::json!([]));
+    assert_eq!(cpu(&info, 2)["present"], true);
+    vm.assert_ticking(&[0, 1, 2]);
+    assert_eq!(vm.api("PUT", "vm.add-cpu", Some(r#"{"id":3}"#)).0, 200);
+    assert_eq!(vm.event("EVENT insert"), "EVENT insert cpu=3 online=1");
+    // Once the guest acts on it, the same CPU is removed as usual.
+    assert_eq!(vm.guest("ignore off"), vec!["OK"]);
+    assert_eq!(vm.api("PUT", "vm.remove-cpu", Some(r#"{"id":2}"#)).0, 204);
+    assert!(vm.event("EVENT remove").ends_with("ejected=1"));
+    vm.until("CPU 2 parked", |v| {
+        cpu(v, 2)["vcpu"] == "parked" && v["pending_removals"].as_array().is_some_and(|a| a.is_empty())
+    });
+    vm.poweroff();
+}
+
+#[test]
 fn one_gpe_for_an_insert_and_a_removal_of_every_cpu_loses_none() {
     if !kvm_or_skip("one_gpe_for_an_insert_and_a_removal_of_every_cpu_loses_none") {
         return;

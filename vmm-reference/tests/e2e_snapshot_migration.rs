@@ -273,6 +273,20 @@ fn failed_or_refused_migrations_leave_the_source_running() {
     let m = &vm.info()["migration"];
     assert_eq!(m["phase"], "failed", "{m}");
     assert!(m["error"].as_str().is_some_and(|e| !e.is_empty()), "{m}");
+    // A destination that listens but never accepts, its backlog full: connecting is bounded
+    // by timeout_ms (a Unix connect used to wait forever, every control call answering 429).
+    let full = dir.join("full.sock");
+    let backlog = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+    backlog.bind(&socket2::SockAddr::unix(&full).unwrap()).unwrap();
+    backlog.listen(0).unwrap();
+    let _queued = std::os::unix::net::UnixStream::connect(&full).unwrap();
+    let b = serde_json::json!({ "destination_url": format!("unix:{}", full.display()), "timeout_ms": 1000 });
+    let (s, v) = vm.api("PUT", "vm.send-migration", Some(&b.to_string()));
+    assert!(
+        s == 400 && v["error"].as_str().unwrap().contains("accepts no connection"),
+        "{s} {v}"
+    );
+    ticking(&mut vm);
     // A destination that takes everything and never answers: the source gives up after its
     // timeout and resumes; meanwhile control operations answer 429, never hang. The deadline
     // leaves pre-copy room on a loaded L1: a deadline that strikes before the stop phase would
@@ -1072,6 +1086,49 @@ fn a_vm_never_runs_in_two_places_when_the_link_dies_at_the_end() {
     dst.poweroff();
 }
 
+/// Receives that cannot succeed leave the standby at `api` ready for the next one: a
+/// receiver path naming a file (refused, the file kept: it used to be replaced by the
+/// socket, then deleted), no source within `timeout_ms`, and a cancelled wait (which used
+/// to last forever, the standby answering 429 to every retry).
+fn a_standby_receive_fails_cleanly(api: &Path, dir: &Path) {
+    let receive = |body: serde_json::Value| {
+        let api = api.to_path_buf();
+        std::thread::spawn(move || {
+            vmm_reference::api::request(&api, "PUT", "vm.receive-migration", Some(&body.to_string())).unwrap()
+        })
+    };
+    let file = dir.join("state.bin");
+    std::fs::write(&file, b"a snapshot").unwrap();
+    let (s, body) = receive(serde_json::json!({ "receiver_url": format!("unix:{}", file.display()) }))
+        .join()
+        .unwrap();
+    assert!(s == 400 && body.contains("not a socket"), "{s} {body}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"a snapshot");
+    let nobody = dir.join("nobody.sock");
+    let url = format!("unix:{}", nobody.display());
+    let (s, body) = receive(serde_json::json!({ "receiver_url": url, "timeout_ms": 300 }))
+        .join()
+        .unwrap();
+    assert!(s == 400 && body.contains("no source connected"), "{s} {body}");
+    assert!(!nobody.exists(), "the socket goes with the receive");
+    let waiting = receive(serde_json::json!({ "receiver_url": url }));
+    wait_for_path(&nobody);
+    let (s, body) = vmm_reference::api::request(
+        api,
+        "PUT",
+        "vm.receive-migration",
+        Some(r#"{"receiver_url":"unix:/x"}"#),
+    )
+    .unwrap();
+    assert!(s == 429 && body.contains("in progress"), "{s} {body}");
+    let (s, body) = vmm_reference::api::request(api, "PUT", "vm.cancel-migration", None).unwrap();
+    assert_eq!(s, 204, "{body}");
+    let (s, body) = waiting.join().unwrap();
+    assert!(s == 400 && body.contains("cancelled"), "{s} {body}");
+    let (s, body) = vmm_reference::api::request(api, "PUT", "vm.cancel-migration", None).unwrap();
+    assert!(s == 400 && body.contains("no incoming migration"), "{s} {body}");
+}
+
 #[test]
 fn a_standby_vmm_restores_and_receives_through_the_api() {
     if !kvm_or_skip("a_standby_vmm_restores_and_receives_through_the_api") {
@@ -1111,6 +1168,7 @@ fn a_standby_vmm_restores_and_receives_through_the_api() {
     let dir = temp_dir("standby-c");
     let c = Vmm::spawn_unattached(&dir, "c", &["--standby"]);
     wait_for_path(&c.api);
+    a_standby_receive_fails_cleanly(&c.api, &dir);
     let mig = dir.join("mig.sock");
     let receiver = format!("unix:{}", mig.display());
     let (capi, body) = (

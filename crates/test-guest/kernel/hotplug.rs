@@ -29,6 +29,9 @@ pub static AUTO_ONLINE: AtomicBool = AtomicBool::new(true);
 /// A CPU whose removal the guest refuses (`refuse N`; u32::MAX: none), as Linux does for a CPU
 /// it cannot offline.
 pub static REFUSE_REMOVE: AtomicU32 = AtomicU32::new(u32::MAX);
+/// The CPU whose removal events are taken and then ignored (no eject, no `_OST`), as an OS
+/// without eject support or one that lost the event would (`u32::MAX`: none).
+pub static IGNORE_REMOVE: AtomicU32 = AtomicU32::new(u32::MAX);
 pub static INSERTS: AtomicU64 = AtomicU64::new(0);
 pub static EJECTS: AtomicU64 = AtomicU64::new(0);
 

@@ -585,6 +585,17 @@ fn execute(line: &[u8]) {
             }
             _ => err("usage: refuse <cpu index>|off"),
         },
+        b"ignore" => match (arg, parse_num(arg)) {
+            (b"off", _) => {
+                hotplug::IGNORE_REMOVE.store(u32::MAX, Ordering::SeqCst);
+                puts("OK\n");
+            }
+            (_, Some(n)) if n < ncpus() => {
+                hotplug::IGNORE_REMOVE.store(n as u32, Ordering::SeqCst);
+                puts("OK\n");
+            }
+            _ => err("usage: ignore <cpu index>|off"),
+        },
         b"eject" => match parse_num(arg) {
             Some(n) if n < ncpus() => {
                 hotplug::eject(n as u32);
@@ -612,7 +623,7 @@ fn execute(line: &[u8]) {
         b"dirty" => cmd_dirty(arg),
         b"triple-fault" => triple_fault(),
         b"help" => {
-            puts("commands: status | online N | offline N | eject N | refuse N|off | autoonline on|off | gpe on|off | scan | resetgaps | dirty start N|stop|check | poweroff | triple-fault | help\nOK\n");
+            puts("commands: status | online N | offline N | eject N | refuse N|off | ignore N|off | autoonline on|off | gpe on|off | scan | resetgaps | dirty start N|stop|check | poweroff | triple-fault | help\nOK\n");
         }
         _ => err("unknown command"),
     }
@@ -757,6 +768,11 @@ fn scan() {
                 puts(" online=");
                 putdec(u64::from(c.state.load(Ordering::SeqCst) == ST_ONLINE));
                 puts("\n");
+            }
+            Some(hotplug::Event::Remove(uid)) if hotplug::IGNORE_REMOVE.load(Ordering::SeqCst) == uid => {
+                puts("EVENT remove cpu=");
+                putdec(u64::from(uid));
+                puts(" ignored\n");
             }
             Some(hotplug::Event::Remove(uid)) => {
                 let idx = uid as usize;

@@ -71,6 +71,10 @@ pub enum CtlOp {
         /// File with the token the source must prove it has (tcp:).
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
+        /// Give up if no source connects within this many milliseconds (default: wait
+        /// until `ctl cancel-migration`).
+        #[arg(long)]
+        timeout_ms: Option<u64>,
     },
     /// Live-migrate the VM to a VMM started with `run --incoming ADDR` (or a standby VMM
     /// doing `ctl receive-migration ADDR`). Also ch-remote's `send-migration URL`. Shows
@@ -139,8 +143,12 @@ fn call_of(op: &CtlOp) -> Result<Call, String> {
             };
             ("PUT", endpoint, Some(serde_json::json!({ key: url }).to_string()))
         }
-        CtlOp::ReceiveMigration { receiver, token_file } => {
-            let mut b = serde_json::json!({ "receiver_url": receiver });
+        CtlOp::ReceiveMigration {
+            receiver,
+            token_file,
+            timeout_ms,
+        } => {
+            let mut b = serde_json::json!({ "receiver_url": receiver, "timeout_ms": timeout_ms });
             add_token(&mut b, token_file.as_deref())?;
             ("PUT", "vm.receive-migration", Some(b.to_string()))
         }
@@ -189,11 +197,19 @@ pub fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
         _ => None,
     };
     // A migration answers when it ends: within its deadline (timeout_ms, default 600 s),
-    // plus a margin for the VMM to say so.
+    // plus a margin for the VMM to say so. A receive first waits for its source (at most a
+    // day unless told), then for as long as the source's migration may take.
     let wait = match &op {
         CtlOp::Migrate { timeout_ms, .. } => {
             Duration::from_millis(timeout_ms.unwrap_or(600_000).min(u64::from(u32::MAX) * 1000))
                 + Duration::from_secs(60)
+        }
+        CtlOp::ReceiveMigration { timeout_ms, .. } => {
+            Duration::from_millis(
+                timeout_ms
+                    .unwrap_or(24 * 3600 * 1000)
+                    .min(u64::from(u32::MAX) * 1000),
+            ) + Duration::from_secs(660)
         }
         _ => Duration::from_secs(300),
     };

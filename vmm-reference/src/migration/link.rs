@@ -4,6 +4,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -63,10 +64,14 @@ impl Address {
         matches!(self, Address::Tcp(_))
     }
 
-    /// Connect within `timeout`.
-    pub(crate) fn connect(&self, timeout: Duration) -> std::io::Result<Box<dyn Stream>> {
+    /// Connect within `timeout`, or until `cancelled` says so.
+    pub(crate) fn connect(
+        &self,
+        timeout: Duration,
+        cancelled: &dyn Fn() -> bool,
+    ) -> std::io::Result<Box<dyn Stream>> {
         Ok(match self {
-            Address::Unix(p) => Box::new(UnixStream::connect(p)?),
+            Address::Unix(p) => Box::new(connect_unix(p, Instant::now() + timeout, cancelled)?),
             Address::Tcp(a) => {
                 let to = a.to_socket_addrs()?.next().ok_or_else(|| {
                     std::io::Error::new(ErrorKind::NotFound, format!("{a} resolves to nothing"))
@@ -76,6 +81,43 @@ impl Address {
                 Box::new(s)
             }
         })
+    }
+}
+
+/// Connect to the Unix socket at `path` by `deadline`. `UnixStream::connect` waits without
+/// bound on a listener whose backlog is full (a destination that stopped accepting), and std
+/// has no bounded Unix connect: a non-blocking one (socket2) is tried again until then.
+fn connect_unix(
+    path: &std::path::Path,
+    deadline: Instant,
+    cancelled: &dyn Fn() -> bool,
+) -> std::io::Result<UnixStream> {
+    let addr = socket2::SockAddr::unix(path)?;
+    loop {
+        let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+        s.set_nonblocking(true)?;
+        match s.connect(&addr) {
+            Ok(()) => {
+                s.set_nonblocking(false)?;
+                return Ok(UnixStream::from(std::os::fd::OwnedFd::from(s)));
+            }
+            // EAGAIN: the listener's backlog is full.
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        if cancelled() {
+            return Err(std::io::Error::new(
+                ErrorKind::Interrupted,
+                "cancelled (vm.cancel-migration)",
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(std::io::Error::new(
+                ErrorKind::TimedOut,
+                "the destination accepts no connection (its backlog stays full)",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -93,7 +135,7 @@ pub(crate) enum Listener {
 impl Listener {
     /// Bind `addr` (a Unix path is created 0600 under its lock).
     pub(crate) fn bind(addr: &Address) -> std::io::Result<Listener> {
-        Ok(match addr {
+        let l = match addr {
             Address::Unix(p) => {
                 let (listener, lock) = crate::sock::bind_listening(p)?;
                 Listener::Unix {
@@ -102,11 +144,50 @@ impl Listener {
                 }
             }
             Address::Tcp(a) => Listener::Tcp(TcpListener::bind(a)?),
-        })
+        };
+        // Polled by accept_until: a connection that goes away between poll and accept
+        // must not block it.
+        match &l {
+            Listener::Unix { listener, .. } => listener.set_nonblocking(true)?,
+            Listener::Tcp(t) => t.set_nonblocking(true)?,
+        }
+        Ok(l)
     }
 
-    /// The next connection.
-    pub(crate) fn accept(&self) -> std::io::Result<Box<dyn Stream>> {
+    /// The next connection, once one comes: `Ok(None)` at `deadline` or once `cancelled`
+    /// says so (checked every [`SLICE`]).
+    pub(crate) fn accept_until(
+        &self,
+        deadline: Option<Instant>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> std::io::Result<Option<Box<dyn Stream>>> {
+        loop {
+            if cancelled() || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+            let fd = match self {
+                Listener::Unix { listener, .. } => listener.as_raw_fd(),
+                Listener::Tcp(l) => l.as_raw_fd(),
+            };
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for the duration of the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, SLICE.as_millis() as libc::c_int) };
+            if n > 0 {
+                // Another thread may have taken it meanwhile: the listener does not block.
+                match self.accept_now() {
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    r => return r.map(Some),
+                }
+            }
+        }
+    }
+
+    fn accept_now(&self) -> std::io::Result<Box<dyn Stream>> {
+        // Accepted sockets do not inherit O_NONBLOCK on Linux: they block, with timeouts.
         Ok(match self {
             Listener::Unix { listener, .. } => Box::new(listener.accept()?.0),
             Listener::Tcp(l) => {

@@ -411,7 +411,9 @@ impl VmInner {
         hello: Message,
     ) -> Result<Link<'a>, ControlError> {
         let conn = addr
-            .connect(opts.stall.min(opts.deadline))
+            .connect(opts.stall.min(opts.deadline), &|| {
+                self.migration_ctl.load(Ordering::SeqCst) == ctl::CANCELLED
+            })
             .map_err(|e| ControlError::BadRequest(format!("connecting to {addr:?}: {e}")))?;
         let mut link = Link::new(conn, start + opts.deadline, opts.stall, &self.migration_ctl)
             .counting(&self.wire_bytes);

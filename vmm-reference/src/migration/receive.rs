@@ -3,8 +3,9 @@
 //! its Hello against this host and the memory cap before allocating anything, receive RAM
 //! and the state, restore paused, and run the VM only on Complete.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vm_live_migration::auth::{self, Token};
 use vm_live_migration::protocol::{
@@ -35,6 +36,11 @@ pub struct IncomingOptions {
     pub token: Option<Token>,
     /// Most guest RAM (bytes) this destination allocates for an incoming VM.
     pub max_memory: u64,
+    /// How long to wait for a source to connect (`None`: until cancelled).
+    pub wait: Option<Duration>,
+    /// Set to end a receive before the VM is restored: it stops waiting for a source, or
+    /// stops between frames (shared by the clones of these options).
+    pub cancel: Arc<AtomicBool>,
 }
 
 impl IncomingOptions {
@@ -43,6 +49,8 @@ impl IncomingOptions {
         IncomingOptions {
             token: None,
             max_memory: host_memory(),
+            wait: None,
+            cancel: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -53,6 +61,27 @@ impl IncomingOptions {
         }
         Ok(())
     }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Why no source came: a cancel, or the wait ran out.
+    fn ended_waiting(&self, addr: &Address) -> VmmError {
+        if self.cancelled() {
+            return cancelled();
+        }
+        let secs = self.wait.unwrap_or_default().as_secs_f64();
+        io(format!("no source connected to {addr:?} within {secs} s"))(std::io::Error::from(
+            std::io::ErrorKind::TimedOut,
+        ))
+    }
+}
+
+fn cancelled() -> VmmError {
+    io("the incoming migration was cancelled (vm.cancel-migration)")(std::io::Error::from(
+        std::io::ErrorKind::Interrupted,
+    ))
 }
 
 impl Default for IncomingOptions {
@@ -115,9 +144,15 @@ fn accept_peer(addr: &Address, opts: &IncomingOptions) -> Result<Box<dyn Stream>
         None
     };
     let listener = Listener::bind(addr).map_err(io(format!("--incoming {addr:?}")))?;
+    let deadline = opts.wait.map(|w| Instant::now() + w);
     let mut failures = 0;
     loop {
-        let mut conn = listener.accept().map_err(io(format!("accepting on {addr:?}")))?;
+        let accepted = listener
+            .accept_until(deadline, &|| opts.cancelled())
+            .map_err(io(format!("accepting on {addr:?}")))?;
+        let Some(mut conn) = accepted else {
+            return Err(opts.ended_waiting(addr));
+        };
         let Some(token) = token else {
             conn.set_timeouts(Some(PEER_SILENCE))
                 .map_err(io("socket timeouts"))?;
@@ -205,7 +240,7 @@ pub fn receive(
     let prepared = crate::restore::Prepared::new(vcpu_manager::Topology::new(compat.max_vcpus), &mem)
         .map_err(|e| refuse(&mut conn, format!("cannot create the VM: {e}")))?;
     send(&mut conn, &Message::Accept).map_err(proto)?;
-    let state = receive_memory(&mut conn, &mem)?;
+    let state = receive_memory(&mut conn, &mem, &opts.cancel)?;
     let restored = SavedVm::decode(&state)
         .map_err(VmmError::Snapshot)
         .and_then(|saved| {
@@ -227,10 +262,18 @@ pub fn receive(
 }
 
 /// Memory frames into `mem` (each chunk bounds-checked) until the State; returns it.
-fn receive_memory(conn: &mut Box<dyn Stream>, mem: &GuestMemory) -> Result<Vec<u8>, VmmError> {
+fn receive_memory(
+    conn: &mut Box<dyn Stream>,
+    mem: &GuestMemory,
+    cancel: &AtomicBool,
+) -> Result<Vec<u8>, VmmError> {
     let limits = FrameLimits::default();
     let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
     loop {
+        if cancel.load(Ordering::SeqCst) {
+            // The source sees the link drop before the Ack and keeps its VM.
+            return Err(cancelled());
+        }
         match recv(conn, &limits).map_err(proto)? {
             Message::Memory(chunks) => {
                 apply_memory(&chunks, &regions, |gpa, data| {
