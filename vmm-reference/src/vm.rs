@@ -152,6 +152,19 @@ impl VmInner {
         Ok(())
     }
 
+    /// SIGTERM/SIGINT: end the VM as `vm.shutdown` would, without refusing. An outgoing
+    /// migration not yet past the destination's Ack is cancelled (the VM stays here, then
+    /// ends); one past it, and a snapshot, are let finish (within `grace`): killing them
+    /// would leave a destination waiting paused for a Complete, or a half-written snapshot.
+    pub fn end_on_signal(&self, grace: Duration) {
+        let _ = self.cancel_migration();
+        let deadline = std::time::Instant::now() + grace;
+        while self.migrating.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.request_shutdown();
+    }
+
     /// Ask the VMM to end the VM (the owner's `wait` returns `Shutdown`).
     pub fn request_shutdown(&self) {
         self.ending.store(true, Ordering::SeqCst);

@@ -355,6 +355,38 @@ fn trickling_destination(path: &Path) -> std::thread::JoinHandle<()> {
 }
 
 /// Start `vm.send-migration` with `body` in a thread.
+/// SIGTERM during a migration cancels it and answers its client before the VMM ends. The
+/// signal used to end the process under the running migration: its client got no answer,
+/// and a signal just after the Ack left the destination paused, waiting for Complete.
+#[test]
+fn a_signal_during_a_migration_cancels_it_and_answers_its_client() {
+    if !kvm_or_skip("a_signal_during_a_migration_cancels_it_and_answers_its_client") {
+        return;
+    }
+    let mut vm = Vmm::start("migsignal", "boot=2,max=4");
+    let p = temp_dir("migsignal-net").join("slow.sock");
+    let t = trickling_destination(&p);
+    let mig = send_migration(
+        &vm,
+        serde_json::json!({ "destination_url": format!("unix:{}", p.display()) }),
+    );
+    // Before the Ack, in whichever phase the trickle holds it.
+    vm.until("the migration to run", |v| {
+        v["migration"]["phase"] == "precopy" || v["migration"]["phase"] == "stopping"
+    });
+    let api = vm.api.clone();
+    // SAFETY: kill(2) on the VMM child's pid.
+    assert_eq!(unsafe { libc::kill(vm.pid() as i32, libc::SIGTERM) }, 0);
+    let (s, v) = mig.join().unwrap();
+    assert_eq!(s, 500, "{v}");
+    assert!(v.contains("cancelled"), "{v}");
+    t.join().unwrap();
+    let mut child = vm.child.take().expect("child");
+    let out = wait_child(&mut child, T);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!api.exists(), "the API socket goes with the VMM");
+}
+
 fn send_migration(vm: &Vmm, body: Value) -> std::thread::JoinHandle<(u16, String)> {
     let api = vm.api.clone();
     std::thread::spawn(move || {

@@ -54,7 +54,7 @@ pub enum CtlOp {
     Resume,
     /// End the VM.
     Shutdown,
-    /// Save the VM into DIR (state.bin + memory.bin); it runs on afterwards.
+    /// Save the VM into DIR (state.bin + the memory image it names, memory-<id>.bin); it runs on afterwards.
     Snapshot {
         /// Snapshot directory (created if missing): DIR or file://DIR.
         dir: String,

@@ -7,6 +7,10 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// How long a signal lets a snapshot, or a migration past the destination's Ack, finish
+/// before the VM ends (under systemd's default 90 s stop timeout).
+const SIGNAL_GRACE: Duration = Duration::from_secs(60);
+
 use clap::Args;
 use vmm_reference::config::{
     parse_cpus, parse_memory, parse_memory_option, parse_path_option, parse_restore_option, parse_serial,
@@ -193,7 +197,9 @@ fn incoming_options(
 
 /// SIGTERM and SIGINT end the VM like `vm.shutdown`: blocked in every thread (set before any
 /// is spawned) and taken by one thread with sigwait, which is not limited to what a signal
-/// handler may do. Before a VM exists (standby) the VMM just ends.
+/// handler may do. A migration before its Ack is cancelled first, and a snapshot or a
+/// committed migration finishes first ([`VmInner::end_on_signal`]). Before a VM exists
+/// (standby) the VMM just ends.
 fn end_on_signals(api_socket: Option<std::path::PathBuf>) -> Arc<Mutex<Option<Arc<VmInner>>>> {
     let target: Arc<Mutex<Option<Arc<VmInner>>>> = Arc::default();
     // SAFETY: sigset_t is plain data initialised by sigemptyset before use.
@@ -219,8 +225,9 @@ fn end_on_signals(api_socket: Option<std::path::PathBuf>) -> Arc<Mutex<Option<Ar
                 return;
             }
             log::info!("signal {sig}: shutting down");
-            match t.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                Some(vm) => vm.request_shutdown(),
+            let vm = t.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            match vm {
+                Some(vm) => vm.end_on_signal(SIGNAL_GRACE),
                 None => {
                     if let Some(p) = &api_socket {
                         let _ = std::fs::remove_file(p);
