@@ -12,7 +12,7 @@
 //! | `PUT /api/v1/vm.pause`, `vm.resume`, `vm.shutdown` | | 204 (429 during a snapshot or migration, or when a vCPU did not stop within `VCPU_TIMEOUT`: the VM runs on) |
 //! | `PUT /api/v1/vm.snapshot` | `{"destination_url": "file:///DIR"}` (or a plain path) | 200 `{"state_bytes": N, "paused_ms": T}` |
 //! | `PUT /api/v1/vm.restore` | `{"source_url": "file:///DIR"}` (`prefault: true`, `net_fds`: 400 "not supported: FIELD") | 204 (standby VMM only: `run --standby`) |
-//! | `PUT /api/v1/vm.receive-migration` | `{"receiver_url": "unix:PATH"\|"tcp:HOST:PORT", "token": "...", "timeout_ms": N}` (`token` required for `tcp:`; `timeout_ms`: how long to wait for the source to connect, default until cancelled) | 204 once the migrated VM runs (standby VMM only); 400 if it failed, timed out or was cancelled, and the standby can be used again |
+//! | `PUT /api/v1/vm.receive-migration` | `{"receiver_url": "unix:PATH"\|"tcp:HOST:PORT", "token": "...", "timeout_ms": N}` (`token` required for `tcp:`; `timeout_ms`: how long to wait for the source to connect, default until cancelled) | 204 once the migrated VM runs (standby VMM only); 400 if it failed, timed out or was cancelled, and the standby can be used again; 500 if the VM arrived but the source's Complete never came (it waits paused: `vm.resume`) |
 //! | `PUT /api/v1/vm.send-migration` | `{"destination_url": "unix:PATH"\|"tcp:HOST:PORT", "downtime_ms": 300, "max_rounds": 30, "timeout_ms": 600000` or Cloud Hypervisor's `"timeout_s": 600, "timeout_strategy": "ignore"\|"cancel"\|"throttle", "token": "..."}` (`token` required for `tcp:`; `local: true`: 400 "not supported: local") | 200, the migration report; this VMM then exits 0 |
 //! | `PUT /api/v1/vm.cancel-migration` | | 204: the outgoing migration ends and the VM runs on here, or (standby VMM) the incoming one stops waiting for its source or memory; 400 if none is in progress or it is past the destination's Ack |
 //! | `GET /api/v1/vm.migration-status` | | 200, the current or last migration ([`crate::status::MigrationStatus`], `wire_bytes` live); answers while the migration holds the vCPUs; 400 if none has run |
@@ -633,14 +633,16 @@ pub fn route(target: &ApiTarget, req: &Request) -> Response {
         },
         "vm.receive-migration" => match body::<ReceiveReq>(req).and_then(receive_wait) {
             Ok((b, wait)) => match (crate::migration::Address::parse(&b.receiver_url), token(b.token)) {
-                (Ok(addr), Ok(t)) => target.create(|sb| {
-                    let mut opts = sb.incoming.clone();
-                    opts.token = t.or(opts.token);
-                    opts.wait = wait;
-                    let publish = |vm| target.publish(vm);
-                    sb.receiving(|| crate::migration::receive(&addr, &sb.serial, &opts, &publish))
-                        .map_err(|e| format!("incoming migration: {e}"))
-                }),
+                (Ok(addr), Ok(t)) => target
+                    .create(|sb| {
+                        let mut opts = sb.incoming.clone();
+                        opts.token = t.or(opts.token);
+                        opts.wait = wait;
+                        let publish = |vm| target.publish(vm);
+                        sb.receiving(|| crate::migration::receive(&addr, &sb.serial, &opts, &publish))
+                            .map_err(|e| format!("incoming migration: {e}"))
+                    })
+                    .and_incomplete(target.vm().and_then(|vm| vm.migration_status())),
                 (Err(e), _) => Response::error(400, e),
                 (_, Err(resp)) => resp,
             },
@@ -662,6 +664,23 @@ pub fn route(target: &ApiTarget, req: &Request) -> Response {
             ),
             (None, None) => Response::error(400, "no VM yet: waiting for the incoming migration"),
         },
+    }
+}
+
+impl Response {
+    /// A receive's 204 says the VM runs here: not when the source's Complete never came
+    /// (`status` of the received VM) and the VM waits paused.
+    fn and_incomplete(self, status: Option<crate::status::MigrationStatus>) -> Response {
+        match status {
+            Some(st) if self.status == 204 && st.phase == "incomplete" => Response::error(
+                500,
+                format!(
+                    "the VM arrived but waits here paused: {}; resume it (vm.resume) once the source is known to have stopped",
+                    st.error.unwrap_or_default()
+                ),
+            ),
+            _ => self,
+        }
     }
 }
 

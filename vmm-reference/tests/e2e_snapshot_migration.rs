@@ -370,10 +370,17 @@ fn a_signal_during_a_migration_cancels_it_and_answers_its_client() {
         &vm,
         serde_json::json!({ "destination_url": format!("unix:{}", p.display()) }),
     );
-    // Before the Ack, in whichever phase the trickle holds it.
-    vm.until("the migration to run", |v| {
-        v["migration"]["phase"] == "precopy" || v["migration"]["phase"] == "stopping"
-    });
+    // Before the Ack, in whichever phase the trickle holds it (vm.migration-status answers
+    // while a capture holds the vCPUs; vm.info says 429 then).
+    let deadline = Instant::now() + T;
+    loop {
+        let (s, v) = vm.api("GET", "vm.migration-status", None);
+        if s == 200 && (v["phase"] == "precopy" || v["phase"] == "stopping") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the migration never ran: {s} {v}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let api = vm.api.clone();
     // SAFETY: kill(2) on the VMM child's pid.
     assert_eq!(unsafe { libc::kill(vm.pid() as i32, libc::SIGTERM) }, 0);
@@ -1078,6 +1085,34 @@ fn a_vm_never_runs_in_two_places_when_the_link_dies_at_the_end() {
             .is_some_and(|e| e.contains("Complete")),
         "{info}"
     );
+    assert_eq!(dst.api("PUT", "vm.resume", None).0, 204);
+    dst.assert_ticking(&[0, 1]);
+    dst.poweroff();
+
+    // 2b. The same on a standby: vm.receive-migration does not answer 204 "the VM runs
+    //     here" for a copy that waits paused (it did).
+    let vm = Vmm::start("twoplaces-b2", "boot=2,max=4");
+    let dir = temp_dir("twoplaces-b2-net");
+    let dst = Vmm::spawn_unattached(&dir, "dst", &["--standby"]);
+    wait_for_path(&dst.api);
+    let (dst_sock, proxy_sock) = (dir.join("dst.sock"), dir.join("proxy.sock"));
+    let (api, body) = (
+        dst.api.clone(),
+        serde_json::json!({ "receiver_url": format!("unix:{}", dst_sock.display()) }).to_string(),
+    );
+    let receiving = std::thread::spawn(move || {
+        vmm_reference::api::request(&api, "PUT", "vm.receive-migration", Some(&body))
+    });
+    wait_for_path(&dst_sock);
+    let p = cutting_proxy(&proxy_sock, dst_sock, cut_complete);
+    let body = serde_json::json!({ "destination_url": format!("unix:{}", proxy_sock.display()) });
+    assert_eq!(vm.api("PUT", "vm.send-migration", Some(&body.to_string())).0, 200);
+    p.join().unwrap();
+    vm.exits_cleanly();
+    let (s, v) = receiving.join().unwrap().expect("receive-migration answers");
+    assert!(s == 500 && v.contains("paused"), "{s} {v}");
+    let mut dst = dst.attach();
+    assert_eq!(dst.info()["migration"]["phase"], "incomplete");
     assert_eq!(dst.api("PUT", "vm.resume", None).0, 204);
     dst.assert_ticking(&[0, 1]);
     dst.poweroff();
