@@ -94,6 +94,15 @@ fn bad_input_gives_one_line_errors() {
     run_bad(&["run", "--memory", "lots"], "--memory");
     run_bad(&["run", "--memory", "1M"], "below the minimum");
     run_bad(&["run", "--serial", "xterm"], "--serial");
+    // A FIFO nobody reads: refused at once (opening it for writing used to hang the start).
+    let fifo = temp_dir("serial-fifo").join("con.fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path that lives across the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    run_bad(
+        &["run", "--serial", &format!("file={}", fifo.display())],
+        "--serial",
+    );
     run_bad(&["run", "--frobnicate"], "--frobnicate");
     run_bad(
         &[

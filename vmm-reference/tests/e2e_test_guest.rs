@@ -556,6 +556,64 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// `--serial tty` with a stdout nobody reads (`vmm-reference run ... | less`, left alone):
+/// COM1 output was written on the vCPU thread, which blocked on the full pipe, so pause
+/// never succeeded and the guest stood still.
+#[test]
+fn a_stdout_nobody_reads_cannot_stall_the_guest() {
+    if !kvm_or_skip("a_stdout_nobody_reads_cannot_stall_the_guest") {
+        return;
+    }
+    use std::io::{BufRead, Write};
+    let dir = temp_dir("stdout-unread");
+    let api = dir.join("api.sock");
+    let mut child = std::process::Command::new(vmm_bin())
+        .args(["run", "--cpus", "boot=2,max=4", "--serial", "tty", "--api-socket"])
+        .arg(&api)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn vmm-reference");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let stdout = child.stdout.take().expect("stdout");
+    // One page of pipe instead of 64 KiB: the replies below are several times that.
+    // SAFETY: fcntl on the pipe's read end, which `stdout` owns.
+    let sized = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&stdout), libc::F_SETPIPE_SZ, 4096) };
+    assert!(sized >= 4096, "F_SETPIPE_SZ: {}", std::io::Error::last_os_error());
+    let mut child = KillOnDrop(child);
+    let deadline = Instant::now() + T;
+    while vmm_reference::api::request(&api, "GET", "vmm.ping", None).is_err() {
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Replies several times the pipe's size, typed on stdin and not read.
+    for _ in 0..REPLIES {
+        stdin.write_all(b"status\n").expect("type on stdin");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    pause_despite_load(|| pty_api(&api, "PUT", "vm.pause"), "an unread stdout");
+    assert_eq!(pty_api(&api, "PUT", "vm.resume").0, 204);
+    // Reading now, the replies arrive (within the 1 MiB the VMM holds).
+    let out = std::io::BufReader::new(stdout);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in out.lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    let mut replies = 0;
+    while replies < REPLIES {
+        let l = rx.recv_timeout(STATUS_T).expect("a reply on stdout");
+        replies += usize::from(is_ok(l.trim_end()));
+    }
+    assert_eq!(pty_api(&api, "PUT", "vm.shutdown").0, 204);
+    let out = wait_child(&mut child.0, T);
+    assert!(out.status.success(), "{out:?}");
+}
+
 fn is_ok(l: &str) -> bool {
     l == "OK" || l.starts_with("OK ")
 }

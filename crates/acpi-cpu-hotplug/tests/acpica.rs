@@ -94,6 +94,14 @@ fn acpiexec(dir: &Path, args: &[&str], script: &str) -> String {
 }
 
 fn assert_no_aml_errors(out: &str) {
+    // acpiexec dispatches Notify on a thread of its own; a `quit` that comes before the
+    // last one ran reports the queued notify as a leak ("ACPI Error: 1 (0x1) Outstanding
+    // cache allocations", seen under load). That is acpiexec's teardown, not our AML.
+    let out: String = out
+        .lines()
+        .filter(|l| !l.contains("Outstanding cache allocations"))
+        .collect::<Vec<_>>()
+        .join("\n");
     for bad in ["Exception", "Error", "Warning", "AE_"] {
         assert!(!out.contains(bad), "acpiexec reported {bad:?}:\n{out}");
     }

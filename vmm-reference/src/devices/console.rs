@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Where COM1's output goes and its input comes from: stdout, a file, a Unix socket whose
-//! latest client is the console, or a pseudo-terminal (the last two with bounded output that
-//! never stalls a vCPU).
+//! latest client is the console, or a pseudo-terminal, each through a bounded outbox that
+//! never stalls a vCPU.
 
 use std::fs::File;
 use std::io::Write;
@@ -16,11 +16,11 @@ use super::serial::{pump_input, wait_readable, SerialDevice};
 
 /// Output sink of the console: stdout, a file, or the connected socket client.
 pub enum ConsoleOut {
-    /// Process stdout.
+    /// Process stdout, written on the vCPU thread (a reader that stops stalls it).
     Stdout(std::io::Stdout),
-    /// A file.
+    /// A file, written on the vCPU thread (a FIFO nobody reads stalls it).
     File(std::fs::File),
-    /// The Unix socket or pseudo-terminal console (shared with its input thread).
+    /// A [`Console`]: bounded, written by its own thread (what the VMM uses for every mode).
     Socket(Arc<Console>),
     /// Nowhere (`--serial null` / `off`).
     Null,
@@ -75,10 +75,12 @@ struct Outbox {
 /// client connects is kept the same way and sent when it connects, so nothing the guest
 /// printed early (e.g. `READY`) is lost.
 pub struct Console {
-    /// The socket's path, or the pty's slave.
+    /// The socket's path, the pty's slave, or the sink's name.
     path: PathBuf,
-    /// A pseudo-terminal: its master stays attached whatever a write says.
+    /// A pseudo-terminal.
     pty: bool,
+    /// A pty's master or a sink (stdout, a file): stays attached whatever a write says.
+    fixed: bool,
     out: Mutex<Outbox>,
     ready: Condvar,
     lock: Mutex<Option<crate::sock::PathLock>>,
@@ -92,6 +94,14 @@ impl Console {
         Ok((console, listener))
     }
 
+    /// Output to `file` (stdout, a log file) through the bounded outbox: a reader that stops
+    /// (a full pipe, a FIFO nobody reads) cannot stall a vCPU; `name` says what it is.
+    pub fn sink(file: File, name: PathBuf) -> std::io::Result<Arc<Self>> {
+        let console = Console::start(name, false, None)?;
+        console.lock().client = Some(file);
+        Ok(console)
+    }
+
     /// Open a pseudo-terminal (`--serial pty`): the console, and the master for input.
     pub fn pty() -> std::io::Result<(Arc<Self>, File)> {
         let (master, slave) = super::pty::open()?;
@@ -102,9 +112,12 @@ impl Console {
     }
 
     fn start(path: PathBuf, pty: bool, lock: Option<crate::sock::PathLock>) -> std::io::Result<Arc<Self>> {
+        // Every console but a socket's has one client for good.
+        let fixed = pty || lock.is_none();
         let console = Arc::new(Console {
             path,
             pty,
+            fixed,
             out: Mutex::new(Outbox::default()),
             ready: Condvar::new(),
             lock: Mutex::new(lock),
@@ -175,7 +188,7 @@ impl Console {
             std::thread::sleep(Duration::from_millis(2));
         }
         // A pty's master goes now: an attached terminal sees the hangup with the VM's end.
-        if self.pty {
+        if self.fixed {
             self.lock().client = None;
         }
         // The lock is held for a socket only (a pty's slave is not ours to remove); dropping
@@ -209,7 +222,7 @@ fn write_out(console: &Weak<Console>) {
         // The client first: if it cannot be duplicated (no fds left), the outbox stays as it
         // is; a socket client is dropped, a pty's master is tried again later.
         let Some(mut client) = o.client.as_ref().and_then(|s| s.try_clone().ok()) else {
-            if !c.pty {
+            if !c.fixed {
                 o.client = None;
             }
             drop(o);
@@ -222,12 +235,12 @@ fn write_out(console: &Weak<Console>) {
         let data: Vec<u8> = o.buf.drain(..take).collect();
         o.sending = true;
         drop(o);
-        let (sent, gone) = send_some(&mut client, &data, c.pty);
+        let (sent, gone) = send_some(&mut client, &data, c.fixed);
         let mut o = c.lock();
         o.sending = false;
         o.sent += sent as u64;
         // A pty's master stays whatever a write said: its slave may be opened again.
-        if gone && !c.pty {
+        if gone && !c.fixed {
             o.client = None;
         }
         // What was not sent goes back in front of what arrived meanwhile (bounded again).
@@ -240,7 +253,7 @@ fn write_out(console: &Weak<Console>) {
             o.buf.truncate(keep);
         }
         drop(o);
-        if gone && c.pty {
+        if gone && c.fixed {
             // Not under the lock: vCPUs queue output meanwhile.
             std::thread::sleep(PTY_RETRY);
         }

@@ -15,6 +15,8 @@ pub mod irq;
 mod pty;
 pub mod serial;
 
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -124,12 +126,12 @@ impl Devices {
             serial_mode: ctx.serial.clone(),
             stop,
         };
-        devices.start_input(ctx.serial, console.map(|(_, input)| input))?;
+        devices.start_input(console.map(|(_, input)| input))?;
         Ok(devices)
     }
 
     /// The thread that feeds console input into COM1: a socket's clients, a pty, or stdin.
-    fn start_input(&self, mode: &SerialMode, input: Option<ConsoleInput>) -> Result<(), VmmError> {
+    fn start_input(&self, input: Option<ConsoleInput>) -> Result<(), VmmError> {
         let (s, st) = (self.serial.clone(), self.stop.clone());
         let spawned = match (&self.console, input) {
             (Some(c), Some(ConsoleInput::Socket(l))) => {
@@ -145,7 +147,7 @@ impl Devices {
                     serve_pty(&master, &s, &st)
                 })
             }
-            _ if *mode == SerialMode::Stdout => {
+            (Some(_), Some(ConsoleInput::Stdin)) => {
                 std::thread::Builder::new().name("stdin".into()).spawn(move || {
                     crate::seccomp::apply_or_warn(crate::seccomp::ThreadKind::Device);
                     pump_input(&s, std::io::stdin(), &st)
@@ -280,33 +282,54 @@ fn acpi_device(
     }
 }
 
-/// Where a socket or pty console's input comes from.
+/// Where a console's input comes from.
 enum ConsoleInput {
     /// The socket's clients, accepted on it.
     Socket(UnixListener),
     /// The pty's master.
     Pty(std::fs::File),
+    /// The VMM's stdin.
+    Stdin,
+    /// Nowhere (a file).
+    Nothing,
 }
 
-/// A socket or pty console and where its input comes from.
-type InteractiveConsole = (Arc<Console>, ConsoleInput);
+/// A console and where its input comes from.
+type BoundedConsole = (Arc<Console>, ConsoleInput);
 
-/// COM1's output sink, and for a socket or pty console the console and its input.
-fn console_out(mode: &SerialMode) -> Result<(ConsoleOut, Option<InteractiveConsole>), VmmError> {
+/// COM1's output sink, and (but for `null`) its bounded console and that console's input.
+fn console_out(mode: &SerialMode) -> Result<(ConsoleOut, Option<BoundedConsole>), VmmError> {
+    let sink = |file: std::io::Result<std::fs::File>, name: &std::path::Path, input| {
+        let c = file
+            .and_then(|f| Console::sink(f, name.to_path_buf()))
+            .map_err(|source| VmmError::Io {
+                what: format!("--serial {}", name.display()),
+                source,
+            })?;
+        Ok::<_, VmmError>((ConsoleOut::Socket(c.clone()), Some((c, input))))
+    };
     Ok(match mode {
-        SerialMode::Stdout => (ConsoleOut::Stdout(std::io::stdout()), None),
+        // Through the outbox: `vmm-reference run ... | less` left unread must not stall a vCPU.
+        SerialMode::Stdout => sink(
+            std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map(std::fs::File::from),
+            std::path::Path::new("stdout"),
+            ConsoleInput::Stdin,
+        )?,
         SerialMode::Null => (ConsoleOut::Null, None),
-        SerialMode::File(p) => {
-            let f = std::fs::OpenOptions::new()
+        SerialMode::File(p) => sink(
+            // Non-blocking: a FIFO with no reader fails at once (ENXIO) instead of hanging
+            // the start; the writer thread takes EAGAIN in its stride.
+            std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(p)
-                .map_err(|source| VmmError::Io {
-                    what: format!("--serial file={}", p.display()),
-                    source,
-                })?;
-            (ConsoleOut::File(f), None)
-        }
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+                .open(p),
+            p,
+            ConsoleInput::Nothing,
+        )?,
         SerialMode::Socket(p) => {
             let (c, l) = Console::bind(p).map_err(|source| VmmError::Io {
                 what: format!("--serial socket={}", p.display()),
