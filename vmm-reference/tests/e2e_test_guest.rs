@@ -582,11 +582,18 @@ fn a_stdout_nobody_reads_cannot_stall_the_guest() {
     let sized = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&stdout), libc::F_SETPIPE_SZ, 4096) };
     assert!(sized >= 4096, "F_SETPIPE_SZ: {}", std::io::Error::last_os_error());
     let mut child = KillOnDrop(child);
-    let deadline = Instant::now() + T;
-    while vmm_reference::api::request(&api, "GET", "vmm.ping", None).is_err() {
-        assert!(Instant::now() < deadline, "no API socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Lines of stdout as they come, up to READY; then none until `go` (the pipe fills).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let ready = l.starts_with("READY");
+            if tx.send(l).is_err() || (ready && wait.recv().is_err()) {
+                return;
+            }
+        }
+    });
+    while !rx.recv_timeout(T).expect("READY on stdout").starts_with("READY") {}
     // Replies several times the pipe's size, typed on stdin and not read.
     for _ in 0..REPLIES {
         stdin.write_all(b"status\n").expect("type on stdin");
@@ -594,16 +601,8 @@ fn a_stdout_nobody_reads_cannot_stall_the_guest() {
     std::thread::sleep(Duration::from_secs(2));
     pause_despite_load(|| pty_api(&api, "PUT", "vm.pause"), "an unread stdout");
     assert_eq!(pty_api(&api, "PUT", "vm.resume").0, 204);
-    // Reading now, the replies arrive (within the 1 MiB the VMM holds).
-    let out = std::io::BufReader::new(stdout);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in out.lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                return;
-            }
-        }
-    });
+    // Reading again, the replies arrive (within the 1 MiB the VMM holds).
+    go.send(()).expect("reader");
     let mut replies = 0;
     while replies < REPLIES {
         let l = rx.recv_timeout(STATUS_T).expect("a reply on stdout");
