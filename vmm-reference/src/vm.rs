@@ -232,8 +232,7 @@ impl VmInner {
                 let saved = self.save_paused(paused.manager())?;
                 // RAM while the vCPUs are still paused (the guard drops after this): the
                 // image must be the memory the saved state belongs to.
-                crate::snapdir::write_dir(dir, &saved, &self.mem)
-                    .map_err(|e| ControlError::Internal(format!("writing the snapshot: {e}")))
+                crate::snapdir::write_dir(dir, &saved, &self.mem).map_err(snapshot_write_error)
             });
         self.resume_input();
         self.migrating.store(false, Ordering::SeqCst);
@@ -351,5 +350,51 @@ impl Drop for Vm {
         // The API server and other threads may still hold the VM's state: the console
         // goes now, not when the last of them lets go.
         self.inner.devices.close();
+    }
+}
+
+/// A snapshot that could not be written: another writer holding the directory is busy
+/// (429), a destination the caller named wrongly is theirs to fix (400), the rest is ours
+/// (500). The VM runs on in every case.
+fn snapshot_write_error(e: crate::snapshot::SnapshotError) -> ControlError {
+    use std::io::ErrorKind as K;
+    let msg = format!("writing the snapshot: {e}");
+    match &e {
+        crate::snapshot::SnapshotError::Io { source, .. } => match source.kind() {
+            K::WouldBlock => ControlError::Busy(msg),
+            K::NotFound
+            | K::PermissionDenied
+            | K::NotADirectory
+            | K::IsADirectory
+            | K::ReadOnlyFilesystem
+            | K::AlreadyExists
+            | K::InvalidFilename => ControlError::BadRequest(msg),
+            _ => ControlError::Internal(msg),
+        },
+        _ => ControlError::Internal(msg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_write_errors_say_whose_they_are() {
+        let io = |kind: std::io::ErrorKind| crate::snapshot::SnapshotError::Io {
+            what: "x".into(),
+            source: std::io::Error::from(kind),
+        };
+        let busy = snapshot_write_error(io(std::io::ErrorKind::WouldBlock));
+        assert!(matches!(busy, ControlError::Busy(_)), "{busy:?}");
+        for kind in [
+            std::io::ErrorKind::PermissionDenied,
+            std::io::ErrorKind::NotADirectory,
+        ] {
+            let e = snapshot_write_error(io(kind));
+            assert!(matches!(e, ControlError::BadRequest(_)), "{e:?}");
+        }
+        let full = snapshot_write_error(io(std::io::ErrorKind::StorageFull));
+        assert!(matches!(full, ControlError::Internal(_)), "{full:?}");
     }
 }

@@ -333,6 +333,12 @@ fn failed_or_refused_migrations_leave_the_source_running() {
         400
     );
     assert_eq!(vm.api("PUT", "vm.snapshot", Some(r#"{"nope":1}"#)).0, 400);
+    // A destination the caller named wrongly is theirs to fix (400), not the VMM's (500).
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let url = serde_json::json!({ "destination_url": file.join("snap").display().to_string() });
+    let (s, v) = vm.api("PUT", "vm.snapshot", Some(&url.to_string()));
+    assert_eq!(s, 400, "{v}");
     vm.poweroff();
 }
 
