@@ -9,12 +9,12 @@
 //! | `PUT /api/v1/vm.add-cpu` | optional `{"id": N}` | 200 `{"id": N}` (lowest absent CPU without a body) |
 //! | `PUT /api/v1/vm.remove-cpu` | `{"id": N}` | 204; 400 for CPU 0 or an absent CPU; 429 while the guest has not taken the event yet (a removal the guest refused, or took and never finished, is raised again) |
 //! | `PUT /api/v1/vm.cancel-removal` | `{"id": N}` | 204 at any stage before the eject (a late eject from the guest is then refused and the CPU announced again); 400 if no removal of N is pending; 429 while an eject is completed |
-//! | `PUT /api/v1/vm.pause`, `vm.resume`, `vm.shutdown` | | 204 (429 during a snapshot or migration, or when a vCPU did not stop within `VCPU_TIMEOUT`: the VM runs on) |
+//! | `PUT /api/v1/vm.pause`, `vm.resume`, `vm.shutdown` | | 204 (429 during a snapshot or migration; `vm.pause` also when a vCPU did not stop within `VCPU_TIMEOUT`, as do `vm.snapshot` and `vm.send-migration`: the VM runs on) |
 //! | `PUT /api/v1/vm.snapshot` | `{"destination_url": "file:///DIR"}` (or a plain path) | 200 `{"state_bytes": N, "paused_ms": T}`; 400 for a directory that cannot be made or written (the caller's path), 429 while another snapshot writes into it, 500 otherwise; the VM runs on in every case |
 //! | `PUT /api/v1/vm.restore` | `{"source_url": "file:///DIR"}` (`prefault: true`, `net_fds`: 400 "not supported: FIELD") | 204 (standby VMM only: `run --standby`) |
 //! | `PUT /api/v1/vm.receive-migration` | `{"receiver_url": "unix:PATH"\|"tcp:HOST:PORT", "token": "...", "timeout_ms": N}` (`token` required for `tcp:`; `timeout_ms`: how long to wait for the source to connect, default until cancelled) | 204 once the migrated VM runs (standby VMM only); 400 if it failed, timed out or was cancelled, and the standby can be used again; 500 if the VM arrived but the source's Complete never came (it waits paused: `vm.resume`) |
 //! | `PUT /api/v1/vm.send-migration` | `{"destination_url": "unix:PATH"\|"tcp:HOST:PORT", "downtime_ms": 300, "max_rounds": 30, "timeout_ms": 600000` or Cloud Hypervisor's `"timeout_s": 600, "timeout_strategy": "ignore"\|"cancel"\|"throttle", "token": "..."}` (`token` required for `tcp:`; `local: true`: 400 "not supported: local") | 200, the migration report; this VMM then exits 0 |
-//! | `PUT /api/v1/vm.cancel-migration` | | 204: the outgoing migration ends and the VM runs on here, or (standby VMM) the incoming one stops waiting for its source or memory; 400 if none is in progress or it is past the destination's Ack |
+//! | `PUT /api/v1/vm.cancel-migration` | | 204: the outgoing migration ends and the VM runs on here, or (standby VMM) the incoming one stops at its next step before the restore (waiting for the source, after its Hello, between memory frames); 400 if none is in progress, it is past the destination's Ack, or the received VM is being restored |
 //! | `GET /api/v1/vm.migration-status` | | 200, the current or last migration ([`crate::status::MigrationStatus`], `wire_bytes` live); answers while the migration holds the vCPUs; 400 if none has run |
 //!
 //! Errors come back as `{"error": "..."}`. A malformed request gets a 4xx and the VM keeps
@@ -445,27 +445,26 @@ struct Standby {
     incoming: crate::migration::IncomingOptions,
     created: Mutex<mpsc::Sender<Vm>>,
     busy: AtomicBool,
-    /// A `vm.receive-migration` runs (it can be cancelled until its VM is restored).
-    receiving: AtomicBool,
 }
 
 impl Standby {
     /// Run `receive` as the standby's cancellable receive.
     fn receiving<T>(&self, receive: impl FnOnce() -> T) -> T {
-        self.incoming.cancel.store(false, Ordering::SeqCst);
-        self.receiving.store(true, Ordering::SeqCst);
-        let r = receive();
-        self.receiving.store(false, Ordering::SeqCst);
-        r
+        /// Ends the receive's state however `receive` ends (a panic too).
+        struct End<'a>(&'a crate::migration::ReceiveControl);
+        impl Drop for End<'_> {
+            fn drop(&mut self) {
+                self.0.end();
+            }
+        }
+        self.incoming.cancel.begin();
+        let _end = End(&self.incoming.cancel);
+        receive()
     }
 
-    /// Ask a running receive to end; whether one runs.
+    /// Ask a running receive to end; whether it will (not once its VM is being restored).
     fn cancel_receive(&self) -> bool {
-        let running = self.receiving.load(Ordering::SeqCst);
-        if running {
-            self.incoming.cancel.store(true, Ordering::SeqCst);
-        }
-        running
+        self.incoming.cancel.cancel()
     }
 }
 
@@ -503,7 +502,6 @@ impl ApiTarget {
                 incoming,
                 created: Mutex::new(tx),
                 busy: AtomicBool::new(false),
-                receiving: AtomicBool::new(false),
             }),
         };
         (Arc::new(t), rx)
@@ -652,7 +650,7 @@ pub fn route(target: &ApiTarget, req: &Request) -> Response {
             Some(sb) if sb.cancel_receive() => Response::empty(),
             Some(_) => Response::error(
                 400,
-                "no incoming migration is waiting for its source or its memory",
+                "no incoming migration can be cancelled (none runs, or its VM is being restored)",
             ),
             None => Response::error(400, "no VM yet: waiting for the incoming migration"),
         },
@@ -685,7 +683,7 @@ impl Response {
 }
 
 /// What a request whose handling panicked gets: the VMM and its VM run on.
-const PANICKED: &str = "the request failed inside the VMM (a bug: its log says where)";
+const PANICKED: &str = "the request failed inside the VMM (a bug: its stderr says where)";
 
 /// One connection counted in [`IN_FLIGHT`] until this drops, however serving it ends.
 struct InFlight;

@@ -126,6 +126,9 @@ const DEVICE: &[i64] = &[
     libc::SYS_unlink,
     libc::SYS_unlinkat,
     libc::SYS_shutdown,
+    // A console's socket is removed only if its path is still that socket (lstat).
+    libc::SYS_statx,
+    libc::SYS_newfstatat,
 ];
 
 /// API threads: everything a snapshot, a restore and a migration need besides KVM.

@@ -212,7 +212,7 @@ impl VmInner {
         Ok(saved)
     }
 
-    /// Write a snapshot of the VM into `dir` (`state.bin` + `memory.bin`). The VM is paused
+    /// Write a snapshot of the VM into `dir` (`state.bin` + `memory-<id>.bin`). The VM is paused
     /// meanwhile and runs on afterwards (unless it was paused before). Returns
     /// (state bytes, milliseconds the VM was paused).
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<(u64, f64), ControlError> {

@@ -311,6 +311,7 @@ fn answered<R>(ask: impl Fn() -> Option<R>) -> R {
             return r;
         }
         assert!(Instant::now() < deadline, "the vCPU thread never answered");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -122,9 +122,9 @@ impl MemoryLayout {
         MemoryLayout { regions }
     }
 
-    /// Total bytes of RAM.
+    /// Total bytes of RAM (saturating: this may be asked of a layout not yet validated).
     pub fn total(&self) -> u64 {
-        self.regions.iter().map(|r| r.len).sum()
+        self.regions.iter().fold(0, |t, r| t.saturating_add(r.len))
     }
 
     /// Check a layout that came from an untrusted file or peer: page-aligned, sorted and
@@ -347,6 +347,15 @@ mod tests {
         };
         assert_eq!(layout.image_len(), u64::MAX);
         assert!(layout.validate(1 << 30).is_err());
+        let huge = RegionDesc {
+            guest_addr: 0,
+            len: u64::MAX - 4095,
+            file_offset: 0,
+        };
+        let two = MemoryLayout {
+            regions: vec![huge, huge],
+        };
+        assert_eq!(two.total(), u64::MAX, "saturates instead of overflowing");
     }
 
     #[test]

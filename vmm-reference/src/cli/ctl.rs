@@ -198,7 +198,7 @@ pub fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
     };
     // A migration answers when it ends: within its deadline (timeout_ms, default 600 s),
     // plus a margin for the VMM to say so. A receive first waits for its source (at most a
-    // day unless told), then for as long as the source's migration may take.
+    // day unless told), then 660 s: a source's default 600 s deadline and a margin.
     let wait = match &op {
         CtlOp::Migrate { timeout_ms, .. } => {
             Duration::from_millis(timeout_ms.unwrap_or(600_000).min(u64::from(u32::MAX) * 1000))

@@ -146,23 +146,15 @@ impl Console {
         self.out.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queue guest output; never blocks on the client.
+    /// Queue guest output; never blocks on the client (nor logs: stderr may be the same
+    /// full pipe; the writer thread reports drops).
     fn output(&self, buf: &[u8]) {
         let mut o = self.lock();
         let room = OUTBOX_MAX.saturating_sub(o.buf.len()).min(buf.len());
         o.buf.extend_from_slice(&buf[..room]);
         o.dropped += (buf.len() - room) as u64;
-        let dropped = o.dropped;
         drop(o);
         self.ready.notify_one();
-        if room < buf.len() {
-            static LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::new();
-            crate::rate_limited!(
-                LOG,
-                warn,
-                "console client is not reading: {dropped} bytes of guest output dropped so far"
-            );
-        }
     }
 
     /// Remove the socket and give its path up (the VM ends; other owners of the console may
@@ -171,7 +163,14 @@ impl Console {
         // The guest's last words (a panic, the reply before a triple fault) go out first: the
         // writer thread gets up to a second to hand a connected client what is queued.
         // A reader that takes nothing for 300 ms (a pty nobody opened) is not waited for.
-        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        // A sink (stdout, a file) was written synchronously before it had an outbox: its
+        // reader (`| tee`, a terminal) gets 10 s, and 2 s without taking anything.
+        let sink = self.fixed && !self.pty;
+        let (all, idle) = match sink {
+            true => (Duration::from_secs(10), Duration::from_secs(2)),
+            false => (Duration::from_secs(1), Duration::from_millis(300)),
+        };
+        let deadline = std::time::Instant::now() + all;
         let mut last = (u64::MAX, std::time::Instant::now());
         while std::time::Instant::now() < deadline {
             let o = self.lock();
@@ -180,7 +179,7 @@ impl Console {
             }
             match o.sent {
                 n if n != last.0 => last = (n, std::time::Instant::now()),
-                _ if last.1.elapsed() > Duration::from_millis(300) => break,
+                _ if last.1.elapsed() > idle => break,
                 _ => {}
             }
             drop(o);
@@ -210,10 +209,26 @@ impl Console {
     }
 }
 
+/// Say (rate-limited) that output was dropped since `*reported`.
+fn report_drops(dropped: u64, reported: &mut u64) {
+    if dropped != *reported {
+        *reported = dropped;
+        static LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::new();
+        crate::rate_limited!(
+            LOG,
+            warn,
+            "console client is not reading: {dropped} bytes of guest output dropped so far"
+        );
+    }
+}
+
 /// The console's writer thread: sends the outbox to the client until the console is gone.
 fn write_out(console: &Weak<Console>) {
+    let mut reported = 0;
     loop {
         let Some(c) = console.upgrade() else { return };
+        let dropped = c.lock().dropped;
+        report_drops(dropped, &mut reported);
         let mut o = c.lock();
         if o.buf.is_empty() || o.client.is_none() {
             let _ = c.ready.wait_timeout(o, Duration::from_millis(200));

@@ -299,25 +299,31 @@ type BoundedConsole = (Arc<Console>, ConsoleInput);
 
 /// COM1's output sink, and (but for `null`) its bounded console and that console's input.
 fn console_out(mode: &SerialMode) -> Result<(ConsoleOut, Option<BoundedConsole>), VmmError> {
-    let sink = |file: std::io::Result<std::fs::File>, name: &std::path::Path, input| {
+    let sink = |file: std::io::Result<std::fs::File>, name: &std::path::Path, arg: String, input| {
         let c = file
             .and_then(|f| Console::sink(f, name.to_path_buf()))
             .map_err(|source| VmmError::Io {
-                what: format!("--serial {}", name.display()),
+                what: format!("--serial {arg}"),
                 source,
             })?;
         Ok::<_, VmmError>((ConsoleOut::Socket(c.clone()), Some((c, input))))
     };
     Ok(match mode {
         // Through the outbox: `vmm-reference run ... | less` left unread must not stall a vCPU.
-        SerialMode::Stdout => sink(
-            std::io::stdout()
-                .as_fd()
-                .try_clone_to_owned()
-                .map(std::fs::File::from),
-            std::path::Path::new("stdout"),
-            ConsoleInput::Stdin,
-        )?,
+        SerialMode::Stdout => match std::io::stdout().as_fd().try_clone_to_owned() {
+            Ok(fd) => sink(
+                Ok(fd.into()),
+                std::path::Path::new("stdout"),
+                "tty".into(),
+                ConsoleInput::Stdin,
+            )?,
+            // A daemon started with stdout closed (`>&-`): its output had nowhere to go before
+            // either (writes failed); the VM runs as with `--serial null`.
+            Err(e) => {
+                log::warn!("--serial tty: stdout is unusable ({e}); the guest's output is discarded");
+                (ConsoleOut::Null, None)
+            }
+        },
         SerialMode::Null => (ConsoleOut::Null, None),
         SerialMode::File(p) => sink(
             // Non-blocking: a FIFO with no reader fails at once (ENXIO) instead of hanging
@@ -328,6 +334,7 @@ fn console_out(mode: &SerialMode) -> Result<(ConsoleOut, Option<BoundedConsole>)
                 .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
                 .open(p),
             p,
+            format!("file={}", p.display()),
             ConsoleInput::Nothing,
         )?,
         SerialMode::Socket(p) => {

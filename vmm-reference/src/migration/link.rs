@@ -182,6 +182,9 @@ impl Listener {
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                     r => return r.map(Some),
                 }
+            } else if n < 0 {
+                // A failing poll (EINTR) must not spin.
+                std::thread::sleep(SLICE);
             }
         }
     }

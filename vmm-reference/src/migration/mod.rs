@@ -34,7 +34,7 @@ use vm_live_migration::protocol::{
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 pub use link::{Address, Stream};
-pub use receive::{receive, IncomingOptions};
+pub use receive::{receive, IncomingOptions, ReceiveControl};
 
 use crate::error::ControlError;
 use crate::exits::VmEvent;

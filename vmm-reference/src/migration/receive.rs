@@ -3,7 +3,7 @@
 //! its Hello against this host and the memory cap before allocating anything, receive RAM
 //! and the state, restore paused, and run the VM only on Complete.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,9 +38,52 @@ pub struct IncomingOptions {
     pub max_memory: u64,
     /// How long to wait for a source to connect (`None`: until cancelled).
     pub wait: Option<Duration>,
-    /// Set to end a receive before the VM is restored: it stops waiting for a source, or
-    /// stops between frames (shared by the clones of these options).
-    pub cancel: Arc<AtomicBool>,
+    /// Ends a receive before its VM is restored (shared by the clones of these options).
+    pub cancel: ReceiveControl,
+}
+
+/// A receive's state, one atomic so that a cancel and the restore cannot both win.
+#[derive(Clone, Debug, Default)]
+pub struct ReceiveControl(Arc<AtomicU8>);
+
+const IDLE: u8 = 0;
+const RUNNING: u8 = 1;
+const CANCELLED: u8 = 2;
+const COMMITTED: u8 = 3;
+
+impl ReceiveControl {
+    /// A receive starts.
+    pub fn begin(&self) {
+        self.0.store(RUNNING, Ordering::SeqCst);
+    }
+
+    /// The receive is over, however it ended.
+    pub fn end(&self) {
+        self.0.store(IDLE, Ordering::SeqCst);
+    }
+
+    /// Cancel a running receive: whether it will stop (it stops at its next step: waiting
+    /// for the source, after the Hello, between memory frames, before the restore).
+    pub fn cancel(&self) -> bool {
+        match self
+            .0
+            .compare_exchange(RUNNING, CANCELLED, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) | Err(CANCELLED) => true,
+            Err(_) => false,
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == CANCELLED
+    }
+
+    /// The point of no return (the state is in, the restore begins): false if a cancel won.
+    fn commit(&self) -> bool {
+        self.0
+            .compare_exchange(RUNNING, COMMITTED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
 }
 
 impl IncomingOptions {
@@ -50,7 +93,7 @@ impl IncomingOptions {
             token: None,
             max_memory: host_memory(),
             wait: None,
-            cancel: Arc::new(AtomicBool::new(false)),
+            cancel: ReceiveControl::default(),
         }
     }
 
@@ -63,7 +106,7 @@ impl IncomingOptions {
     }
 
     fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::SeqCst)
+        self.cancel.cancelled()
     }
 
     /// Why no source came: a cancel, or the wait ran out.
@@ -195,7 +238,9 @@ fn hello(conn: &mut Box<dyn Stream>, opts: &IncomingOptions) -> Result<Compat, V
             .map_err(|e| refuse(conn, format!("malformed compatibility description: {e}")))?,
         m => return Err(refuse(conn, format!("expected Hello, got {}", m.name()))),
     };
-    let ram = compat.memory.image_len();
+    // What would be allocated (the regions) and what the image spans: file ranges may
+    // overlap, so the latter alone could let a peer past the cap.
+    let ram = compat.memory.total().max(compat.memory.image_len());
     if ram > opts.max_memory {
         return Err(refuse(
             conn,
@@ -239,8 +284,16 @@ pub fn receive(
     // copies RAM into a VM that is ready, and none of it lands in the downtime.
     let prepared = crate::restore::Prepared::new(vcpu_manager::Topology::new(compat.max_vcpus), &mem)
         .map_err(|e| refuse(&mut conn, format!("cannot create the VM: {e}")))?;
+    if opts.cancelled() {
+        return Err(refuse(&mut conn, "the destination cancelled".into()));
+    }
     send(&mut conn, &Message::Accept).map_err(proto)?;
     let state = receive_memory(&mut conn, &mem, &opts.cancel)?;
+    // Before Ack the source keeps its VM: a cancel up to here is safe, none after.
+    if !opts.cancel.commit() {
+        let _ = send(&mut conn, &Message::Error("the destination cancelled".into()));
+        return Err(cancelled());
+    }
     let restored = SavedVm::decode(&state)
         .map_err(VmmError::Snapshot)
         .and_then(|saved| {
@@ -265,12 +318,12 @@ pub fn receive(
 fn receive_memory(
     conn: &mut Box<dyn Stream>,
     mem: &GuestMemory,
-    cancel: &AtomicBool,
+    cancel: &ReceiveControl,
 ) -> Result<Vec<u8>, VmmError> {
     let limits = FrameLimits::default();
     let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
     loop {
-        if cancel.load(Ordering::SeqCst) {
+        if cancel.cancelled() {
             // The source sees the link drop before the Ack and keeps its VM.
             return Err(cancelled());
         }
@@ -348,4 +401,24 @@ fn commit(
         }
     }
     Ok(vm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cancel and the restore cannot both win; a receive that is over takes no cancel.
+    #[test]
+    fn a_cancel_wins_only_before_the_restore() {
+        let c = ReceiveControl::default();
+        assert!(!c.cancel(), "nothing runs");
+        c.begin();
+        assert!(c.cancel() && c.cancel() && c.cancelled());
+        assert!(!c.commit(), "cancelled first");
+        c.begin();
+        assert!(c.commit());
+        assert!(!c.cancel(), "the VM is being restored");
+        c.end();
+        assert!(!c.cancel());
+    }
 }

@@ -294,6 +294,7 @@ impl Vmm {
                 return v;
             }
             assert!(Instant::now() < deadline, "a vCPU thread never answered: {v}");
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
