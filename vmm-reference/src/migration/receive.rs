@@ -79,9 +79,12 @@ impl ReceiveControl {
     }
 
     /// The point of no return (the state is in, the restore begins): false if a cancel won.
+    /// (A receive nobody began, `run --incoming`, cannot be cancelled.)
     fn commit(&self) -> bool {
         self.0
-            .compare_exchange(RUNNING, COMMITTED, Ordering::SeqCst, Ordering::SeqCst)
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
+                (s != CANCELLED).then_some(COMMITTED)
+            })
             .is_ok()
     }
 }
@@ -420,5 +423,6 @@ mod tests {
         assert!(!c.cancel(), "the VM is being restored");
         c.end();
         assert!(!c.cancel());
+        assert!(c.commit(), "a receive nobody began (run --incoming) commits");
     }
 }
