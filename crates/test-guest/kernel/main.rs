@@ -574,28 +574,8 @@ fn execute(line: &[u8]) {
             }
             _ => err("usage: autoonline on|off"),
         },
-        b"refuse" => match (arg, parse_num(arg)) {
-            (b"off", _) => {
-                hotplug::REFUSE_REMOVE.store(u32::MAX, Ordering::SeqCst);
-                puts("OK\n");
-            }
-            (_, Some(n)) if n < ncpus() => {
-                hotplug::REFUSE_REMOVE.store(n as u32, Ordering::SeqCst);
-                puts("OK\n");
-            }
-            _ => err("usage: refuse <cpu index>|off"),
-        },
-        b"ignore" => match (arg, parse_num(arg)) {
-            (b"off", _) => {
-                hotplug::IGNORE_REMOVE.store(u32::MAX, Ordering::SeqCst);
-                puts("OK\n");
-            }
-            (_, Some(n)) if n < ncpus() => {
-                hotplug::IGNORE_REMOVE.store(n as u32, Ordering::SeqCst);
-                puts("OK\n");
-            }
-            _ => err("usage: ignore <cpu index>|off"),
-        },
+        b"refuse" => cpu_or_off(arg, &hotplug::REFUSE_REMOVE, "usage: refuse <cpu index>|off"),
+        b"ignore" => cpu_or_off(arg, &hotplug::IGNORE_REMOVE, "usage: ignore <cpu index>|off"),
         b"eject" => match parse_num(arg) {
             Some(n) if n < ncpus() => {
                 hotplug::eject(n as u32);
@@ -627,6 +607,16 @@ fn execute(line: &[u8]) {
         }
         _ => err("unknown command"),
     }
+}
+
+/// `N` (a CPU index) or `off` into `flag` (`u32::MAX`: off).
+fn cpu_or_off(arg: &[u8], flag: &AtomicU32, usage: &str) {
+    match (arg, parse_num(arg)) {
+        (b"off", _) => flag.store(u32::MAX, Ordering::SeqCst),
+        (_, Some(n)) if n < ncpus() => flag.store(n as u32, Ordering::SeqCst),
+        _ => return err(usage),
+    }
+    puts("OK\n");
 }
 
 fn cmd_dirty(arg: &[u8]) {
