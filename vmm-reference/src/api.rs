@@ -10,7 +10,7 @@
 //! | `PUT /api/v1/vm.remove-cpu` | `{"id": N}` | 204; 400 for CPU 0 or an absent CPU; 429 while the guest has not taken the event yet (a removal the guest refused, or took and never finished, is raised again) |
 //! | `PUT /api/v1/vm.cancel-removal` | `{"id": N}` | 204 at any stage before the eject (a late eject from the guest is then refused and the CPU announced again); 400 if no removal of N is pending; 429 while an eject is completed |
 //! | `PUT /api/v1/vm.pause`, `vm.resume`, `vm.shutdown` | | 204 (429 during a snapshot or migration; `vm.pause` also when a vCPU did not stop within `VCPU_TIMEOUT`, as do `vm.snapshot` and `vm.send-migration`: the VM runs on) |
-//! | `PUT /api/v1/vm.snapshot` | `{"destination_url": "file:///DIR"}` (or a plain path) | 200 `{"state_bytes": N, "paused_ms": T}`; 400 for a directory that cannot be made or written (the caller's path), 429 while another snapshot writes into it, 500 otherwise; the VM runs on in every case |
+//! | `PUT /api/v1/vm.snapshot` | `{"destination_url": "file:///DIR"}` (or a plain path) | 200 `{"state_bytes": N, "paused_ms": T}`; 400 for a destination that cannot be made or opened (missing, not a directory, no permission, read-only, exists as a file), 429 while another snapshot writes into it or when a vCPU did not stop in time, 500 otherwise (a full disk among it); the VM runs on in every case |
 //! | `PUT /api/v1/vm.restore` | `{"source_url": "file:///DIR"}` (`prefault: true`, `net_fds`: 400 "not supported: FIELD") | 204 (standby VMM only: `run --standby`) |
 //! | `PUT /api/v1/vm.receive-migration` | `{"receiver_url": "unix:PATH"\|"tcp:HOST:PORT", "token": "...", "timeout_ms": N}` (`token` required for `tcp:`; `timeout_ms`: how long to wait for the source to connect, default until cancelled) | 204 once the migrated VM runs (standby VMM only); 400 if it failed, timed out or was cancelled, and the standby can be used again; 500 if the VM arrived but the source's Complete never came (it waits paused: `vm.resume`) |
 //! | `PUT /api/v1/vm.send-migration` | `{"destination_url": "unix:PATH"\|"tcp:HOST:PORT", "downtime_ms": 300, "max_rounds": 30, "timeout_ms": 600000` or Cloud Hypervisor's `"timeout_s": 600, "timeout_strategy": "ignore"\|"cancel"\|"throttle", "token": "..."}` (`token` required for `tcp:`; `local: true`: 400 "not supported: local") | 200, the migration report; this VMM then exits 0 |
@@ -549,7 +549,11 @@ impl ApiTarget {
                 }
             }
             Ok(Err(e)) => Response::error(400, e),
-            Err(_) => Response::error(500, PANICKED),
+            Err(_) => {
+                // A VM published before the panic is gone with it.
+                *self.vm.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                Response::error(500, PANICKED)
+            }
         };
         sb.busy.store(false, Ordering::SeqCst);
         resp

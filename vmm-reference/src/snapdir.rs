@@ -100,10 +100,12 @@ fn lock_dir(dir: &Path) -> Result<File, SnapshotError> {
         .map_err(io(format!("opening {}", path.display())))?;
     // SAFETY: flock on a descriptor owned by `f`; the lock goes with the descriptor.
     if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        // errno first: the message's allocation may change it, and its kind decides 429.
+        let e = std::io::Error::last_os_error();
         return Err(io(format!(
             "another snapshot is being written into {}",
             dir.display()
-        ))(std::io::Error::last_os_error()));
+        ))(e));
     }
     Ok(f)
 }

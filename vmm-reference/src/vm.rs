@@ -357,20 +357,24 @@ impl Drop for Vm {
 /// (429), a destination the caller named wrongly is theirs to fix (400), the rest is ours
 /// (500). The VM runs on in every case.
 fn snapshot_write_error(e: crate::snapshot::SnapshotError) -> ControlError {
-    use std::io::ErrorKind as K;
     let msg = format!("writing the snapshot: {e}");
-    match &e {
-        crate::snapshot::SnapshotError::Io { source, .. } => match source.kind() {
-            K::WouldBlock => ControlError::Busy(msg),
-            K::NotFound
-            | K::PermissionDenied
-            | K::NotADirectory
-            | K::IsADirectory
-            | K::ReadOnlyFilesystem
-            | K::AlreadyExists
-            | K::InvalidFilename => ControlError::BadRequest(msg),
-            _ => ControlError::Internal(msg),
-        },
+    // By errno, not ErrorKind: EPERM (a call the seccomp filter refused) is ours, EACCES
+    // (the directory's permissions) the caller's, and std maps both to PermissionDenied.
+    let errno = match &e {
+        crate::snapshot::SnapshotError::Io { source, .. } => source.raw_os_error(),
+        _ => None,
+    };
+    match errno {
+        Some(libc::EWOULDBLOCK) => ControlError::Busy(msg),
+        Some(
+            libc::ENOENT
+            | libc::EACCES
+            | libc::ENOTDIR
+            | libc::EISDIR
+            | libc::EROFS
+            | libc::EEXIST
+            | libc::ENAMETOOLONG,
+        ) => ControlError::BadRequest(msg),
         _ => ControlError::Internal(msg),
     }
 }
@@ -381,20 +385,20 @@ mod tests {
 
     #[test]
     fn snapshot_write_errors_say_whose_they_are() {
-        let io = |kind: std::io::ErrorKind| crate::snapshot::SnapshotError::Io {
+        let io = |errno: i32| crate::snapshot::SnapshotError::Io {
             what: "x".into(),
-            source: std::io::Error::from(kind),
+            source: std::io::Error::from_raw_os_error(errno),
         };
-        let busy = snapshot_write_error(io(std::io::ErrorKind::WouldBlock));
+        let busy = snapshot_write_error(io(libc::EWOULDBLOCK));
         assert!(matches!(busy, ControlError::Busy(_)), "{busy:?}");
-        for kind in [
-            std::io::ErrorKind::PermissionDenied,
-            std::io::ErrorKind::NotADirectory,
-        ] {
-            let e = snapshot_write_error(io(kind));
+        for errno in [libc::EACCES, libc::ENOTDIR] {
+            let e = snapshot_write_error(io(errno));
             assert!(matches!(e, ControlError::BadRequest(_)), "{e:?}");
         }
-        let full = snapshot_write_error(io(std::io::ErrorKind::StorageFull));
-        assert!(matches!(full, ControlError::Internal(_)), "{full:?}");
+        // A call the seccomp filter refused, a full disk: the VMM's.
+        for errno in [libc::EPERM, libc::ENOSPC] {
+            let e = snapshot_write_error(io(errno));
+            assert!(matches!(e, ControlError::Internal(_)), "{e:?}");
+        }
     }
 }

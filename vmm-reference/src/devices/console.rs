@@ -164,10 +164,11 @@ impl Console {
         // writer thread gets up to a second to hand a connected client what is queued.
         // A reader that takes nothing for 300 ms (a pty nobody opened) is not waited for.
         // A sink (stdout, a file) was written synchronously before it had an outbox: its
-        // reader (`| tee`, a terminal) gets 10 s, and 2 s without taking anything.
+        // reader (`| tee`, a terminal) gets 10 s, and 5 s without taking a whole 64 KiB
+        // chunk (progress is counted per chunk).
         let sink = self.fixed && !self.pty;
         let (all, idle) = match sink {
-            true => (Duration::from_secs(10), Duration::from_secs(2)),
+            true => (Duration::from_secs(10), Duration::from_secs(5)),
             false => (Duration::from_secs(1), Duration::from_millis(300)),
         };
         let deadline = std::time::Instant::now() + all;

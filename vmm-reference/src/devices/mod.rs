@@ -310,20 +310,16 @@ fn console_out(mode: &SerialMode) -> Result<(ConsoleOut, Option<BoundedConsole>)
     };
     Ok(match mode {
         // Through the outbox: `vmm-reference run ... | less` left unread must not stall a vCPU.
-        SerialMode::Stdout => match std::io::stdout().as_fd().try_clone_to_owned() {
-            Ok(fd) => sink(
-                Ok(fd.into()),
-                std::path::Path::new("stdout"),
-                "tty".into(),
-                ConsoleInput::Stdin,
-            )?,
-            // A daemon started with stdout closed (`>&-`): its output had nowhere to go before
-            // either (writes failed); the VM runs as with `--serial null`.
-            Err(e) => {
-                log::warn!("--serial tty: stdout is unusable ({e}); the guest's output is discarded");
-                (ConsoleOut::Null, None)
-            }
-        },
+        // (A stdout closed at exec is /dev/null by then: Rust's runtime reopens fds 0-2.)
+        SerialMode::Stdout => sink(
+            std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map(std::fs::File::from),
+            std::path::Path::new("stdout"),
+            "tty".into(),
+            ConsoleInput::Stdin,
+        )?,
         SerialMode::Null => (ConsoleOut::Null, None),
         SerialMode::File(p) => sink(
             // Non-blocking: a FIFO with no reader fails at once (ENXIO) instead of hanging

@@ -288,7 +288,8 @@ pub fn receive(
     let prepared = crate::restore::Prepared::new(vcpu_manager::Topology::new(compat.max_vcpus), &mem)
         .map_err(|e| refuse(&mut conn, format!("cannot create the VM: {e}")))?;
     if opts.cancelled() {
-        return Err(refuse(&mut conn, "the destination cancelled".into()));
+        refuse(&mut conn, "the destination cancelled".into());
+        return Err(cancelled());
     }
     send(&mut conn, &Message::Accept).map_err(proto)?;
     let state = receive_memory(&mut conn, &mem, &opts.cancel)?;
