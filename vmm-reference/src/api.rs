@@ -585,7 +585,7 @@ struct ReceiveReq {
 }
 
 /// Longest `timeout_ms` a receive waits for its source (a day).
-const MAX_RECEIVE_WAIT_MS: u64 = 24 * 3600 * 1000;
+pub const MAX_RECEIVE_WAIT_MS: u64 = 24 * 3600 * 1000;
 
 /// `GET /api/v1/vmm.ping`: Cloud Hypervisor's answer, this VMM's values.
 #[derive(serde::Serialize)]

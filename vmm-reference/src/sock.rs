@@ -28,7 +28,7 @@ pub struct PathLock {
 
 impl PathLock {
     /// Remove the socket this lock guards, unless something else took its path since.
-    pub fn remove_socket(&mut self) {
+    fn remove_socket(&mut self) {
         if let Some((path, dev, ino)) = self.socket.take() {
             if std::fs::symlink_metadata(&path).is_ok_and(|m| m.dev() == dev && m.ino() == ino) {
                 let _ = std::fs::remove_file(&path);

@@ -205,11 +205,8 @@ pub fn ctl(sock: &std::path::Path, op: CtlOp) -> ExitCode {
                 + Duration::from_secs(60)
         }
         CtlOp::ReceiveMigration { timeout_ms, .. } => {
-            Duration::from_millis(
-                timeout_ms
-                    .unwrap_or(24 * 3600 * 1000)
-                    .min(u64::from(u32::MAX) * 1000),
-            ) + Duration::from_secs(660)
+            let most = vmm_reference::api::MAX_RECEIVE_WAIT_MS;
+            Duration::from_millis(timeout_ms.unwrap_or(most).min(most)) + Duration::from_secs(660)
         }
         _ => Duration::from_secs(300),
     };
